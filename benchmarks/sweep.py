@@ -62,7 +62,7 @@ def main() -> None:
                                     momentum=momentum, weight_decay=0.0,
                                     generator=client_generator(0, server_round, c))
                        for c in range(data.num_clients)]
-            state = aggregator.aggregate(state, updates, server_round)
+            state = aggregator.aggregate(state, updates, server_round).state
             if server_round % 5 == 0:
                 model.load_state_dict(state)
                 curve.append(round(evaluate(model, val_x, val_y, 256)["accuracy"], 3))

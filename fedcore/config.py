@@ -158,7 +158,9 @@ class FederationConfig:
     lr_step_rounds: int = _opt(10, "step: rounds between decays", ge=1)
     lr_min: float = _opt(0.0, "cosine: final learning rate", ge=0.0)
     local_algorithm: str = _opt("fedavg", "client-side rule", registry="local_algorithm")
-    aggregator: str = _opt("fedavg", "server-side rule", registry="aggregator")
+    aggregator: str = _opt("fedavg", "server-side rule (options in the aggregation section)", registry="aggregator")
+    send: str = _opt("all", "parameter group clients send and the server aggregates: all, backbone, head",
+                     registry="param_group")
     eval_batch_size: int = _opt(256, "batch size of evaluation", ge=1)
     log_model_every: int = _opt(1, "log the global model to MLflow every k rounds (and the last)", ge=1)
     runner: str = _opt("threads", "task runner of client updates: threads, dask or ray", registry="runner")
@@ -171,6 +173,50 @@ class FedProxConfig:
     """Client objective of FedProx (Li et al., MLSys 2020, arXiv:1812.06127)."""
 
     mu: float = _opt(0.01, "proximal weight μ; paper picks from {0.001, 0.01, 0.1, 1}", ge=0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedUConfig:
+    """FedU's divergence-aware predictor update (Zhuang et al., ICCV 2021, arXiv:2108.07931)."""
+
+    mu: float = _opt(0.4, "use the global predictor when the divergence is below μ (EasyFL default 0.4)", ge=0.0)
+    predictor: str = _opt("head", "parameter group that is the predictor", registry="param_group")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregationConfig:
+    """Options of the server-side rules; each rule takes the ones named after it (fedcore/aggregation)."""
+
+    flag_ratio: float = _opt(0.5, "flag a client whose effective weight < this × its nominal weight [A]",
+                             ge=0.0, le=1.0)
+    loss_gamma: float = _opt(0.0, "loss: FedAvg share γ of the mix (FedVSSL: 0.2)", ge=0.0, le=1.0)
+    ldawa_warmup_rounds: int = _opt(2, "ldawa: FedAvg rounds before L-DAWA (reference code: 2)", ge=0)
+    lpa_rule: Literal["mad", "fraction"] = _opt("mad", "lpa: prune by median + κ·MAD, or a fixed top fraction")
+    lpa_kappa: float = _opt(2.5, "lpa: κ of the MAD rule [A]", ge=0.0)
+    lpa_fraction: float = _opt(0.2, "lpa: fraction pruned per layer by the fraction rule [A]", ge=0.0, lt=1.0)
+    lpa_center: Literal["median", "global"] = _opt("median", "lpa: deviations from the coordinate median or w_t")
+    trim_beta: float = _opt(0.2, "trimmed_mean: β trimmed from each side [A]", ge=0.0, lt=0.5)
+    krum_f: int | None = _opt(None, "krum/multikrum: Byzantine clients tolerated (None: ⌊(K−3)/2⌋)", ge=0)
+    multikrum_m: int | None = _opt(None, "multikrum: clients averaged (None: K − f)", ge=1)
+    server_lr: float = _opt(0.01, "fedadam/fedyogi: server learning rate η [A]", gt=0.0)
+    server_beta1: float = _opt(0.9, "fedadam/fedyogi: β₁", ge=0.0, lt=1.0)
+    server_beta2: float = _opt(0.99, "fedadam/fedyogi: β₂", ge=0.0, lt=1.0)
+    server_tau: float = _opt(1e-3, "fedadam/fedyogi: adaptivity τ", gt=0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttackConfig:
+    """Byzantine attack on model updates by a fixed, seeded set of clients (fedcore/attacks)."""
+
+    name: str = _opt("none", "none | sign_flip | scaling | gaussian | alie | nan", registry="attack")
+    client_fraction: float = _opt(0.0, "fraction of clients that are malicious", ge=0.0, le=1.0)
+    sign_flip_scale: float = _opt(4.0, "sign_flip: send w_t − s·Δ (RSA uses s = 4)", gt=0.0)
+    scaling_boost: float = _opt(10.0, "scaling: send w_t + s·Δ [A]", gt=0.0)
+    gaussian_sigma: float = _opt(1.0, "gaussian: send w_t + σ·N(0, I) [A]", gt=0.0)
+    alie_z: float | None = _opt(None, "alie: z (None: z_max of Baruah et al. 2019)", ge=0.0)
+    nan_value: Literal["nan", "inf"] = _opt("nan", "nan: the value sent")
+    include_buffers: bool = _opt(False, "also corrupt floating buffers (BatchNorm statistics)")
+    seed: int = _opt(0, "seed of the malicious set and of random attacks", ge=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,6 +236,9 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "federation": FederationConfig,
     "fedprox": FedProxConfig,
+    "fedu": FedUConfig,
+    "aggregation": AggregationConfig,
+    "attack": AttackConfig,
     "mlflow": MlflowConfig,
 }
 
@@ -205,6 +254,9 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     fedprox: FedProxConfig = field(default_factory=FedProxConfig)
+    fedu: FedUConfig = field(default_factory=FedUConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 

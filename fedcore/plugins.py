@@ -6,20 +6,24 @@ from typing import Any
 
 from fedcore.aggregation import AGGREGATORS
 from fedcore.algorithms import LOCAL_ALGORITHMS
+from fedcore.attacks import ATTACKS
 from fedcore.config import register_names_lookup
 from fedcore.data.datasets import DATASETS
 from fedcore.data.partition import PARTITIONERS
 from fedcore.data.poison import POISONS
 from fedcore.federation.schedules import LR_SCHEDULES
 from fedcore.models import MODELS
+from fedcore.models.groups import PARAM_GROUPS
 from fedcore.registry import Registry
 
 FAMILIES: dict[str, Registry[Any]] = {
     "aggregator": AGGREGATORS,
+    "attack": ATTACKS,
     "dataset": DATASETS,
     "local_algorithm": LOCAL_ALGORITHMS,
     "lr_schedule": LR_SCHEDULES,
     "model": MODELS,
+    "param_group": PARAM_GROUPS,
     "partitioner": PARTITIONERS,
     "poison": POISONS,
 }

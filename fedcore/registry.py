@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -58,3 +59,13 @@ class Registry(Generic[T]):
     def build(self, name: str, **kwargs: Any) -> T:
         """Build the object registered under ``name`` with ``kwargs``."""
         return self.get(name)(**kwargs)
+
+    def build_from(self, name: str, options: Mapping[str, Any]) -> T:
+        """Build ``name`` with the entries of ``options`` its factory accepts as keyword arguments.
+
+        For a params section that holds the options of every member of the family under distinct names (e.g.
+        ``trim_beta`` for trimmed_mean, ``krum_f`` for krum): each member takes its own and ignores the rest.
+        """
+        factory = self.get(name)
+        accepted = inspect.signature(factory).parameters
+        return factory(**{key: value for key, value in options.items() if key in accepted})

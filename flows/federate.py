@@ -22,7 +22,9 @@ import torch
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from fedcore.aggregation.state import to_cpu_state
+from fedcore.aggregation.base import ClientUpdate
+from fedcore.aggregation.state import StateDict, to_cpu_state
+from fedcore.attacks import choose_malicious
 from fedcore.config import Params, flatten
 from fedcore.federation.checkpoint import Checkpointer, save_state
 from fedcore.federation.sampling import num_sampled, round_rng, sample_clients
@@ -33,7 +35,12 @@ from tasks.common import read_params, write_json, write_text
 from tasks.federate import (
     TrainSpec,
     aggregate_task,
+    attack_task,
+    attacked_keys,
     build_aggregator,
+    build_algorithm,
+    build_attack,
+    detection_metrics,
     evaluate_task,
     file_digest,
     fresh_model,
@@ -41,6 +48,7 @@ from tasks.federate import (
     plot_rounds,
     rounds_tsv,
     run_fingerprint,
+    sent_keys,
     summarise_updates,
     train_client_task,
 )
@@ -90,20 +98,32 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
     data = load_federated_data(paths.features, paths.partition, paths.poison)
     intra = intra_op_threads(params)
     torch.set_num_threads(intra)
-    spec = TrainSpec(params.model, fed, params.fedprox, data.num_classes, data.input_shape, intra)
+    spec = TrainSpec(params.model, fed, params.fedprox, params.fedu, data.num_classes, data.input_shape, intra)
     digest = file_digest([paths.features / "meta.json", paths.features / "index.csv", paths.partition,
                           paths.poison / "overlay.npz"])
-    checkpointer = Checkpointer(paths.checkpoints, run_fingerprint(spec, digest))
-    aggregator = build_aggregator(fed)
+    checkpointer = Checkpointer(paths.checkpoints, run_fingerprint(spec, digest, params))
+    aggregator = build_aggregator(params)
+    attack = build_attack(params)
+    malicious = choose_malicious(data.num_clients, params.attack.client_fraction, params.attack.seed)
+    keys = sent_keys(spec)
+    forged_keys = attacked_keys(spec, keys, params.attack.include_buffers)
+    # Clients keep a state of their own when they do not send everything, or when their rule needs it (FedU).
+    keep_local = len(keys) < len(fresh_model(spec, fed.seed).state_dict()) or build_algorithm(spec).needs_local_state
+    local_states: dict[int, StateDict] = {}
 
     history: list[dict[str, float]] = []
+    detections: list[dict[str, Any]] = []
     start_round, run_id = 0, None
     resumed = checkpointer.load_latest()
     if resumed is not None:
         start_round, global_state, extra, meta = resumed
         history, run_id = list(meta["history"]), meta.get("mlflow_run_id")
-        if extra and hasattr(aggregator, "load_state_dict"):
-            aggregator.load_state_dict(extra)
+        detections = list(meta.get("detections", []))
+        local_states = _split_local(extra)
+        aggregator_state = {k[len(AGGREGATOR_PREFIX):]: v for k, v in extra.items()
+                            if k.startswith(AGGREGATOR_PREFIX)}
+        if aggregator_state and hasattr(aggregator, "load_state_dict"):
+            aggregator.load_state_dict(aggregator_state)
         # Written to stderr directly (Prefect's log_prints captures print), so the terminal always shows it.
         sys.stderr.write(f"federate: resuming after round {start_round} of {fed.rounds} from {paths.checkpoints}\n")
         sys.stderr.flush()
@@ -111,7 +131,7 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
         global_state = to_cpu_state(fresh_model(spec, fed.seed))
 
     tracker = FederateTracker(params.mlflow, paths.root)
-    run_id = tracker.start(flatten(params), resume_run_id=run_id)
+    run_id = tracker.start({**flatten(params), "attack.malicious_clients": sorted(malicious)}, resume_run_id=run_id)
     log_model = fresh_model(spec, fed.seed)
     try:
         with Progress(fed.rounds, "federate rounds", key="federate-progress") as bar, \
@@ -121,13 +141,29 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
                 started = time.perf_counter()
                 clients = sample_clients(data.num_clients, fed.client_fraction, fed.min_clients,
                                          round_rng(fed.seed, server_round))
-                futures = [train_client_task.submit(spec, c, server_round, global_state, data.train[c])
+                futures = [train_client_task.submit(spec, c, server_round, global_state, data.train[c],
+                                                    local_states.get(c) if keep_local else None)
                            for c in clients]
-                updates = sorted((f.result() for f in futures), key=lambda u: u.client_id)
-                new_state = aggregate_task(aggregator, global_state, updates, server_round)
-                metrics = evaluate_task(spec, new_state, data)
-                metrics.update(summarise_updates(updates, global_state), lr=learning_rate(fed, server_round),
+                trained = sorted((f.result() for f in futures), key=lambda u: u.client_id)
+                if keep_local:
+                    local_states.update({u.client_id: u.state for u in trained})
+                sent_global = {k: global_state[k] for k in keys}
+                updates = [ClientUpdate(u.client_id, {k: u.state[k] for k in keys}, u.num_examples, u.metrics)
+                           for u in trained]
+                if malicious:
+                    updates = attack_task(attack, sent_global, updates, malicious, forged_keys,
+                                          params.attack.seed, server_round)
+                result = aggregate_task(aggregator, sent_global, updates, server_round)
+                new_state = {**global_state, **result.state}
+                metrics = evaluate_task(spec, new_state, data, local_states if keep_local else None,
+                                        keys if keep_local else None)
+                metrics.update(summarise_updates(updates, sent_global),
+                               **detection_metrics(result, malicious, clients), lr=learning_rate(fed, server_round),
                                round_seconds=time.perf_counter() - started)
+                detections.append({"round": server_round, "sampled": clients, "flagged": sorted(result.flagged),
+                                   "rejected": {str(k): v for k, v in result.rejected.items()},
+                                   "excluded_per_layer": {k: list(v) for k, v in result.excluded_per_layer.items()},
+                                   "weights": {str(k): round(v, 6) for k, v in result.weights.items()}})
                 model = None
                 weights = None
                 if server_round % fed.log_model_every == 0 or server_round == fed.rounds:
@@ -137,18 +173,52 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
                     save_state(weights, new_state)
                 tracker.log_round(server_round, metrics, model, data.input_shape, weights)
                 history.append({"round": float(server_round), **metrics})
-                extra = aggregator.state_dict() if hasattr(aggregator, "state_dict") else None
-                checkpointer.save(server_round, new_state, extra, {"history": history, "mlflow_run_id": run_id})
+                extra = {f"{AGGREGATOR_PREFIX}{k}": v for k, v in
+                         (aggregator.state_dict() if hasattr(aggregator, "state_dict") else {}).items()}
+                extra.update(_join_local(local_states))
+                checkpointer.save(server_round, new_state, extra or None,
+                                  {"history": history, "mlflow_run_id": run_id, "detections": detections})
                 global_state = new_state
                 bar.update(1, {"acc": f"{metrics['global_accuracy']:.3f}", "loss": f"{metrics['global_loss']:.3f}"})
     except BaseException:
         tracker.fail()
         raise
-    return _finish(params, paths, tracker, global_state, history)
+    return _finish(params, paths, tracker, global_state, history, detections, malicious)
+
+
+AGGREGATOR_PREFIX = "aggregator/"
+LOCAL_PREFIX = "client/"
+
+
+def _join_local(local_states: dict[int, StateDict]) -> dict[str, torch.Tensor]:
+    """Flatten the clients' own states into checkpoint entries ``client/<id>/<key>``."""
+    return {f"{LOCAL_PREFIX}{client}/{key}": value for client, state in local_states.items()
+            for key, value in state.items()}
+
+
+def _split_local(extra: dict[str, torch.Tensor]) -> dict[int, StateDict]:
+    """Inverse of :func:`_join_local`."""
+    local: dict[int, StateDict] = {}
+    for name, value in extra.items():
+        if name.startswith(LOCAL_PREFIX):
+            client, key = name[len(LOCAL_PREFIX):].split("/", 1)
+            local.setdefault(int(client), {})[key] = value
+    return local
+
+
+def _detection_summary(history: list[dict[str, float]], malicious: frozenset[int]) -> dict[str, Any]:
+    """Detection over the whole run: pooled precision/recall of the flagged clients against the attacked ones."""
+    tp, fp, fn = (sum(row.get(f"detect_{k}", 0.0) for row in history) for k in ("tp", "fp", "fn"))
+    summary: dict[str, Any] = {"malicious_clients": sorted(malicious),
+                               "rejected_updates": int(sum(row.get("num_rejected", 0.0) for row in history))}
+    summary["detect_precision"] = round(tp / (tp + fp), 6) if tp + fp else None
+    summary["detect_recall"] = round(tp / (tp + fn), 6) if tp + fn else None
+    return summary
 
 
 def _finish(params: Params, paths: FederatePaths, tracker: FederateTracker, state: dict[str, torch.Tensor],
-            history: list[dict[str, float]]) -> dict[str, Any]:
+            history: list[dict[str, float]], detections: list[dict[str, Any]],
+            malicious: frozenset[int]) -> dict[str, Any]:
     """Write the stage's outs (model, metrics JSON, per-round TSV and PNG), close the MLflow run, artifacts."""
     save_state(paths.model, state)
     last = history[-1]
@@ -161,13 +231,18 @@ def _finish(params: Params, paths: FederatePaths, tracker: FederateTracker, stat
         "rounds": int(last["round"]),
         "seconds_total": round(sum(row["round_seconds"] for row in history), 3),
         "seconds_per_round_median": round(sorted(r["round_seconds"] for r in history)[len(history) // 2], 4),
+        **_detection_summary(history, malicious),
         "mlflow_run_id": tracker.run_id,
     }
     tsv = paths.plots / "rounds.tsv"
     write_text(tsv, rounds_tsv(history))
     png = paths.plots / "rounds.png"
     plot_rounds(history, png)
-    version = tracker.finish(summary, int(last["round"]), [tsv, png])
+    detection = paths.plots / "detection.json"
+    write_json(detection, {"aggregator": params.federation.aggregator, "attack": params.attack.name,
+                           "malicious_clients": sorted(malicious), "rounds": detections})
+    final = {k: v for k, v in metrics.items() if k.startswith("detect_") and v is not None}
+    version = tracker.finish({**summary, **final}, int(last["round"]), [tsv, png, detection])
     metrics["registered_version"] = version
     write_json(paths.metrics, metrics)
     columns = ["round", "global_accuracy", "global_loss", "personalised_accuracy_mean",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,11 +15,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fedcore.aggregation import AGGREGATORS
-from fedcore.aggregation.base import Aggregator, ClientUpdate, StateDict
+from fedcore.aggregation.base import Aggregate, Aggregator, ClientUpdate, StateDict
 from fedcore.aggregation.state import state_nbytes
 from fedcore.algorithms import LOCAL_ALGORITHMS
 from fedcore.algorithms.base import ClientData, LocalAlgorithm, train_client
-from fedcore.config import FederationConfig, FedProxConfig, ModelConfig, to_dict
+from fedcore.attacks import ATTACKS, UpdateAttack, attack_generator, detection_counts
+from fedcore.config import FederationConfig, FedProxConfig, FedUConfig, ModelConfig, Params, to_dict
 from fedcore.data.features import FeatureStore
 from fedcore.data.federated import FederatedDataset, Overlay, build_federated_dataset
 from fedcore.evaluation import evaluate, personalised_summary
@@ -27,10 +28,11 @@ from fedcore.federation.checkpoint import fingerprint
 from fedcore.federation.sampling import client_generator
 from fedcore.federation.schedules import learning_rate
 from fedcore.models import build_model
+from fedcore.models.groups import PARAM_GROUPS
 from tasks.common import pyplot, read_json, save_figure
 
 # Options of a local algorithm, by name: the params.yaml section that holds them.
-ALGORITHM_SECTIONS = {"fedprox": "fedprox"}
+ALGORITHM_SECTIONS = {"fedprox": "fedprox", "fedu": "fedu"}
 
 # Federation fields that do not change the arithmetic, so they do not invalidate checkpoints.
 NOT_IN_FINGERPRINT = {"runner", "max_workers", "log_model_every", "eval_batch_size"}
@@ -43,6 +45,7 @@ class TrainSpec:
     model: ModelConfig
     federation: FederationConfig
     fedprox: FedProxConfig
+    fedu: FedUConfig
     num_classes: int
     input_shape: tuple[int, int, int]
     intra_op_threads: int
@@ -56,9 +59,27 @@ def build_algorithm(spec: TrainSpec) -> LocalAlgorithm:
     return LOCAL_ALGORITHMS.build(name, **options)
 
 
-def build_aggregator(federation: FederationConfig) -> Aggregator:
-    """The server-side rule named in ``federation.aggregator``."""
-    return AGGREGATORS.build(federation.aggregator)
+def build_aggregator(params: Params) -> Aggregator:
+    """The server-side rule named in ``federation.aggregator``, with its options from the aggregation section."""
+    return AGGREGATORS.build_from(params.federation.aggregator, to_dict(params.aggregation))
+
+
+def build_attack(params: Params) -> UpdateAttack:
+    """The update attack named in ``attack.name``, with its options from the attack section."""
+    return ATTACKS.build_from(params.attack.name, to_dict(params.attack))
+
+
+def sent_keys(spec: TrainSpec) -> list[str]:
+    """The state-dict keys clients send and the server aggregates (``federation.send``)."""
+    return PARAM_GROUPS.build(spec.federation.send).keys(_worker_model(spec))
+
+
+def attacked_keys(spec: TrainSpec, keys: Sequence[str], include_buffers: bool) -> list[str]:
+    """Floating entries of ``keys`` an attack changes: model parameters, and floating buffers if asked."""
+    model = _worker_model(spec)
+    parameters = {name for name, _ in model.named_parameters()}
+    state = model.state_dict()
+    return [k for k in keys if state[k].is_floating_point() and (include_buffers or k in parameters)]
 
 
 _local = threading.local()
@@ -82,18 +103,31 @@ def fresh_model(spec: TrainSpec, seed: int) -> torch.nn.Module:
 
 @task(name="train-client", cache_policy=NO_CACHE, retries=1)
 def train_client_task(
-    spec: TrainSpec, client_id: int, server_round: int, global_state: StateDict, data: ClientData
+    spec: TrainSpec, client_id: int, server_round: int, global_state: StateDict, data: ClientData,
+    local_state: StateDict | None = None,
 ) -> ClientUpdate:
-    """Local training of one client in one round (fedcore's single training loop)."""
+    """Local training of one client in one round (fedcore's single training loop).
+
+    ``local_state`` is the client's own full state from its last round (None before its first, or when nothing
+    is kept): the entries the client does not send are taken from it, then the local algorithm picks its start
+    state (FedU). The update holds the full trained state; the caller keeps the sent entries for the server.
+    """
     if torch.get_num_threads() != spec.intra_op_threads:
         torch.set_num_threads(spec.intra_op_threads)
     fed = spec.federation
+    model = _worker_model(spec)
+    algorithm = build_algorithm(spec)
+    start = global_state
+    if local_state is not None:
+        sent = set(sent_keys(spec))
+        start = {key: (value if key in sent else local_state[key]) for key, value in global_state.items()}
+    start = algorithm.start_state(start, local_state, model)
     return train_client(
         client_id=client_id,
-        model=_worker_model(spec),
-        global_state=global_state,
+        model=model,
+        global_state=start,
         data=data,
-        algorithm=build_algorithm(spec),
+        algorithm=algorithm,
         epochs=fed.local_epochs,
         batch_size=fed.batch_size,
         lr=learning_rate(fed, server_round),
@@ -103,25 +137,66 @@ def train_client_task(
     )
 
 
+@task(name="attack-updates", cache_policy=NO_CACHE)
+def attack_task(
+    attack: UpdateAttack, global_state: StateDict, updates: Sequence[ClientUpdate], malicious: frozenset[int],
+    keys: Sequence[str], seed: int, server_round: int,
+) -> list[ClientUpdate]:
+    """Replace the updates of the malicious clients of this round by forged ones."""
+    return attack.corrupt(global_state, updates, malicious, keys, attack_generator(seed, server_round))
+
+
 @task(name="aggregate-updates", cache_policy=NO_CACHE)
 def aggregate_task(
     aggregator: Aggregator, global_state: StateDict, updates: Sequence[ClientUpdate], server_round: int
-) -> StateDict:
-    """Server step of the round."""
+) -> Aggregate:
+    """Server step of the round: the next global state and whom the rule rejected, excluded or down-weighted."""
     return aggregator.aggregate(global_state, updates, server_round)
 
 
+def detection_metrics(result: Aggregate, malicious: frozenset[int], sampled: Sequence[int]) -> dict[str, float]:
+    """Per-round counts of flagged/rejected clients, and precision/recall against ``malicious`` where defined."""
+    counts = detection_counts(result.flagged, malicious, sampled)
+    metrics = {"num_flagged": float(len(result.flagged)), "num_rejected": float(len(result.rejected)),
+               "detect_tp": float(counts["tp"]), "detect_fp": float(counts["fp"]), "detect_fn": float(counts["fn"])}
+    if counts["tp"] + counts["fp"]:
+        metrics["detect_precision"] = counts["tp"] / (counts["tp"] + counts["fp"])
+    if counts["tp"] + counts["fn"]:
+        metrics["detect_recall"] = counts["tp"] / (counts["tp"] + counts["fn"])
+    return metrics
+
+
 @task(name="evaluate-round", cache_policy=NO_CACHE)
-def evaluate_task(spec: TrainSpec, state: StateDict, data: FederatedDataset) -> dict[str, float]:
-    """Global test accuracy/loss and personalised accuracy on every client's held-out split."""
+def evaluate_task(
+    spec: TrainSpec, state: StateDict, data: FederatedDataset, local_states: Mapping[int, StateDict] | None = None,
+    keys: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """Global test accuracy/loss and personalised accuracy on every client's held-out split.
+
+    When clients keep entries they do not send (``keys``: the sent ones; ``local_states``: each client's own),
+    there is no single global model: each client is evaluated with the global entries plus its own, and the
+    "global" test metrics are the means over the clients of their test accuracy and loss.
+    """
     model = _worker_model(spec)
-    model.load_state_dict(state)
     batch = spec.federation.eval_batch_size
-    result = evaluate(model, data.test.features, data.test.labels, batch)
-    metrics = {"global_accuracy": result["accuracy"], "global_loss": result["loss"]}
-    accuracies = [
-        evaluate(model, part.features, part.labels, batch)["accuracy"] for part in data.holdout if part is not None
-    ]
+    if local_states is None or keys is None:
+        model.load_state_dict(state)
+        result = evaluate(model, data.test.features, data.test.labels, batch)
+        metrics = {"global_accuracy": result["accuracy"], "global_loss": result["loss"]}
+        accuracies = [evaluate(model, part.features, part.labels, batch)["accuracy"]
+                      for part in data.holdout if part is not None]
+    else:
+        sent = set(keys)
+        tests, accuracies = [], []
+        for client, part in enumerate(data.holdout):
+            own = local_states.get(client)
+            model.load_state_dict(state if own is None else
+                                  {k: (v if k in sent else own[k]) for k, v in state.items()})
+            tests.append(evaluate(model, data.test.features, data.test.labels, batch))
+            if part is not None:
+                accuracies.append(evaluate(model, part.features, part.labels, batch)["accuracy"])
+        metrics = {"global_accuracy": sum(t["accuracy"] for t in tests) / len(tests),
+                   "global_loss": sum(t["loss"] for t in tests) / len(tests)}
     if accuracies:
         summary = personalised_summary(accuracies)
         metrics["personalised_accuracy_mean"] = summary["mean"]
@@ -130,7 +205,11 @@ def evaluate_task(spec: TrainSpec, state: StateDict, data: FederatedDataset) -> 
 
 
 def summarise_updates(updates: Sequence[ClientUpdate], global_state: StateDict) -> dict[str, float]:
-    """Round metrics from the clients' reports: train loss mean/min/max, clients, bytes down and up."""
+    """Round metrics from the clients' reports: train loss mean/min/max, clients, bytes down and up.
+
+    ``updates`` and ``global_state`` hold the entries that travel (``federation.send``), so the bytes are those
+    of the parameter group sent, down to and up from every client of the round.
+    """
     losses = [float(u.metrics["train_loss"]) for u in updates]
     return {
         "train_loss_mean": sum(losses) / len(losses),
@@ -166,13 +245,16 @@ def file_digest(paths: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def run_fingerprint(spec: TrainSpec, data_digest: str) -> str:
+def run_fingerprint(spec: TrainSpec, data_digest: str, params: Params | None = None) -> str:
     """What a checkpoint must match to be resumed: every arithmetic-relevant param and the input data."""
     federation = {k: v for k, v in to_dict(spec.federation).items() if k not in NOT_IN_FINGERPRINT}
     payload: dict[str, Any] = {
         "model": to_dict(spec.model), "federation": federation, "data": data_digest,
         "num_classes": spec.num_classes, "input_shape": list(spec.input_shape),
     }
+    if params is not None:
+        payload["aggregation"] = to_dict(params.aggregation)
+        payload["attack"] = to_dict(params.attack)
     section = ALGORITHM_SECTIONS.get(spec.federation.local_algorithm)
     if section:
         payload[section] = to_dict(getattr(spec, section))
@@ -182,7 +264,7 @@ def run_fingerprint(spec: TrainSpec, data_digest: str) -> str:
 ROUND_COLUMNS = (
     "round", "global_accuracy", "global_loss", "personalised_accuracy_mean", "personalised_accuracy_worst10",
     "train_loss_mean", "train_loss_min", "train_loss_max", "lr", "num_clients", "bytes_up", "bytes_down",
-    "round_seconds",
+    "num_flagged", "num_rejected", "detect_precision", "detect_recall", "round_seconds",
 )
 
 

@@ -1,20 +1,40 @@
 """Server-side aggregation: the client update record, the :class:`Aggregator` interface and its registry.
 
-An aggregator maps the global state w_t and the client updates {(w^k_{t+1}, n_k)} of round t+1 to the next
-global state w_{t+1}. Every entry of the state dict is aggregated, buffers included (BatchNorm statistics).
+An aggregator maps the global state w_t and the client updates {(w^k_{t+1}, n_k, metrics_k)} of round t+1 to the
+next global state w_{t+1}. Every entry of the state dict is aggregated, buffers included (BatchNorm statistics).
+
+Every rule shares one procedure (:meth:`Aggregator.aggregate`):
+
+1. **Screen.** An update whose keys, shapes or dtypes differ from the global state, or whose floating tensors hold
+   NaN or Inf, or that lacks a metric the rule needs, is *rejected*: it is left out of the round, the reason is
+   logged (logger ``fedcore.aggregation``) and returned. If no update is left, :class:`AggregationError` lists
+   every reason. (A repeated client id or a ``num_examples`` that is not a positive int is a caller bug and raises.)
+2. **Combine.** The rule's :meth:`Aggregator.combine` computes the floating entries from the accepted updates and
+   says how much each client counted. Non-floating entries (e.g. BatchNorm's ``num_batches_tracked``) get FedAvg's
+   weighted mean rounded to the nearest integer, in every rule.
+3. **Report.** :class:`Aggregate` carries the new state, each client's effective weight, the clients the rule
+   excluded per layer where it works per layer, and the *flagged* clients: rejected ones, and those whose
+   effective weight fell below ``flag_ratio`` times their nominal weight (n_k/n for count-weighted rules, 1/K
+   otherwise), or, for rules with their own criterion (layer-wise pruning), the clients that criterion names.
+   Flagged clients are what detection precision and recall are computed from.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from fedcore.aggregation.state import StateDict
 from fedcore.errors import AggregationError
 from fedcore.registry import Registry
+
+LOGGER = logging.getLogger("fedcore.aggregation")
 
 
 @dataclass(frozen=True)
@@ -26,7 +46,7 @@ class ClientUpdate:
     client_id : int
         Id of the client (the index in the partition).
     state : dict of str to Tensor
-        The client's full state dict after local training (parameters and buffers), detached CPU tensors.
+        The client's state dict after local training (the entries it sends), detached CPU tensors.
     num_examples : int
         n_k, the number of local training examples (the FedAvg weight).
     metrics : Mapping of str to float
@@ -39,52 +59,145 @@ class ClientUpdate:
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Combination:
+    """What a rule's :meth:`Aggregator.combine` returns.
+
+    Parameters
+    ----------
+    state : dict of str to Tensor
+        The combined floating entries (float64 or the global dtype; cast by the caller). Non-floating entries may
+        be left out: the caller fills them.
+    weights : Mapping of int to float
+        Effective weight of each accepted client: its share of the result averaged over the floating entries
+        (1/K each for a uniform mean, n_k/n for FedAvg, 0 for a client the rule left out).
+    excluded_per_layer : Mapping of str to tuple of int
+        For rules that decide per layer: the clients left out of each key (keys with none may be omitted).
+    nominal : Mapping of int to float, optional
+        The weights to compare ``weights`` with when flagging, when they differ from the rule's usual nominal
+        weights this round (e.g. a FedAvg warm-up round of a uniform rule).
+    flagged : frozenset of int, optional
+        The clients the rule itself flags, for rules with an explicit criterion (layer-wise pruning); replaces
+        the weight test.
+    """
+
+    state: StateDict
+    weights: Mapping[int, float]
+    excluded_per_layer: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    nominal: Mapping[int, float] | None = None
+    flagged: frozenset[int] | None = None
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """The result of one server step: the next global state and what the rule did with each client.
+
+    Parameters
+    ----------
+    state : dict of str to Tensor
+        w_{t+1}: same keys, shapes, dtypes and devices as the global state; shares no memory with the inputs.
+    weights : Mapping of int to float
+        Effective weight of every accepted client (see :class:`Combination`).
+    flagged : frozenset of int
+        Rejected clients and clients whose effective weight is below ``flag_ratio`` × their nominal weight.
+    rejected : Mapping of int to str
+        Clients left out by screening, with the reason.
+    excluded_per_layer : Mapping of str to tuple of int
+        Per-key exclusions of layer-wise rules (empty for the others).
+    """
+
+    state: StateDict
+    weights: Mapping[int, float]
+    flagged: frozenset[int]
+    rejected: Mapping[int, str] = field(default_factory=dict)
+    excluded_per_layer: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+
 class Aggregator(ABC):
     """Combine client updates into the next global state.
 
-    Subclasses implement :meth:`aggregate` and call :meth:`check_updates` first. Any server-side optimiser
-    state (e.g. momentum buffers) is instance state, documented by the subclass.
+    Subclasses implement :meth:`combine` for the floating entries of accepted updates; :meth:`aggregate` does
+    the screening, the non-floating entries, the casting and the report. Server-side optimiser state (e.g.
+    FedAdam's moments) is instance state, exposed through ``state_dict``/``load_state_dict`` for checkpoints.
+
+    Parameters
+    ----------
+    flag_ratio : float
+        A client is flagged when its effective weight is below ``flag_ratio`` × its nominal weight. [A] 0.5.
     """
 
+    #: Nominal weight n_k/n (True) or 1/K (False); also whether scaling every n_k leaves the result unchanged.
+    count_weighted: ClassVar[bool] = False
+    #: Metrics each update must report (finite floats), e.g. ``train_loss`` for the loss-based rule.
+    required_metrics: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, *, flag_ratio: float = 0.5) -> None:
+        if not 0.0 <= flag_ratio <= 1.0:
+            raise ValueError(f"{type(self).__name__}: 'flag_ratio' must be in [0, 1]. Got {flag_ratio!r}.")
+        self.flag_ratio = flag_ratio
+
     @abstractmethod
-    def aggregate(self, global_state: StateDict, updates: Sequence[ClientUpdate], server_round: int) -> StateDict:
-        """Return the next global state.
+    def combine(self, global_state: StateDict, updates: Sequence[ClientUpdate], server_round: int) -> Combination:
+        """Combine the floating entries of the accepted ``updates`` (sorted by client id, at least one).
 
         Parameters
         ----------
         global_state : dict of str to Tensor
             w_t, the state the clients started from this round. Not modified.
         updates : sequence of ClientUpdate
-            The updates of the clients that reported, in any order. Not modified.
+            Screened updates in increasing ``client_id`` order. Not modified.
         server_round : int
             The round being aggregated, starting at 1.
-
-        Returns
-        -------
-        dict of str to Tensor
-            w_{t+1}: same keys, shapes and dtypes as ``global_state``; shares no memory with the inputs.
-
-        Raises
-        ------
-        AggregationError
-            If the updates cannot be combined (see :meth:`check_updates`).
         """
 
-    def check_updates(self, global_state: StateDict, updates: Sequence[ClientUpdate]) -> None:
-        """Check that ``updates`` can be combined with ``global_state``.
+    def aggregate(self, global_state: StateDict, updates: Sequence[ClientUpdate], server_round: int) -> Aggregate:
+        """Return w_{t+1} and the report of the round (see the module docstring).
 
         Raises
         ------
         AggregationError
-            If ``updates`` is empty, a client id repeats, a ``num_examples`` is not an int > 0, a client's keys
-            differ from the global keys (missing or extra), a tensor's shape or dtype differs from the global
-            one, or a floating tensor holds NaN or Inf. The message names the client and the key.
+            If ``updates`` is empty, a client id repeats, a ``num_examples`` is not an int > 0, or every update
+            was rejected (the message lists each reason).
+        """
+        accepted, rejected = self.screen(global_state, updates)
+        if not accepted:
+            reasons = "; ".join(rejected.values())
+            raise AggregationError(f"{type(self).__name__}: every update of round {server_round} was rejected: "
+                                   f"{reasons}")
+        combination = self.combine(global_state, accepted, server_round)
+        state: StateDict = {}
+        integers = integer_average(global_state, accepted)
+        for key, reference in global_state.items():
+            value = combination.state[key] if reference.is_floating_point() else integers[key]
+            state[key] = value.to(device=reference.device, dtype=reference.dtype)
+        flagged = set(rejected)
+        if combination.flagged is not None:
+            flagged |= combination.flagged
+        else:
+            nominal = combination.nominal or nominal_weights(accepted, self.count_weighted)
+            for update in accepted:
+                if combination.weights[update.client_id] < self.flag_ratio * nominal[update.client_id] - 1e-12:
+                    flagged.add(update.client_id)
+        return Aggregate(state=state, weights=dict(combination.weights), flagged=frozenset(flagged),
+                         rejected=rejected, excluded_per_layer=dict(combination.excluded_per_layer))
+
+    def screen(
+        self, global_state: StateDict, updates: Sequence[ClientUpdate]
+    ) -> tuple[list[ClientUpdate], dict[int, str]]:
+        """Split ``updates`` into accepted ones (sorted by client id) and rejected ones with their reason.
+
+        Raises
+        ------
+        AggregationError
+            If ``updates`` is empty, a client id repeats or a ``num_examples`` is not an int > 0.
         """
         where = type(self).__name__
         if len(updates) == 0:
             raise AggregationError(f"{where}: 'updates' must be a non-empty sequence. Got {list(updates)!r}.")
         seen: set[int] = set()
-        for update in updates:
+        accepted: list[ClientUpdate] = []
+        rejected: dict[int, str] = {}
+        for update in sorted(updates, key=lambda u: u.client_id):
             client = update.client_id
             if client in seen:
                 raise AggregationError(f"{where}: client {client} must report once per round. Got it twice.")
@@ -92,30 +205,90 @@ class Aggregator(ABC):
             n_k = update.num_examples
             if isinstance(n_k, bool) or not isinstance(n_k, int) or n_k <= 0:
                 raise AggregationError(f"{where}: client {client}: 'num_examples' must be an int > 0. Got {n_k!r}.")
-            missing = sorted(set(global_state) - set(update.state))
-            extra = sorted(set(update.state) - set(global_state))
-            if missing or extra:
-                raise AggregationError(
-                    f"{where}: client {client}: 'state' must have the global keys. "
-                    f"Got missing keys {missing!r} and extra keys {extra!r}."
-                )
-            for key, reference in global_state.items():
-                tensor = update.state[key]
-                if tensor.shape != reference.shape:
-                    raise AggregationError(
-                        f"{where}: client {client}: key {key!r} must have shape {tuple(reference.shape)}. "
-                        f"Got {tuple(tensor.shape)!r}."
-                    )
-                if tensor.dtype != reference.dtype:
-                    raise AggregationError(
-                        f"{where}: client {client}: key {key!r} must have dtype {reference.dtype}. "
-                        f"Got {tensor.dtype!r}."
-                    )
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    raise AggregationError(
-                        f"{where}: client {client}: key {key!r} must hold finite values. "
-                        f"Got {_count_nonfinite(tensor)}."
-                    )
+            reason = self._problem(global_state, update)
+            if reason is None:
+                accepted.append(update)
+            else:
+                rejected[client] = f"client {client}: {reason}"
+                LOGGER.warning("%s: rejected the update of client %d: %s", where, client, reason)
+        return accepted, rejected
+
+    def _problem(self, global_state: StateDict, update: ClientUpdate) -> str | None:
+        """Why ``update`` cannot be combined, or None."""
+        missing = sorted(set(global_state) - set(update.state))
+        extra = sorted(set(update.state) - set(global_state))
+        if missing or extra:
+            return f"'state' must have the global keys; missing {missing!r}, extra {extra!r}"
+        for key, reference in global_state.items():
+            tensor = update.state[key]
+            if tensor.shape != reference.shape:
+                return f"key {key!r} must have shape {tuple(reference.shape)}; got {tuple(tensor.shape)!r}"
+            if tensor.dtype != reference.dtype:
+                return f"key {key!r} must have dtype {reference.dtype}; got {tensor.dtype}"
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return f"key {key!r} must hold finite values; got {_count_nonfinite(tensor)}"
+        for name in self.required_metrics:
+            value = update.metrics.get(name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                return f"metric {name!r} must be a finite number; got {value!r}"
+        return None
+
+
+def check_updates(aggregator: Aggregator, global_state: StateDict, updates: Sequence[ClientUpdate]) -> None:
+    """Raise :class:`AggregationError` unless every update passes ``aggregator``'s screening (for strict callers)."""
+    _, rejected = aggregator.screen(global_state, updates)
+    if rejected:
+        raise AggregationError(f"{type(aggregator).__name__}: " + "; ".join(rejected.values()))
+
+
+def floating_keys(global_state: StateDict) -> list[str]:
+    """Keys of the floating entries of ``global_state``, in its order (what the rules combine)."""
+    return [key for key, tensor in global_state.items() if tensor.is_floating_point()]
+
+
+def stacked(updates: Sequence[ClientUpdate], key: str) -> torch.Tensor:
+    """``(K, numel)`` float64 matrix of entry ``key`` of every update, rows in the order of ``updates``."""
+    return torch.stack([u.state[key].detach().to("cpu", torch.float64).reshape(-1) for u in updates])
+
+
+def nominal_weights(updates: Sequence[ClientUpdate], count_weighted: bool) -> dict[int, float]:
+    """n_k/n per client if ``count_weighted``, else 1/K."""
+    if count_weighted:
+        total = sum(u.num_examples for u in updates)
+        return {u.client_id: u.num_examples / total for u in updates}
+    return {u.client_id: 1.0 / len(updates) for u in updates}
+
+
+def combine_weighted(
+    global_state: StateDict,
+    updates: Sequence[ClientUpdate],
+    weights: Sequence[float],
+    keys: Sequence[str] | None = None,
+) -> StateDict:
+    """Σ_k weights[k] · w^k (float64) for ``keys`` (default: the floating keys), terms summed in the given order."""
+    out: StateDict = {}
+    for key in floating_keys(global_state) if keys is None else keys:
+        acc = torch.zeros(global_state[key].shape, dtype=torch.float64)
+        for weight, update in zip(weights, updates, strict=True):
+            if weight != 0.0:
+                acc.add_(update.state[key].detach().to("cpu", torch.float64), alpha=weight)
+        out[key] = acc
+    return out
+
+
+def integer_average(global_state: StateDict, updates: Sequence[ClientUpdate]) -> StateDict:
+    """FedAvg's weighted mean of the non-floating entries, rounded to the nearest integer (ties to even)."""
+    ordered = sorted(updates, key=lambda u: u.client_id)
+    total = sum(u.num_examples for u in ordered)
+    out: StateDict = {}
+    for key, reference in global_state.items():
+        if reference.is_floating_point():
+            continue
+        acc = torch.zeros(reference.shape, dtype=torch.float64)
+        for update in ordered:
+            acc.add_(update.state[key].detach().to("cpu", torch.float64), alpha=update.num_examples / total)
+        out[key] = torch.round(acc)
+    return out
 
 
 def _count_nonfinite(tensor: torch.Tensor) -> str:
@@ -126,4 +299,17 @@ def _count_nonfinite(tensor: torch.Tensor) -> str:
 
 AGGREGATORS: Registry[Aggregator] = Registry("aggregator")
 
-__all__ = ["AGGREGATORS", "Aggregator", "ClientUpdate", "StateDict"]
+__all__ = [
+    "AGGREGATORS",
+    "Aggregate",
+    "Aggregator",
+    "ClientUpdate",
+    "Combination",
+    "StateDict",
+    "check_updates",
+    "combine_weighted",
+    "floating_keys",
+    "integer_average",
+    "nominal_weights",
+    "stacked",
+]

@@ -53,6 +53,23 @@ class LocalAlgorithm:
         """Run after every optimiser step (e.g. to project or clip the weights); does nothing by default."""
         return None
 
+    #: Whether the rule needs the client's own state from its last round (:meth:`start_state`'s ``local_state``).
+    needs_local_state: bool = False
+
+    def start_state(self, global_state: StateDict, local_state: StateDict | None, model: nn.Module) -> StateDict:
+        """The state local training starts from; the global state by default.
+
+        Parameters
+        ----------
+        global_state : dict of str to Tensor
+            What the server sent, with the entries the client does not send already taken from ``local_state``.
+        local_state : dict of str to Tensor or None
+            The client's full state at the end of its last round; None before its first round.
+        model : torch.nn.Module
+            The model being trained (for its structure, e.g. the parameter groups); not modified.
+        """
+        return global_state
+
 
 LOCAL_ALGORITHMS: Registry[LocalAlgorithm] = Registry("local_algorithm")
 

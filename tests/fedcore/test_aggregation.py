@@ -1,8 +1,9 @@
-"""Aggregation: FedAvg against a naive loop, its algebraic properties, the integer-buffer rule and the checks."""
+"""Aggregation: FedAvg against a naive loop, its algebraic properties, the integer-buffer rule and the screening."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import hypothesis.strategies as st
 import pytest
@@ -15,6 +16,7 @@ from fedcore.aggregation import (
     ClientUpdate,
     FedAvg,
     StateDict,
+    check_updates,
     clone_state,
     state_nbytes,
     to_cpu_state,
@@ -53,17 +55,17 @@ def _naive_fedavg(updates: list[ClientUpdate]) -> dict[str, list[float]]:
 def test_aggregator_builds_from_defaults_keeps_keys_shapes_dtypes(name: str) -> None:
     aggregator = AGGREGATORS.build(name)
     assert isinstance(aggregator, Aggregator)
-    result = aggregator.aggregate(GLOBAL, UPDATES, server_round=1)
+    result = aggregator.aggregate(GLOBAL, UPDATES, server_round=1).state
     assert set(result) == set(GLOBAL)
     for key, tensor in GLOBAL.items():
         assert result[key].shape == tensor.shape and result[key].dtype == tensor.dtype
-    again = AGGREGATORS.build(name).aggregate(GLOBAL, UPDATES, server_round=1)
+    again = AGGREGATORS.build(name).aggregate(GLOBAL, UPDATES, server_round=1).state
     assert all(torch.equal(result[k], again[k]) for k in result)
 
 
 # ------------------------------------------------------------------------------------------------ oracle
 def test_fedavg_matches_naive_loop_with_unequal_weights() -> None:
-    result = FedAvg().aggregate(GLOBAL, UPDATES, server_round=1)
+    result = FedAvg().aggregate(GLOBAL, UPDATES, server_round=1).state
     expected = _naive_fedavg(UPDATES)
     for key in ("layer.weight", "layer.bias"):
         assert result[key].flatten().tolist() == pytest.approx(expected[key], rel=1e-6)
@@ -72,29 +74,29 @@ def test_fedavg_matches_naive_loop_with_unequal_weights() -> None:
 
 
 def test_fedavg_integer_buffer_is_rounded_weighted_mean() -> None:
-    result = FedAvg().aggregate(GLOBAL, UPDATES, server_round=1)
+    result = FedAvg().aggregate(GLOBAL, UPDATES, server_round=1).state
     # (1·10 + 3·20 + 6·40) / 10 = 31.0
     assert result["bn.num_batches_tracked"].dtype == torch.int64
     assert result["bn.num_batches_tracked"].item() == 31
     updates = [ClientUpdate(0, {"n": torch.tensor(1)}, 1), ClientUpdate(1, {"n": torch.tensor(2)}, 2)]
     # (1 + 4) / 3 = 1.67 → 2 (nearest); ties go to even: (1 + 2) / 2 = 1.5 → 2, (2 + 3) / 2 = 2.5 → 2
-    assert FedAvg().aggregate({"n": torch.tensor(0)}, updates, 1)["n"].item() == 2
+    assert FedAvg().aggregate({"n": torch.tensor(0)}, updates, 1).state["n"].item() == 2
     ties = [ClientUpdate(0, {"n": torch.tensor(2)}, 1), ClientUpdate(1, {"n": torch.tensor(3)}, 1)]
-    assert FedAvg().aggregate({"n": torch.tensor(0)}, ties, 1)["n"].item() == 2
+    assert FedAvg().aggregate({"n": torch.tensor(0)}, ties, 1).state["n"].item() == 2
 
 
 def test_fedavg_averages_in_float64_and_casts_back() -> None:
     glob = {"w": torch.zeros(1, dtype=torch.float16)}
     updates = [ClientUpdate(0, {"w": torch.tensor([1.0], dtype=torch.float16)}, 1),
                ClientUpdate(1, {"w": torch.tensor([2.0], dtype=torch.float16)}, 2)]
-    result = FedAvg().aggregate(glob, updates, 1)["w"]
+    result = FedAvg().aggregate(glob, updates, 1).state["w"]
     assert result.dtype == torch.float16
     assert result.item() == torch.tensor(5.0 / 3.0, dtype=torch.float16).item()
 
 
 def test_fedavg_does_not_modify_or_alias_inputs() -> None:
     glob_copy, updates_copy = clone_state(GLOBAL), [clone_state(u.state) for u in UPDATES]
-    result = FedAvg().aggregate(GLOBAL, UPDATES, server_round=1)
+    result = FedAvg().aggregate(GLOBAL, UPDATES, server_round=1).state
     for original, copy in zip([GLOBAL, *[u.state for u in UPDATES]], [glob_copy, *updates_copy], strict=True):
         assert all(torch.equal(original[k], copy[k]) for k in original)
     for key, tensor in result.items():
@@ -103,7 +105,7 @@ def test_fedavg_does_not_modify_or_alias_inputs() -> None:
 
 
 def test_fedavg_single_client_returns_its_state_as_a_copy() -> None:
-    result = FedAvg().aggregate(GLOBAL, UPDATES[1:2], server_round=1)
+    result = FedAvg().aggregate(GLOBAL, UPDATES[1:2], server_round=1).state
     assert all(torch.equal(result[k], UPDATES[1].state[k]) for k in result)
     assert result["layer.weight"] is not UPDATES[1].state["layer.weight"]
 
@@ -141,7 +143,7 @@ def test_fedavg_property_permutation_invariant_bit_exact(
     glob, updates = data
     shuffled = list(updates)
     random.shuffle(shuffled)  # type: ignore[attr-defined]
-    a, b = FedAvg().aggregate(glob, updates, 1), FedAvg().aggregate(glob, shuffled, 1)
+    a, b = FedAvg().aggregate(glob, updates, 1).state, FedAvg().aggregate(glob, shuffled, 1).state
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -152,7 +154,7 @@ def test_fedavg_property_scaling_num_examples_leaves_result_unchanged(
 ) -> None:
     glob, updates = data
     scaled = [ClientUpdate(u.client_id, u.state, u.num_examples * factor) for u in updates]
-    a, b = FedAvg().aggregate(glob, updates, 1), FedAvg().aggregate(glob, scaled, 1)
+    a, b = FedAvg().aggregate(glob, updates, 1).state, FedAvg().aggregate(glob, scaled, 1).state
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -161,7 +163,7 @@ def test_fedavg_property_scaling_num_examples_leaves_result_unchanged(
 def test_fedavg_property_identical_inputs_are_a_fixed_point(data: tuple[StateDict, list[ClientUpdate]]) -> None:
     glob, updates = data
     same = [ClientUpdate(u.client_id, updates[0].state, u.num_examples) for u in updates]
-    result = FedAvg().aggregate(glob, same, 1)
+    result = FedAvg().aggregate(glob, same, 1).state
     # exact for float32 and integer entries (float64 sums round back); float64 entries within rounding
     assert torch.equal(result["w"], updates[0].state["w"])
     assert torch.equal(result["count"], updates[0].state["count"])
@@ -172,7 +174,7 @@ def test_fedavg_property_identical_inputs_are_a_fixed_point(data: tuple[StateDic
 @given(client_sets())
 def test_fedavg_property_within_coordinatewise_min_max(data: tuple[StateDict, list[ClientUpdate]]) -> None:
     glob, updates = data
-    result = FedAvg().aggregate(glob, updates, 1)
+    result = FedAvg().aggregate(glob, updates, 1).state
     for key, slack in (("w", 0.0), ("count", 0.0), ("w64", 1e-14)):
         stacked = torch.stack([u.state[key] for u in updates]).double()
         low, high = stacked.min(dim=0).values, stacked.max(dim=0).values
@@ -186,7 +188,7 @@ def test_fedavg_sums_in_client_id_order_whatever_the_arrival_order() -> None:
     updates = [ClientUpdate(c, {"w": torch.tensor([v], dtype=torch.float64)}, 1) for c, v in values.items()]
     glob = {"w": torch.zeros(1, dtype=torch.float64)}
     orders = (updates, updates[::-1], updates[1:] + updates[:1])
-    results = {FedAvg().aggregate(glob, order, 1)["w"].item() for order in orders}
+    results = {FedAvg().aggregate(glob, order, 1).state["w"].item() for order in orders}
     assert len(results) == 1
 
 
@@ -209,25 +211,62 @@ def _with(client: int, **changes: object) -> list[ClientUpdate]:
 
 
 @pytest.mark.parametrize(
+    ("updates", "bad", "match"),
+    [
+        (_with(1, state={"layer.bias": torch.tensor([math.nan, 0.0])}), 1, r"client 1: key 'layer.bias' .*1 NaN"),
+        (_with(2, state={"layer.weight": torch.full((2, 2), math.inf)}), 2, r"client 2: key 'layer.weight' .*4 Inf"),
+        (_with(0, state={"layer.bias": torch.zeros(3)}), 0, r"client 0: key 'layer.bias' must have shape \(2,\)"),
+        (_with(1, state={"layer.bias": None}), 1, r"client 1: .*missing \['layer.bias'\]"),
+        (_with(2, state={"extra": torch.zeros(1)}), 2, r"client 2: .*extra \['extra'\]"),
+        (_with(2, state={"layer.bias": torch.zeros(2, dtype=torch.float64)}), 2,
+         r"client 2: key 'layer.bias' .*dtype"),
+    ],
+)
+def test_fedavg_rejects_bad_update_and_aggregates_the_rest(
+    updates: list[ClientUpdate], bad: int, match: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    snapshot = clone_state(GLOBAL)
+    with caplog.at_level("WARNING", logger="fedcore.aggregation"):
+        result = FedAvg().aggregate(GLOBAL, updates, server_round=1)
+    assert set(result.rejected) == {bad}
+    assert re.search(match, result.rejected[bad])
+    assert result.flagged == frozenset({bad})
+    assert bad not in result.weights
+    assert any(f"client {bad}" in record.getMessage() for record in caplog.records if record.levelname == "WARNING")
+    good = [u for u in UPDATES if u.client_id != bad]
+    expected = FedAvg().aggregate(GLOBAL, good, server_round=1).state
+    assert all(torch.equal(result.state[k], expected[k]) for k in GLOBAL)
+    assert all(torch.equal(GLOBAL[k], snapshot[k]) for k in GLOBAL)
+
+
+def test_fedavg_raises_when_every_update_is_rejected() -> None:
+    updates = [ClientUpdate(u.client_id, {**u.state, "layer.bias": torch.tensor([math.nan, 0.0])}, u.num_examples)
+               for u in UPDATES]
+    with pytest.raises(AggregationError, match=r"every update of round 1 was rejected.*client 0.*client 2"):
+        FedAvg().aggregate(GLOBAL, updates, server_round=1)
+
+
+@pytest.mark.parametrize(
     ("updates", "match"),
     [
-        (_with(1, state={"layer.bias": torch.tensor([math.nan, 0.0])}), r"client 1: key 'layer.bias' .*1 NaN"),
-        (_with(2, state={"layer.weight": torch.full((2, 2), math.inf)}), r"client 2: key 'layer.weight' .*4 Inf"),
-        (_with(0, state={"layer.bias": torch.zeros(3)}), r"client 0: key 'layer.bias' must have shape \(2,\)"),
-        (_with(1, state={"layer.bias": None}), r"client 1: .*missing keys \['layer.bias'\]"),
-        (_with(2, state={"extra": torch.zeros(1)}), r"client 2: .*extra keys \['extra'\]"),
         (_with(1, num_examples=0), r"client 1: 'num_examples' must be an int > 0. Got 0"),
         (_with(0, num_examples=-3), r"client 0: 'num_examples' must be an int > 0. Got -3"),
-        (_with(2, state={"layer.bias": torch.zeros(2, dtype=torch.float64)}), r"client 2: key 'layer.bias' .*dtype"),
+        (_with(0, num_examples=2.0), r"client 0: 'num_examples' must be an int > 0. Got 2.0"),
         ([], r"'updates' must be a non-empty sequence"),
         ([UPDATES[0], UPDATES[0]], r"client 0 must report once"),
     ],
 )
-def test_fedavg_rejects_bad_updates(updates: list[ClientUpdate], match: str) -> None:
+def test_fedavg_raises_on_caller_bugs(updates: list[ClientUpdate], match: str) -> None:
     snapshot = clone_state(GLOBAL)
     with pytest.raises(AggregationError, match=match):
         FedAvg().aggregate(GLOBAL, updates, server_round=1)
     assert all(torch.equal(GLOBAL[k], snapshot[k]) for k in GLOBAL)
+
+
+def test_check_updates_raises_for_strict_callers() -> None:
+    check_updates(FedAvg(), GLOBAL, UPDATES)  # all good: no error
+    with pytest.raises(AggregationError, match=r"FedAvg: client 1: key 'layer.bias' .*1 NaN"):
+        check_updates(FedAvg(), GLOBAL, _with(1, state={"layer.bias": torch.tensor([math.nan, 0.0])}))
 
 
 # ------------------------------------------------------------------------------------------------ state helpers

@@ -55,7 +55,7 @@ def test_every_problem_is_listed_in_one_error() -> None:
     text = str(info.value)
     assert "6 problems" in text
     assert "'rounds' must be an int. Got 'ten'." in text
-    assert "'aggregator' must be a registered aggregator, one of fedavg" in text
+    assert "'aggregator' must be a registered aggregator, one of fairavg" in text
     assert "'win_length' must be <= n_fft (400). Got 800." in text
     assert "'num_clients' must be >= 1. Got 0." in text
 

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
+from fedcore.federation.checkpoint import load_state
 from flows import download, features, federate, partition, poison
+from tasks.common import read_params
+from tasks.tracking import tracking_uri
 from tests.flows.conftest import tiny_params
 
 pytestmark = pytest.mark.integration
@@ -157,3 +160,68 @@ def test_bad_audio_is_skipped_counted_and_reported(tmp_path: Path, small_mirror:
     assert reasons["empty.wav"].startswith("empty")
     assert reasons["notes.wav"].startswith("not an audio file")
     assert len((tmp_path / "raw/manifest.csv").read_text().splitlines()) == 7
+
+
+def _federate_args(p: str, name: str) -> list[str]:
+    return ["--params", p, "--features", "features", "--partition", "part/partition.json", "--poison", "poison-none",
+            "--checkpoints", f"ckpt-{name}", "--model", f"{name}.st", "--metrics", f"{name}.json",
+            "--plots", f"plots-{name}"]
+
+
+def test_update_attack_is_detected_and_logged(workdir: Path, small_mirror: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    monkeypatch.chdir(workdir)
+    params = tiny_params(small_mirror, federation={"aggregator": "lpa"}, aggregation={"lpa_rule": "fraction",
+                         "lpa_fraction": 0.34}, attack={"name": "sign_flip", "client_fraction": 0.34})
+    p = str(write_params(workdir / "attack.yaml", params))
+    assert poison.main(["--params", p, "--raw", "raw", "--features", "features", "--partition",
+                        "part/partition.json", "--out", "poison-none"]) == 0
+    assert federate.main(_federate_args(p, "attack")) == 0
+    metrics = json.loads((workdir / "attack.json").read_text())
+    assert len(metrics["malicious_clients"]) == 1
+    assert 0.0 <= metrics["detect_precision"] <= 1.0 and 0.0 <= metrics["detect_recall"] <= 1.0
+    detection = json.loads((workdir / "plots-attack/detection.json").read_text())
+    assert detection["malicious_clients"] == metrics["malicious_clients"]
+    assert [r["round"] for r in detection["rounds"]] == [1, 2]
+    # The fraction rule prunes one client per layer; every layer's exclusions are reported.
+    assert all(len(v) == 1 for r in detection["rounds"] for v in r["excluded_per_layer"].values())
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(read_params(p).mlflow, workdir))
+    assert [m.step for m in client.get_metric_history(metrics["mlflow_run_id"], "num_flagged")] == [1, 2]
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.data.params["attack.malicious_clients"] == str(metrics["malicious_clients"])
+
+
+def test_nan_updates_are_rejected_and_the_run_finishes(workdir: Path, small_mirror: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(workdir)
+    params = tiny_params(small_mirror, attack={"name": "nan", "client_fraction": 0.34})
+    p = str(write_params(workdir / "nan.yaml", params))
+    assert poison.main(["--params", p, "--raw", "raw", "--features", "features", "--partition",
+                        "part/partition.json", "--out", "poison-none"]) == 0
+    assert federate.main(_federate_args(p, "nan")) == 0
+    metrics = json.loads((workdir / "nan.json").read_text())
+    assert metrics["rejected_updates"] == 2  # the one attacker, in each of 2 rounds
+    assert metrics["detect_precision"] == 1.0 and metrics["detect_recall"] == 1.0
+    assert np.isfinite(metrics["global_loss"])
+    rounds = json.loads((workdir / "plots-nan/detection.json").read_text())["rounds"]
+    assert all("must hold finite values" in reason for r in rounds for reason in r["rejected"].values())
+
+
+def test_backbone_only_sends_fewer_bytes_and_keeps_heads_local(workdir: Path, small_mirror: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(workdir)
+    sent = {}
+    for send in ("all", "backbone"):
+        params = tiny_params(small_mirror, federation={"send": send, "local_algorithm": "fedu"})
+        p = str(write_params(workdir / f"send-{send}.yaml", params))
+        assert poison.main(["--params", p, "--raw", "raw", "--features", "features", "--partition",
+                            "part/partition.json", "--out", "poison-none"]) == 0
+        assert federate.main(_federate_args(p, f"send-{send}")) == 0
+        rows = (workdir / f"plots-send-{send}/rounds.tsv").read_text().splitlines()
+        header = rows[0].split("\t")
+        sent[send] = float(rows[1].split("\t")[header.index("bytes_up")])
+    # The head (the classifier's weight and bias, float32) stays on each of the 3 clients.
+    head = sum(t.numel() * 4 for k, t in load_state(workdir / "send-all.st").items() if k.startswith("classifier."))
+    assert head > 0 and sent["all"] - sent["backbone"] == 3 * head
