@@ -48,7 +48,8 @@ def _shifted(state: dict[str, torch.Tensor], by: float) -> dict[str, torch.Tenso
 
 def test_divergence_is_the_mean_norm_over_weight_tensors() -> None:
     g = {"conv.weight": torch.zeros(2, 2), "conv.bias": torch.zeros(2), "fc.weight": torch.zeros(1, 4)}
-    local = {"conv.weight": torch.full((2, 2), 1.0), "conv.bias": torch.full((2,), 9.0), "fc.weight": torch.zeros(1, 4)}
+    local = {"conv.weight": torch.full((2, 2), 1.0), "conv.bias": torch.full((2,), 9.0),
+             "fc.weight": torch.zeros(1, 4)}
     # ‖1‖ over 4 values = 2 for conv.weight, 0 for fc.weight; the bias (rank 1) is not counted.
     assert encoder_divergence(g, local, list(g)) == pytest.approx(1.0)
 
