@@ -1,6 +1,8 @@
 """Choose local-training hyperparameters on the clients' held-out splits (carved from training data; test unused).
 
     python -m benchmarks.sweep --rounds 30 --grid "1,0.05,0.9" "2,0.05,0.9"   # local_epochs,lr,momentum
+    python -m benchmarks.sweep --rounds 10 --width 8 --grid "2,0.05,0.9" \
+        --aggregator fedadam --option server_lr=0.01,0.03,0.1,0.3            # a server-side option
 
 Runs the federated rounds directly on fedcore (no orchestration) on the features/partition the pipeline produced
 (data/features, data/partition) and prints validation accuracy (pooled over every client's held-out split) every
@@ -10,6 +12,8 @@ Runs the federated rounds directly on fedcore (no orchestration) on the features
 from __future__ import annotations
 
 import argparse
+import inspect
+import itertools
 import json
 import time
 from pathlib import Path
@@ -39,20 +43,32 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--grid", nargs="+", required=True,
                         help="local_epochs,lr,momentum[,schedule] (schedule: constant, step or cosine)")
+    parser.add_argument("--width", type=int, default=ModelConfig().width, help="model.width")
+    parser.add_argument("--aggregator", default="fedavg", help="server rule (aggregator registry name)")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=V1,V2,...",
+                        help="an aggregation option to sweep as well, e.g. server_lr=0.01,0.1 (repeatable: the grid "
+                             "is the product)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = build_federated_dataset(FeatureStore.load(args.features), json.loads(args.partition.read_text()))
     holdouts = [part for part in data.holdout if part is not None]
     val_x = torch.cat([part.features for part in holdouts])
     val_y = torch.cat([part.labels for part in holdouts])
-    for spec in args.grid:
+    axes = [[(name, float(value)) for value in values.split(",")]
+            for name, values in (option.split("=", 1) for option in args.option)]
+    options = [dict(choice) for choice in itertools.product(*axes)]
+    accepted = inspect.signature(AGGREGATORS.get(args.aggregator)).parameters
+    if unknown := sorted({name for choice in options for name in choice} - set(accepted)):
+        parser.error(f"{args.aggregator} takes no option {unknown}; it takes {sorted(accepted)}")
+    for spec, option in itertools.product(args.grid, options):
         fields = spec.split(",")
         epochs, lr, momentum = int(fields[0]), float(fields[1]), float(fields[2])
         schedule = fields[3] if len(fields) > 3 else "constant"
         fed = FederationConfig(rounds=args.rounds, lr=lr, lr_schedule=schedule)
-        model = build_model(ModelConfig(), data.num_classes, data.input_shape, torch.Generator().manual_seed(0))
+        model = build_model(ModelConfig(width=args.width), data.num_classes, data.input_shape,
+                            torch.Generator().manual_seed(0))
         state = to_cpu_state(model)
-        aggregator = AGGREGATORS.build("fedavg")
+        aggregator = AGGREGATORS.build_from(args.aggregator, option)
         algorithm = LOCAL_ALGORITHMS.build("fedavg")
         curve, started = [], time.perf_counter()
         for server_round in range(1, args.rounds + 1):
@@ -66,7 +82,8 @@ def main() -> None:
             if server_round % 5 == 0:
                 model.load_state_dict(state)
                 curve.append(round(evaluate(model, val_x, val_y, 256)["accuracy"], 3))
-        print(f"E={epochs} lr={lr} ({schedule}) momentum={momentum}: validation accuracy every 5 rounds {curve} "
+        print(f"{args.aggregator} {option} E={epochs} lr={lr} ({schedule}) momentum={momentum}: "
+              f"validation accuracy every 5 rounds {curve} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
 
 

@@ -198,10 +198,13 @@ class AggregationConfig:
     trim_beta: float = _opt(0.2, "trimmed_mean: β trimmed from each side [A]", ge=0.0, lt=0.5)
     krum_f: int | None = _opt(None, "krum/multikrum: Byzantine clients tolerated (None: ⌊(K−3)/2⌋)", ge=0)
     multikrum_m: int | None = _opt(None, "multikrum: clients averaged (None: K − f)", ge=1)
-    server_lr: float = _opt(0.01, "fedadam/fedyogi: server learning rate η [A]", gt=0.0)
+    server_lr: float = _opt(0.1, "fedadam/fedyogi: server learning rate η [A] (chosen on validation)", gt=0.0)
     server_beta1: float = _opt(0.9, "fedadam/fedyogi: β₁", ge=0.0, lt=1.0)
     server_beta2: float = _opt(0.99, "fedadam/fedyogi: β₂", ge=0.0, lt=1.0)
     server_tau: float = _opt(1e-3, "fedadam/fedyogi: adaptivity τ", gt=0.0)
+    server_averaged: list[str] = _opt(["running_mean", "running_var"],
+                                      "fedadam/fedyogi: entries (by name suffix) that get FedAvg's mean instead of "
+                                      "the optimiser step: statistics, not parameters [A]")
 
 
 @dataclass(frozen=True, kw_only=True)

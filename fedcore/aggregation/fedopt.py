@@ -9,13 +9,17 @@ The server treats the FedAvg-weighted mean of the client deltas as a pseudo-grad
     w_{t+1} = w_t + η m_t / (√v_t + τ)
 
 with m_0 = 0 and v_0 = τ² (the paper requires v_{−1} ≥ τ²), no bias correction, as in Alg. 2. Defaults [A]:
-η = ``server_lr`` 0.01, β₁ = 0.9, β₂ = 0.99, τ = 1e-3 (the paper's τ grid; FedAudio uses server Adam, lr 1e-3).
-Only floating entries get the optimiser; non-floating ones take FedAvg's rounded mean. The moments are instance
-state, saved in checkpoints through :meth:`state_dict` / :meth:`load_state_dict`. Flags nobody.
+η = ``server_lr`` (chosen on the clients' held-out splits, README), β₁ = 0.9, β₂ = 0.99, τ = 1e-3 (the paper's τ
+grid; FedAudio uses server Adam, lr 1e-3). The optimiser applies to the model's parameters, as in the paper.
+Entries named in ``server_averaged`` (by suffix; BatchNorm's ``running_mean``/``running_var`` by default) are
+statistics, not parameters: a sign-like Adam step would drive a variance negative, so they take FedAvg's
+weighted mean, as do non-floating entries (rounded). The moments are instance state, saved in checkpoints through
+:meth:`state_dict` / :meth:`load_state_dict`. Flags nobody.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -35,8 +39,9 @@ from fedcore.aggregation.state import StateDict
 class _ServerOptimiser(Aggregator):
     count_weighted = True
 
-    def __init__(self, *, server_lr: float = 0.01, server_beta1: float = 0.9, server_beta2: float = 0.99,
-                 server_tau: float = 1e-3, flag_ratio: float = 0.5) -> None:
+    def __init__(self, *, server_lr: float = 0.1, server_beta1: float = 0.9, server_beta2: float = 0.99,
+                 server_tau: float = 1e-3, server_averaged: Sequence[str] = ("running_mean", "running_var"),
+                 flag_ratio: float = 0.5) -> None:
         super().__init__(flag_ratio=flag_ratio)
         problems = []
         if not server_lr > 0:
@@ -50,12 +55,13 @@ class _ServerOptimiser(Aggregator):
             raise ValueError(f"{type(self).__name__}: " + " ".join(problems))
         self.server_lr, self.server_beta1, self.server_beta2, self.server_tau = (
             server_lr, server_beta1, server_beta2, server_tau)
+        self.server_averaged = tuple(server_averaged)
         self.m: StateDict = {}
         self.v: StateDict = {}
 
+    @abstractmethod
     def second_moment(self, v: torch.Tensor, squared: torch.Tensor) -> torch.Tensor:
         """v_t from v_{t−1} and Δ_t² (the rule's second-moment update)."""
-        raise NotImplementedError
 
     def combine(self, global_state: StateDict, updates: Sequence[ClientUpdate], server_round: int) -> Combination:
         """w_{t+1} = w_t + η m_t / (√v_t + τ), with the moments of the module docstring."""
@@ -64,6 +70,9 @@ class _ServerOptimiser(Aggregator):
         state: StateDict = {}
         beta1, tau = self.server_beta1, self.server_tau
         for key in floating_keys(global_state):
+            if key.endswith(self.server_averaged):
+                state[key] = averaged[key]
+                continue
             previous = global_state[key].detach().to("cpu", torch.float64)
             delta = averaged[key] - previous
             m = self.m.get(key, torch.zeros_like(delta))
@@ -93,6 +102,8 @@ class FedAdam(_ServerOptimiser):
     ----------
     server_lr, server_beta1, server_beta2, server_tau : float
         η, β₁, β₂, τ of the module docstring.
+    server_averaged : sequence of str
+        Suffixes of the entries that take FedAvg's mean instead of the optimiser step.
     flag_ratio : float
         See :class:`~fedcore.aggregation.base.Aggregator`.
     """
@@ -110,6 +121,8 @@ class FedYogi(_ServerOptimiser):
     ----------
     server_lr, server_beta1, server_beta2, server_tau : float
         η, β₁, β₂, τ of the module docstring.
+    server_averaged : sequence of str
+        Suffixes of the entries that take FedAvg's mean instead of the optimiser step.
     flag_ratio : float
         See :class:`~fedcore.aggregation.base.Aggregator`.
     """

@@ -618,6 +618,18 @@ def test_server_optimiser_first_step_matches_its_equation(name: str) -> None:
     assert not result.flagged
 
 
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_server_optimiser_averages_statistics_and_steps_parameters(name: str) -> None:
+    glob, updates = _fedopt_round(13)
+    # fc.bias plays a BatchNorm statistic: with server_averaged naming it, it takes FedAvg's mean.
+    result = _run(name, glob, updates, **OPT, server_averaged=["bias"])
+    fedavg = _run("fedavg", glob, updates).state
+    _assert_states_close({"fc.bias": result.state["fc.bias"]}, {"fc.bias": fedavg["fc.bias"]})
+    stepped = _run(name, glob, updates, **OPT, server_averaged=[]).state
+    assert not torch.allclose(stepped["fc.bias"], fedavg["fc.bias"], rtol=1e-6, atol=1e-9)
+    _assert_states_equal({"conv.weight": result.state["conv.weight"]}, {"conv.weight": stepped["conv.weight"]})
+
+
 def test_fedadam_and_fedyogi_differ() -> None:
     glob, updates = _fedopt_round(13)
     adam, yogi = _run("fedadam", glob, updates, **OPT).state, _run("fedyogi", glob, updates, **OPT).state

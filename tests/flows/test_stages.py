@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
+import torch
 import yaml
 
 from fedcore.federation.checkpoint import load_state
@@ -225,3 +227,45 @@ def test_backbone_only_sends_fewer_bytes_and_keeps_heads_local(workdir: Path, sm
     # The head (the classifier's weight and bias, float32) stays on each of the 3 clients.
     head = sum(t.numel() * 4 for k, t in load_state(workdir / "send-all.st").items() if k.startswith("classifier."))
     assert head > 0 and sent["all"] - sent["backbone"] == 3 * head
+
+
+class _Killed(Exception):
+    """Stands for a kill between two rounds (after round 2's checkpoint, before round 3's)."""
+
+
+def test_resume_restores_server_moments_and_client_kept_heads(workdir: Path, small_mirror: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """FedAdam's moments and the heads that clients keep (send=backbone, FedU) survive a kill bit for bit."""
+    from tasks.tracking import FederateTracker
+
+    monkeypatch.chdir(workdir)
+    params = tiny_params(small_mirror, federation={"rounds": 3, "aggregator": "fedadam", "send": "backbone",
+                                                   "local_algorithm": "fedu"}, aggregation={"server_lr": 0.1})
+    p = str(write_params(workdir / "resume.yaml", params))
+    assert poison.main(["--params", p, "--raw", "raw", "--features", "features", "--partition",
+                        "part/partition.json", "--out", "poison-none"]) == 0
+    assert federate.main(_federate_args(p, "resume-ref")) == 0
+
+    log_round = FederateTracker.log_round
+
+    def killed_at_round_3(self: FederateTracker, server_round: int, *args: object, **kwargs: object) -> None:
+        if server_round == 3:
+            raise _Killed
+        log_round(self, server_round, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FederateTracker, "log_round", killed_at_round_3)
+    with pytest.raises(_Killed):
+        federate.main(_federate_args(p, "resume"))
+    latest = json.loads((workdir / "ckpt-resume/latest.json").read_text())
+    assert latest["round"] == 2
+    saved = safetensors.torch.load_file(workdir / "ckpt-resume" / latest["file"])
+    assert any("aggregator/m/" in k for k in saved) and any("aggregator/v/" in k for k in saved)
+    assert any("client/0/classifier." in k for k in saved)  # a head that is never sent
+    monkeypatch.setattr(FederateTracker, "log_round", log_round)
+    assert federate.main(_federate_args(p, "resume")) == 0
+
+    reference, resumed = (json.loads((workdir / f"{name}.json").read_text()) for name in ("resume-ref", "resume"))
+    keys = ("global_accuracy", "global_loss", "personalised_accuracy_mean", "personalised_accuracy_worst10")
+    assert {k: resumed[k] for k in keys} == {k: reference[k] for k in keys}
+    final, expected = load_state(workdir / "resume.st"), load_state(workdir / "resume-ref.st")
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
