@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.poison import poison
     from tasks.common import read_json, read_params
     from tasks.data import featurise
+    from tasks.federate import aggregator_name
 
     params = read_params(args.params)
     if args.rounds is not None:
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     own, children = _peak_rss_mib()
     result = {
         "workload": f"{params.download.dataset}, {params.partition.num_clients} clients, {params.partition.scheme} "
-                    f"α={params.partition.alpha:g}, {params.federation.aggregator}, {params.model.name}, "
+                    f"α={params.partition.alpha:g}, {aggregator_name(params)}, {params.model.name}, "
                     f"{params.federation.rounds} rounds",
         "clips": summary["num_samples"],
         "audio_seconds": round(summary["audio_seconds"], 1),

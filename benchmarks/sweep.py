@@ -24,7 +24,7 @@ import torch
 from fedcore.aggregation import AGGREGATORS
 from fedcore.aggregation.state import to_cpu_state
 from fedcore.algorithms import LOCAL_ALGORITHMS
-from fedcore.algorithms.base import train_client
+from fedcore.algorithms.base import LocalSettings, train_client
 from fedcore.config import FederationConfig, ModelConfig
 from fedcore.data.features import FeatureStore
 from fedcore.data.federated import build_federated_dataset
@@ -73,9 +73,10 @@ def main() -> None:
         curve, started = [], time.perf_counter()
         for server_round in range(1, args.rounds + 1):
             updates = [train_client(client_id=c, model=model, global_state=state, data=data.train[c],
-                                    algorithm=algorithm, epochs=epochs, batch_size=args.batch_size,
-                                    lr=learning_rate(fed, server_round),
-                                    momentum=momentum, weight_decay=0.0,
+                                    algorithm=algorithm,
+                                    settings=LocalSettings(epochs=epochs, batch_size=args.batch_size,
+                                                           lr=learning_rate(fed, server_round), momentum=momentum,
+                                                           weight_decay=0.0),
                                     generator=client_generator(0, server_round, c))
                        for c in range(data.num_clients)]
             state = aggregator.aggregate(state, updates, server_round).state

@@ -158,7 +158,9 @@ class FederationConfig:
     lr_step_rounds: int = _opt(10, "step: rounds between decays", ge=1)
     lr_min: float = _opt(0.0, "cosine: final learning rate", ge=0.0)
     local_algorithm: str = _opt("fedavg", "client-side rule", registry="local_algorithm")
-    aggregator: str = _opt("fedavg", "server-side rule (options in the aggregation section)", registry="aggregator")
+    aggregator: str | None = _opt(None, "server-side rule (options in the aggregation section); null: the local "
+                                        "algorithm's default (lpa for fedmlac, fedavg otherwise)",
+                                  registry="aggregator")
     send: str = _opt("all", "parameter group clients send and the server aggregates: all, backbone, head",
                      registry="param_group")
     eval_batch_size: int = _opt(256, "batch size of evaluation", ge=1)
@@ -181,6 +183,50 @@ class FedUConfig:
 
     mu: float = _opt(0.4, "use the global predictor when the divergence is below μ (EasyFL default 0.4)", ge=0.0)
     predictor: str = _opt("head", "parameter group that is the predictor", registry="param_group")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MutualConfig:
+    """Deep mutual learning of a personal and a shared model (FML, arXiv:2006.16765; FedMLAC, arXiv:2506.10207)."""
+
+    alpha: float = _opt(0.5, "personal model: weight α of CE; 1 − α goes to KL(shared ‖ personal) (FML: 0.5)",
+                        ge=0.0, le=1.0)
+    beta: float = _opt(0.5, "shared model: weight β of CE; 1 − β goes to KL(personal ‖ shared) (FML: 0.5)",
+                       ge=0.0, le=1.0)
+    temperature: float = _opt(1.0, "softmax temperature T of both KL terms (FML: 1)", gt=0.0)
+    t2_scale: bool = _opt(True, "multiply the KL terms by T² (Hinton et al. 2015), so T leaves gradients' scale [A]")
+    keep_optimizer: bool = _opt(True, "the personal model's SGD momentum carries over rounds (FML code); the "
+                                      "shared model's optimiser is always reset each round")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PersonalConfig:
+    """Architectures of the clients' personal models (local_algorithm local, fml or fedmlac)."""
+
+    models: list[dict[str, Any]] = _opt([], "model specs {name, width, depth}; empty: the model section's")
+    assignment: str = _opt("seeded", "seeded: a seeded balanced draw of models over clients; map: the map below",
+                           registry="model_assignment")
+    map: dict[int, int] = _opt({}, "assignment map: client id → index into models (unlisted clients: 0)")
+    seed: int = _opt(0, "seed of the assignment and of the personal models' initial weights", ge=0)
+
+    def check(self) -> list[str]:
+        """Every model spec is a valid model section; map indices are in range."""
+        problems = []
+        for i, spec in enumerate(self.models):
+            _, found = check_section(ModelConfig, spec, f"personal: models[{i}]")
+            problems.extend(found)
+        count = max(1, len(self.models))
+        for client, index in self.map.items():
+            if isinstance(client, bool) or not isinstance(client, int) or client < 0:
+                problems.append(f"personal: 'map' keys must be client ids (ints >= 0). Got {client!r}.")
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+                problems.append(f"personal: 'map' values must be indices into models, 0..{count - 1}. "
+                                f"Got {index!r} for client {client!r}.")
+        return problems
+
+    def model_configs(self, shared: ModelConfig) -> list[ModelConfig]:
+        """The personal model configs (``[shared]`` when none is listed)."""
+        return [ModelConfig(**spec) for spec in self.models] or [shared]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -240,6 +286,8 @@ SECTIONS: dict[str, type] = {
     "federation": FederationConfig,
     "fedprox": FedProxConfig,
     "fedu": FedUConfig,
+    "mutual": MutualConfig,
+    "personal": PersonalConfig,
     "aggregation": AggregationConfig,
     "attack": AttackConfig,
     "mlflow": MlflowConfig,
@@ -258,6 +306,8 @@ class Params:
     federation: FederationConfig = field(default_factory=FederationConfig)
     fedprox: FedProxConfig = field(default_factory=FedProxConfig)
     fedu: FedUConfig = field(default_factory=FedUConfig)
+    mutual: MutualConfig = field(default_factory=MutualConfig)
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)

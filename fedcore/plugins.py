@@ -13,6 +13,7 @@ from fedcore.data.partition import PARTITIONERS
 from fedcore.data.poison import POISONS
 from fedcore.federation.schedules import LR_SCHEDULES
 from fedcore.models import MODELS
+from fedcore.models.assign import MODEL_ASSIGNMENTS
 from fedcore.models.groups import PARAM_GROUPS
 from fedcore.registry import Registry
 
@@ -23,6 +24,7 @@ FAMILIES: dict[str, Registry[Any]] = {
     "local_algorithm": LOCAL_ALGORITHMS,
     "lr_schedule": LR_SCHEDULES,
     "model": MODELS,
+    "model_assignment": MODEL_ASSIGNMENTS,
     "param_group": PARAM_GROUPS,
     "partitioner": PARTITIONERS,
     "poison": POISONS,

@@ -23,18 +23,19 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from fedcore.aggregation.base import ClientUpdate
-from fedcore.aggregation.state import StateDict, to_cpu_state
+from fedcore.aggregation.state import to_cpu_state
 from fedcore.attacks import choose_malicious
 from fedcore.config import Params, flatten
 from fedcore.federation.checkpoint import Checkpointer, save_state
+from fedcore.federation.client_store import ClientStore
 from fedcore.federation.sampling import num_sampled, round_rng, sample_clients
 from fedcore.federation.schedules import learning_rate
 from flows import stage
 from flows.runners import RUNNERS
 from tasks.common import read_params, write_json, write_text
 from tasks.federate import (
-    TrainSpec,
     aggregate_task,
+    aggregator_name,
     attack_task,
     attacked_keys,
     build_aggregator,
@@ -45,6 +46,7 @@ from tasks.federate import (
     file_digest,
     fresh_model,
     load_federated_data,
+    make_spec,
     plot_rounds,
     rounds_tsv,
     run_fingerprint,
@@ -98,7 +100,7 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
     data = load_federated_data(paths.features, paths.partition, paths.poison)
     intra = intra_op_threads(params)
     torch.set_num_threads(intra)
-    spec = TrainSpec(params.model, fed, params.fedprox, params.fedu, data.num_classes, data.input_shape, intra)
+    spec = make_spec(params, data.num_clients, data.num_classes, data.input_shape, intra)
     digest = file_digest([paths.features / "meta.json", paths.features / "index.csv", paths.partition,
                           paths.poison / "overlay.npz"])
     checkpointer = Checkpointer(paths.checkpoints, run_fingerprint(spec, digest, params))
@@ -107,9 +109,10 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
     malicious = choose_malicious(data.num_clients, params.attack.client_fraction, params.attack.seed)
     keys = sent_keys(spec)
     forged_keys = attacked_keys(spec, keys, params.attack.include_buffers)
-    # Clients keep a state of their own when they do not send everything, or when their rule needs it (FedU).
-    keep_local = len(keys) < len(fresh_model(spec, fed.seed).state_dict()) or build_algorithm(spec).needs_local_state
-    local_states: dict[int, StateDict] = {}
+    # Clients keep a state of their own (on disk, one file per client and round) when they do not send everything,
+    # when their rule needs it (FedU), or when they train a personal model (FML, FedMLAC, local-only).
+    keep_local = build_algorithm(spec).keeps_state(len(keys) == len(fresh_model(spec, fed.seed).state_dict()))
+    store = ClientStore(paths.checkpoints / CLIENTS_FOLDER) if keep_local else None
 
     history: list[dict[str, float]] = []
     detections: list[dict[str, Any]] = []
@@ -119,7 +122,8 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
         start_round, global_state, extra, meta = resumed
         history, run_id = list(meta["history"]), meta.get("mlflow_run_id")
         detections = list(meta.get("detections", []))
-        local_states = _split_local(extra)
+        if store is not None:  # states written after the checkpoint (a round cut short) are dropped
+            store.rollback(start_round)
         aggregator_state = {k[len(AGGREGATOR_PREFIX):]: v for k, v in extra.items()
                             if k.startswith(AGGREGATOR_PREFIX)}
         if aggregator_state and hasattr(aggregator, "load_state_dict"):
@@ -129,6 +133,8 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
         sys.stderr.flush()
     else:
         global_state = to_cpu_state(fresh_model(spec, fed.seed))
+        if store is not None:
+            store.reset()
 
     tracker = FederateTracker(params.mlflow, paths.root)
     run_id = tracker.start({**flatten(params), "attack.malicious_clients": sorted(malicious)}, resume_run_id=run_id)
@@ -141,22 +147,17 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
                 started = time.perf_counter()
                 clients = sample_clients(data.num_clients, fed.client_fraction, fed.min_clients,
                                          round_rng(fed.seed, server_round))
-                futures = [train_client_task.submit(spec, c, server_round, global_state, data.train[c],
-                                                    local_states.get(c) if keep_local else None)
+                futures = [train_client_task.submit(spec, c, server_round, global_state, data.train[c], store)
                            for c in clients]
-                trained = sorted((f.result() for f in futures), key=lambda u: u.client_id)
-                if keep_local:
-                    local_states.update({u.client_id: u.state for u in trained})
+                updates = sorted((f.result() for f in futures), key=lambda u: u.client_id)
                 sent_global = {k: global_state[k] for k in keys}
-                updates = [ClientUpdate(u.client_id, {k: u.state[k] for k in keys}, u.num_examples, u.metrics)
-                           for u in trained]
                 if malicious:
                     updates = attack_task(attack, sent_global, updates, malicious, forged_keys,
                                           params.attack.seed, server_round)
                 result = aggregate_task(aggregator, sent_global, updates, server_round)
                 new_state = {**global_state, **result.state}
-                metrics = evaluate_task(spec, new_state, data, local_states if keep_local else None,
-                                        keys if keep_local else None)
+                metrics = evaluate_task(spec, new_state, data, store, server_round)
+                metrics.update(_client_means(updates))
                 metrics.update(summarise_updates(updates, sent_global),
                                **detection_metrics(result, malicious, clients), lr=learning_rate(fed, server_round),
                                round_seconds=time.perf_counter() - started)
@@ -175,9 +176,10 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
                 history.append({"round": float(server_round), **metrics})
                 extra = {f"{AGGREGATOR_PREFIX}{k}": v for k, v in
                          (aggregator.state_dict() if hasattr(aggregator, "state_dict") else {}).items()}
-                extra.update(_join_local(local_states))
                 checkpointer.save(server_round, new_state, extra or None,
                                   {"history": history, "mlflow_run_id": run_id, "detections": detections})
+                if store is not None:  # the checkpoint is durable: older versions of this round's clients go
+                    store.commit(server_round, clients)
                 global_state = new_state
                 bar.update(1, {"acc": f"{metrics['global_accuracy']:.3f}", "loss": f"{metrics['global_loss']:.3f}"})
     except BaseException:
@@ -187,23 +189,15 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
 
 
 AGGREGATOR_PREFIX = "aggregator/"
-LOCAL_PREFIX = "client/"
+#: Sub-folder of the checkpoints that holds the client state store.
+CLIENTS_FOLDER = "clients"
 
 
-def _join_local(local_states: dict[int, StateDict]) -> dict[str, torch.Tensor]:
-    """Flatten the clients' own states into checkpoint entries ``client/<id>/<key>``."""
-    return {f"{LOCAL_PREFIX}{client}/{key}": value for client, state in local_states.items()
-            for key, value in state.items()}
-
-
-def _split_local(extra: dict[str, torch.Tensor]) -> dict[int, StateDict]:
-    """Inverse of :func:`_join_local`."""
-    local: dict[int, StateDict] = {}
-    for name, value in extra.items():
-        if name.startswith(LOCAL_PREFIX):
-            client, key = name[len(LOCAL_PREFIX):].split("/", 1)
-            local.setdefault(int(client), {})[key] = value
-    return local
+def _client_means(updates: Sequence[ClientUpdate]) -> dict[str, float]:
+    """Round means of the personal-model training metrics the clients report (FML, FedMLAC, local-only)."""
+    names = ("personal_train_loss", "personal_train_accuracy")
+    return {f"{name}_mean": sum(float(u.metrics[name]) for u in updates) / len(updates)
+            for name in names if updates and all(name in u.metrics for u in updates)}
 
 
 def _detection_summary(history: list[dict[str, float]], malicious: frozenset[int]) -> dict[str, Any]:
@@ -239,7 +233,7 @@ def _finish(params: Params, paths: FederatePaths, tracker: FederateTracker, stat
     png = paths.plots / "rounds.png"
     plot_rounds(history, png)
     detection = paths.plots / "detection.json"
-    write_json(detection, {"aggregator": params.federation.aggregator, "attack": params.attack.name,
+    write_json(detection, {"aggregator": aggregator_name(params), "attack": params.attack.name,
                            "malicious_clients": sorted(malicious), "rounds": detections})
     final = {k: v for k, v in metrics.items() if k.startswith("detect_") and v is not None}
     version = tracker.finish({**summary, **final}, int(last["round"]), [tsv, png, detection])

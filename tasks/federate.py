@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -18,21 +18,33 @@ from fedcore.aggregation import AGGREGATORS
 from fedcore.aggregation.base import Aggregate, Aggregator, ClientUpdate, StateDict
 from fedcore.aggregation.state import state_nbytes
 from fedcore.algorithms import LOCAL_ALGORITHMS
-from fedcore.algorithms.base import ClientData, LocalAlgorithm, train_client
+from fedcore.algorithms.base import ClientData, ClientJob, LocalAlgorithm, LocalSettings
+from fedcore.algorithms.mutual import join_personal
 from fedcore.attacks import ATTACKS, UpdateAttack, attack_generator, detection_counts
-from fedcore.config import FederationConfig, FedProxConfig, FedUConfig, ModelConfig, Params, to_dict
+from fedcore.config import (
+    FederationConfig,
+    FedProxConfig,
+    FedUConfig,
+    ModelConfig,
+    MutualConfig,
+    Params,
+    PersonalConfig,
+    to_dict,
+)
 from fedcore.data.features import FeatureStore
 from fedcore.data.federated import FederatedDataset, Overlay, build_federated_dataset
 from fedcore.evaluation import evaluate, personalised_summary
 from fedcore.federation.checkpoint import fingerprint
+from fedcore.federation.client_store import ClientStore
 from fedcore.federation.sampling import client_generator
 from fedcore.federation.schedules import learning_rate
 from fedcore.models import build_model
+from fedcore.models.assign import assign_models, personal_generator
 from fedcore.models.groups import PARAM_GROUPS
 from tasks.common import pyplot, read_json, save_figure
 
 # Options of a local algorithm, by name: the params.yaml section that holds them.
-ALGORITHM_SECTIONS = {"fedprox": "fedprox", "fedu": "fedu"}
+ALGORITHM_SECTIONS = {"fedprox": "fedprox", "fedu": "fedu", "fml": "mutual", "fedmlac": "mutual"}
 
 # Federation fields that do not change the arithmetic, so they do not invalidate checkpoints.
 NOT_IN_FINGERPRINT = {"runner", "max_workers", "log_model_every", "eval_batch_size"}
@@ -49,6 +61,33 @@ class TrainSpec:
     num_classes: int
     input_shape: tuple[int, int, int]
     intra_op_threads: int
+    mutual: MutualConfig = MutualConfig()
+    #: Personal model configs and, per client, the index of its own (rules with a personal model).
+    personal_models: tuple[ModelConfig, ...] = ()
+    assignment: tuple[int, ...] = ()
+    personal_seed: int = 0
+
+    def personal_model_config(self, client_id: int) -> ModelConfig:
+        """The architecture of client ``client_id``'s personal model."""
+        return self.personal_models[self.assignment[client_id]]
+
+
+def algorithm_class(name: str) -> type[LocalAlgorithm]:
+    """The class registered as local algorithm ``name`` (for its class attributes, without building it)."""
+    return cast(type[LocalAlgorithm], LOCAL_ALGORITHMS.get(name))
+
+
+def make_spec(params: Params, num_clients: int, num_classes: int, input_shape: tuple[int, int, int],
+              intra_op_threads: int) -> TrainSpec:
+    """The training spec of a run; personal architectures are assigned when the local algorithm has them."""
+    personal: PersonalConfig = params.personal
+    models: tuple[ModelConfig, ...] = ()
+    assignment: tuple[int, ...] = ()
+    if algorithm_class(params.federation.local_algorithm).personal:
+        models = tuple(personal.model_configs(params.model))
+        assignment = tuple(assign_models(personal.assignment, num_clients, len(models), personal.seed, personal.map))
+    return TrainSpec(params.model, params.federation, params.fedprox, params.fedu, num_classes, input_shape,
+                     intra_op_threads, params.mutual, models, assignment, personal.seed)
 
 
 def build_algorithm(spec: TrainSpec) -> LocalAlgorithm:
@@ -59,9 +98,15 @@ def build_algorithm(spec: TrainSpec) -> LocalAlgorithm:
     return LOCAL_ALGORITHMS.build(name, **options)
 
 
+def aggregator_name(params: Params) -> str:
+    """``federation.aggregator``, or the local algorithm's default when it is null (``lpa`` for FedMLAC)."""
+    fed = params.federation
+    return fed.aggregator or algorithm_class(fed.local_algorithm).default_aggregator
+
+
 def build_aggregator(params: Params) -> Aggregator:
-    """The server-side rule named in ``federation.aggregator``, with its options from the aggregation section."""
-    return AGGREGATORS.build_from(params.federation.aggregator, to_dict(params.aggregation))
+    """The server-side rule of :func:`aggregator_name`, with its options from the aggregation section."""
+    return AGGREGATORS.build_from(aggregator_name(params), to_dict(params.aggregation))
 
 
 def build_attack(params: Params) -> UpdateAttack:
@@ -85,15 +130,20 @@ def attacked_keys(spec: TrainSpec, keys: Sequence[str], include_buffers: bool) -
 _local = threading.local()
 
 
-def _worker_model(spec: TrainSpec) -> torch.nn.Module:
-    """One model instance per worker thread, reused across rounds (its weights are overwritten each time)."""
-    key = (spec.model, spec.num_classes, spec.input_shape)
+def _cached_model(cfg: ModelConfig, spec: TrainSpec) -> torch.nn.Module:
+    """One model instance per architecture and worker thread, reused (its weights are overwritten each time)."""
+    key = (cfg, spec.num_classes, spec.input_shape)
     cache = getattr(_local, "models", None)
     if cache is None:
         cache = _local.models = {}
     if key not in cache:
-        cache[key] = build_model(spec.model, spec.num_classes, spec.input_shape, torch.Generator().manual_seed(0))
+        cache[key] = build_model(cfg, spec.num_classes, spec.input_shape, torch.Generator().manual_seed(0))
     return cache[key]
+
+
+def _worker_model(spec: TrainSpec) -> torch.nn.Module:
+    """The shared architecture's instance of the calling worker thread."""
+    return _cached_model(spec.model, spec)
 
 
 def fresh_model(spec: TrainSpec, seed: int) -> torch.nn.Module:
@@ -101,40 +151,59 @@ def fresh_model(spec: TrainSpec, seed: int) -> torch.nn.Module:
     return build_model(spec.model, spec.num_classes, spec.input_shape, torch.Generator().manual_seed(seed))
 
 
+def initial_local_state(spec: TrainSpec, client_id: int) -> StateDict:
+    """A personal-model client's kept state before its first round: its personal model's initial weights."""
+    cfg = spec.personal_model_config(client_id)
+    model = build_model(cfg, spec.num_classes, spec.input_shape, personal_generator(spec.personal_seed, client_id))
+    return join_personal(model.state_dict())
+
+
+def kept_state(spec: TrainSpec, algorithm: LocalAlgorithm, store: ClientStore | None, client_id: int,
+               upto_round: int) -> StateDict | None:
+    """What client ``client_id`` kept up to ``upto_round`` (its initial personal model if nothing yet)."""
+    found = store.load(client_id, upto_round) if store is not None else None
+    if found is not None:
+        return found[0]
+    return initial_local_state(spec, client_id) if algorithm.personal else None
+
+
+def local_settings(fed: FederationConfig, server_round: int) -> LocalSettings:
+    """The local-training hyperparameters of ``server_round`` (the learning rate follows the schedule)."""
+    return LocalSettings(epochs=fed.local_epochs, batch_size=fed.batch_size, lr=learning_rate(fed, server_round),
+                         momentum=fed.momentum, weight_decay=fed.weight_decay)
+
+
 @task(name="train-client", cache_policy=NO_CACHE, retries=1)
 def train_client_task(
     spec: TrainSpec, client_id: int, server_round: int, global_state: StateDict, data: ClientData,
-    local_state: StateDict | None = None,
+    store: ClientStore | None = None,
 ) -> ClientUpdate:
-    """Local training of one client in one round (fedcore's single training loop).
+    """Local training of one client in one round; what it keeps is written to ``store`` at ``server_round``.
 
-    ``local_state`` is the client's own full state from its last round (None before its first, or when nothing
-    is kept): the entries the client does not send are taken from it, then the local algorithm picks its start
-    state (FedU). The update holds the full trained state; the caller keeps the sent entries for the server.
+    The client's kept state (its state from its last round, or its personal model and optimiser buffers) is
+    read from ``store`` (the newest version before this round), handed to the local algorithm, and the new one
+    written back, so memory holds only the clients of the round. The update holds the entries sent.
     """
     if torch.get_num_threads() != spec.intra_op_threads:
         torch.set_num_threads(spec.intra_op_threads)
     fed = spec.federation
     model = _worker_model(spec)
     algorithm = build_algorithm(spec)
-    start = global_state
-    if local_state is not None:
-        sent = set(sent_keys(spec))
-        start = {key: (value if key in sent else local_state[key]) for key, value in global_state.items()}
-    start = algorithm.start_state(start, local_state, model)
-    return train_client(
+    job = ClientJob(
         client_id=client_id,
         model=model,
-        global_state=start,
+        global_state=global_state,
+        sent_keys=sent_keys(spec),
+        local_state=kept_state(spec, algorithm, store, client_id, server_round - 1),
         data=data,
-        algorithm=algorithm,
-        epochs=fed.local_epochs,
-        batch_size=fed.batch_size,
-        lr=learning_rate(fed, server_round),
-        momentum=fed.momentum,
-        weight_decay=fed.weight_decay,
+        settings=local_settings(fed, server_round),
         generator=client_generator(fed.seed, server_round, client_id),
+        personal_model=_cached_model(spec.personal_model_config(client_id), spec) if algorithm.personal else None,
     )
+    result = algorithm.run(job)
+    if result.local_state is not None and store is not None:
+        store.save(client_id, server_round, result.local_state, {"round": str(server_round)})
+    return result.update
 
 
 @task(name="attack-updates", cache_policy=NO_CACHE)
@@ -168,35 +237,43 @@ def detection_metrics(result: Aggregate, malicious: frozenset[int], sampled: Seq
 
 @task(name="evaluate-round", cache_policy=NO_CACHE)
 def evaluate_task(
-    spec: TrainSpec, state: StateDict, data: FederatedDataset, local_states: Mapping[int, StateDict] | None = None,
-    keys: Sequence[str] | None = None,
+    spec: TrainSpec, state: StateDict, data: FederatedDataset, store: ClientStore | None = None,
+    server_round: int = 0,
 ) -> dict[str, float]:
     """Global test accuracy/loss and personalised accuracy on every client's held-out split.
 
-    When clients keep entries they do not send (``keys``: the sent ones; ``local_states``: each client's own),
-    there is no single global model: each client is evaluated with the global entries plus its own, and the
-    "global" test metrics are the means over the clients of their test accuracy and loss.
+    Each client is evaluated with its own model (:meth:`LocalAlgorithm.personal_state`: the global model, the
+    global entries plus those it keeps, or its personal model), read from ``store`` one client at a time, so
+    memory does not grow with the number of clients. When there is no single shared model (clients keep entries
+    they do not send, or local-only training), the "global" test metrics are the means over the clients of their
+    own models' test accuracy and loss.
     """
-    model = _worker_model(spec)
+    algorithm = build_algorithm(spec)
+    keys = sent_keys(spec)
     batch = spec.federation.eval_batch_size
-    if local_states is None or keys is None:
+    shared = algorithm.has_global_model(len(keys) == len(state))
+    model = _worker_model(spec)
+    tests, accuracies = [], []
+    if shared:
         model.load_state_dict(state)
-        result = evaluate(model, data.test.features, data.test.labels, batch)
-        metrics = {"global_accuracy": result["accuracy"], "global_loss": result["loss"]}
-        accuracies = [evaluate(model, part.features, part.labels, batch)["accuracy"]
-                      for part in data.holdout if part is not None]
-    else:
-        sent = set(keys)
-        tests, accuracies = [], []
-        for client, part in enumerate(data.holdout):
-            own = local_states.get(client)
-            model.load_state_dict(state if own is None else
-                                  {k: (v if k in sent else own[k]) for k, v in state.items()})
-            tests.append(evaluate(model, data.test.features, data.test.labels, batch))
-            if part is not None:
-                accuracies.append(evaluate(model, part.features, part.labels, batch)["accuracy"])
-        metrics = {"global_accuracy": sum(t["accuracy"] for t in tests) / len(tests),
-                   "global_loss": sum(t["loss"] for t in tests) / len(tests)}
+        tests.append(evaluate(model, data.test.features, data.test.labels, batch))
+    for client, part in enumerate(data.holdout):
+        if part is None and shared:
+            continue
+        local = kept_state(spec, algorithm, store, client, server_round) if algorithm.keeps_state(
+            len(keys) == len(state)) else None
+        if local is None:
+            own = model
+            own.load_state_dict(state)
+        else:
+            own = _cached_model(spec.personal_model_config(client), spec) if algorithm.personal else model
+            own.load_state_dict(algorithm.personal_state(state, local, keys))
+        if not shared:
+            tests.append(evaluate(own, data.test.features, data.test.labels, batch))
+        if part is not None:
+            accuracies.append(evaluate(own, part.features, part.labels, batch)["accuracy"])
+    metrics = {"global_accuracy": sum(t["accuracy"] for t in tests) / len(tests),
+               "global_loss": sum(t["loss"] for t in tests) / len(tests)}
     if accuracies:
         summary = personalised_summary(accuracies)
         metrics["personalised_accuracy_mean"] = summary["mean"]
@@ -258,6 +335,9 @@ def run_fingerprint(spec: TrainSpec, data_digest: str, params: Params | None = N
     section = ALGORITHM_SECTIONS.get(spec.federation.local_algorithm)
     if section:
         payload[section] = to_dict(getattr(spec, section))
+    if spec.personal_models:
+        payload["personal"] = {"models": [to_dict(m) for m in spec.personal_models],
+                               "assignment": list(spec.assignment), "seed": spec.personal_seed}
     return fingerprint(payload)
 
 

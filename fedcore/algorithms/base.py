@@ -14,6 +14,7 @@ state-dict entry (BatchNorm buffers included) is returned to the server.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,13 +25,79 @@ from fedcore.aggregation.base import ClientUpdate
 from fedcore.aggregation.state import StateDict, to_cpu_state
 from fedcore.registry import Registry
 
+#: Prefix of the personal model's entries in a client's kept state (rules with a personal model).
+PERSONAL_PREFIX = "personal/"
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """Hyperparameters of one client's local training in one round (SGD; see :func:`train_client`)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+
+
+@dataclass
+class ClientJob:
+    """Everything one client needs for one round.
+
+    Attributes
+    ----------
+    client_id : int
+    model : torch.nn.Module
+        An instance of the shared (global) architecture, owned by the worker; trained in place.
+    global_state : dict of str to Tensor
+        The full global state w_t (CPU; not modified).
+    sent_keys : sequence of str
+        Entries the client sends and the server aggregates (``federation.send``).
+    local_state : dict of str to Tensor or None
+        What the rule kept from this client's last round (see :meth:`LocalAlgorithm.keeps_state`); for rules with
+        a personal model, never None: before the first round it holds the personal model's initial weights.
+    data : ClientData
+    settings : LocalSettings
+    generator : torch.Generator
+        CPU generator of the batch order.
+    personal_model : torch.nn.Module or None
+        An instance of this client's personal architecture (rules with :attr:`LocalAlgorithm.personal`).
+    """
+
+    client_id: int
+    model: nn.Module
+    global_state: StateDict
+    sent_keys: Sequence[str]
+    local_state: StateDict | None
+    data: ClientData
+    settings: LocalSettings
+    generator: torch.Generator
+    personal_model: nn.Module | None = None
+
+
+@dataclass
+class ClientResult:
+    """What one client's round produces: the update it sends and the state it keeps (None: nothing kept)."""
+
+    update: ClientUpdate
+    local_state: StateDict | None
+
 
 class LocalAlgorithm:
     """Client-side rule, expressed as hooks into :func:`train_client`.
 
     The default hooks give plain local SGD (FedAvg's client). One instance may train many clients at once from
-    several threads, so hooks must not keep per-client state on the instance.
+    several threads, so hooks must not keep per-client state on the instance: what a client keeps between
+    rounds is returned in :class:`ClientResult` and stored by the caller (on disk, one file per client).
+    Rules that train a model of the client's own (FML, FedMLAC, local-only) set :attr:`personal` and override
+    :meth:`run`.
     """
+
+    #: Aggregator used when ``federation.aggregator`` is null.
+    default_aggregator: str = "fedavg"
+
+    #: Whether each client trains a personal model of its own architecture (``personal`` params section).
+    personal: bool = False
 
     def extra_loss(self, model: nn.Module, global_state: StateDict) -> torch.Tensor | None:
         """Term h(w, w_t) added to the batch loss before the backward pass; ``None`` for no term.
@@ -69,6 +136,36 @@ class LocalAlgorithm:
             The model being trained (for its structure, e.g. the parameter groups); not modified.
         """
         return global_state
+
+    def keeps_state(self, sends_everything: bool) -> bool:
+        """Whether clients keep a state between rounds: when they do not send every entry, or the rule needs it."""
+        return self.personal or self.needs_local_state or not sends_everything
+
+    def has_global_model(self, sends_everything: bool) -> bool:
+        """Whether one shared model can be tested on its own (False: the test metrics average the clients')."""
+        return sends_everything
+
+    def personal_state(self, global_state: StateDict, local_state: StateDict | None,
+                       sent_keys: Sequence[str]) -> StateDict:
+        """The state of a client's own model, for personalised evaluation.
+
+        By default the global entries it receives plus the entries it keeps (all global when it keeps none).
+        """
+        if local_state is None:
+            return global_state
+        sent = set(sent_keys)
+        return {key: (value if key in sent else local_state[key]) for key, value in global_state.items()}
+
+    def run(self, job: ClientJob) -> ClientResult:
+        """One client's round: pick the start state, train with :func:`train_client`, split what is sent."""
+        start = self.personal_state(job.global_state, job.local_state, job.sent_keys)
+        start = self.start_state(start, job.local_state, job.model)
+        trained = train_client(client_id=job.client_id, model=job.model, global_state=start, data=job.data,
+                               algorithm=self, settings=job.settings, generator=job.generator)
+        sent = ClientUpdate(job.client_id, {k: trained.state[k] for k in job.sent_keys}, trained.num_examples,
+                            trained.metrics)
+        keeps = self.keeps_state(len(job.sent_keys) == len(job.global_state))
+        return ClientResult(sent, trained.state if keeps else None)
 
 
 LOCAL_ALGORITHMS: Registry[LocalAlgorithm] = Registry("local_algorithm")
@@ -121,16 +218,42 @@ class ClientData:
         return int(self.labels.shape[0])
 
 
-def _check_hyperparameters(epochs: int, batch_size: int, lr: float, momentum: float, weight_decay: float) -> None:
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+def check_settings(settings: LocalSettings, where: str = "train_client") -> None:
+    """Raise ValueError when a local-training hyperparameter is out of range."""
+    for name in ("epochs", "batch_size"):
+        value = getattr(settings, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"train_client: '{name}' must be an int >= 1. Got {value!r}.")
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"train_client: 'lr' must be a finite float > 0. Got {lr!r}.")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"train_client: 'momentum' must be in [0, 1). Got {momentum!r}.")
-    if not (math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"train_client: 'weight_decay' must be a finite float >= 0. Got {weight_decay!r}.")
+            raise ValueError(f"{where}: '{name}' must be an int >= 1. Got {value!r}.")
+    if not (math.isfinite(settings.lr) and settings.lr > 0):
+        raise ValueError(f"{where}: 'lr' must be a finite float > 0. Got {settings.lr!r}.")
+    if not 0 <= settings.momentum < 1:
+        raise ValueError(f"{where}: 'momentum' must be in [0, 1). Got {settings.momentum!r}.")
+    if not (math.isfinite(settings.weight_decay) and settings.weight_decay >= 0):
+        raise ValueError(f"{where}: 'weight_decay' must be a finite float >= 0. Got {settings.weight_decay!r}.")
+
+
+def check_generator(generator: torch.Generator, where: str = "train_client") -> None:
+    """Raise TypeError unless ``generator`` is a CPU ``torch.Generator``."""
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise TypeError(f"{where}: 'generator' must be a CPU torch.Generator. Got {generator!r}.")
+
+
+def epoch_batches(num_examples: int, settings: LocalSettings,
+                  generator: torch.Generator) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield ``(epoch, step, index)`` for E epochs of shuffled minibatches (one ``randperm`` per epoch)."""
+    for epoch in range(settings.epochs):
+        order = torch.randperm(num_examples, generator=generator)
+        for step, start in enumerate(range(0, num_examples, settings.batch_size)):
+            yield epoch, step, order[start : start + settings.batch_size]
+
+
+def check_finite(where: str, client_id: int, value: float, epoch: int, step: int) -> None:
+    """Raise FloatingPointError naming the client, epoch and step when a training loss is NaN or infinite."""
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"{where}: client {client_id}: the training loss must be finite. Got {value!r} "
+            f"at epoch {epoch + 1}, step {step + 1}. Lower 'lr' or check the features."
+        )
 
 
 def train_client(
@@ -140,11 +263,7 @@ def train_client(
     global_state: StateDict,
     data: ClientData,
     algorithm: LocalAlgorithm,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
+    settings: LocalSettings,
     generator: torch.Generator,
 ) -> ClientUpdate:
     """Train one client from the global state and return its update.
@@ -162,12 +281,9 @@ def train_client(
         The local training set (n examples).
     algorithm : LocalAlgorithm
         Client-side rule (its hooks are called at every step).
-    epochs : int
-        E, local epochs (>= 1).
-    batch_size : int
-        B (>= 1); the last batch of an epoch may be smaller (no batch is dropped).
-    lr, momentum, weight_decay : float
-        SGD settings; a new optimiser is created for this call.
+    settings : LocalSettings
+        E local epochs (>= 1); batch size B (>= 1; the last batch of an epoch may be smaller, none is dropped);
+        SGD lr, momentum and weight decay (a new optimiser is created for this call).
     generator : torch.Generator
         CPU generator of the batch order (one ``randperm`` per epoch); see
         :func:`fedcore.federation.sampling.client_generator`.
@@ -187,40 +303,33 @@ def train_client(
     FloatingPointError
         If the loss (with the extra term) is NaN or infinite at some step.
     """
-    _check_hyperparameters(epochs, batch_size, lr, momentum, weight_decay)
-    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-        raise TypeError(f"train_client: 'generator' must be a CPU torch.Generator. Got {generator!r}.")
+    check_settings(settings)
+    check_generator(generator)
     model.load_state_dict(global_state, strict=True)
     model.train()
     device = next(model.parameters()).device
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
     num_examples = len(data)
     num_batches = 0
     loss_sum, num_correct = 0.0, 0
-    for epoch in range(epochs):
-        order = torch.randperm(num_examples, generator=generator)
-        loss_sum, num_correct = 0.0, 0
-        for start in range(0, num_examples, batch_size):
-            index = order[start : start + batch_size]
-            log_mel = data.features[index].to(device, non_blocking=True)
-            labels = data.labels[index].to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(log_mel)
-            loss = F.cross_entropy(logits, labels)
-            extra = algorithm.extra_loss(model, global_state)
-            objective = loss if extra is None else loss + extra
-            objective_value = float(objective.detach())
-            if not math.isfinite(objective_value):
-                raise FloatingPointError(
-                    f"train_client: client {client_id}: the training loss must be finite. Got {objective_value!r} "
-                    f"at epoch {epoch + 1}, step {start // batch_size + 1}. Lower 'lr' or check the features."
-                )
-            objective.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            algorithm.after_step(model)
-            num_batches += 1
-            loss_sum += float(loss.detach()) * index.numel()
-            num_correct += int((logits.detach().argmax(dim=1) == labels).sum())
+    for epoch, step, index in epoch_batches(num_examples, settings, generator):
+        if step == 0:  # the metrics cover the last epoch
+            loss_sum, num_correct = 0.0, 0
+        log_mel = data.features[index].to(device, non_blocking=True)
+        labels = data.labels[index].to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(log_mel)
+        loss = F.cross_entropy(logits, labels)
+        extra = algorithm.extra_loss(model, global_state)
+        objective = loss if extra is None else loss + extra
+        check_finite("train_client", client_id, float(objective.detach()), epoch, step)
+        objective.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        algorithm.after_step(model)
+        num_batches += 1
+        loss_sum += float(loss.detach()) * index.numel()
+        num_correct += int((logits.detach().argmax(dim=1) == labels).sum())
     metrics = {
         "train_loss": loss_sum / num_examples,
         "train_accuracy": num_correct / num_examples,

@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 from fedcore.aggregation import ClientUpdate, StateDict, clone_state
-from fedcore.algorithms import LOCAL_ALGORITHMS, ClientData, FedAvgClient, FedProx, LocalAlgorithm, train_client
+from fedcore.algorithms import (
+    LOCAL_ALGORITHMS,
+    ClientData,
+    FedAvgClient,
+    FedProx,
+    LocalAlgorithm,
+    LocalSettings,
+    train_client,
+)
 from fedcore.config import ModelConfig
 from fedcore.evaluation import evaluate
 from fedcore.models import build_model
@@ -35,8 +43,9 @@ def _train(algorithm: LocalAlgorithm, *, seed: int = 5, epochs: int = 2, lr: flo
     model = _model()
     state = global_state if global_state is not None else clone_state(model.state_dict())
     return train_client(
-        client_id=3, model=model, global_state=state, data=data or _toy_data(), algorithm=algorithm, epochs=epochs,
-        batch_size=8, lr=lr, momentum=0.9, weight_decay=1e-4, generator=torch.Generator().manual_seed(seed),
+        client_id=3, model=model, global_state=state, data=data or _toy_data(), algorithm=algorithm,
+        settings=LocalSettings(epochs=epochs, batch_size=8, lr=lr, momentum=0.9, weight_decay=1e-4),
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -44,7 +53,7 @@ def _equal(a: StateDict, b: StateDict) -> bool:
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("name", LOCAL_ALGORITHMS.names())
+@pytest.mark.parametrize("name", [n for n in LOCAL_ALGORITHMS.names() if not LOCAL_ALGORITHMS.get(n).personal])
 def test_local_algorithm_builds_from_defaults_and_trains(name: str) -> None:
     algorithm = LOCAL_ALGORITHMS.build(name)
     assert isinstance(algorithm, LocalAlgorithm)
@@ -130,8 +139,9 @@ def test_train_client_returns_detached_cpu_copies_and_keeps_global_state() -> No
     global_state = clone_state(model.state_dict())
     snapshot = clone_state(global_state)
     update = train_client(
-        client_id=0, model=model, global_state=global_state, data=_toy_data(), algorithm=FedAvgClient(), epochs=1,
-        batch_size=16, lr=0.1, momentum=0.0, weight_decay=0.0, generator=torch.Generator().manual_seed(0),
+        client_id=0, model=model, global_state=global_state, data=_toy_data(), algorithm=FedAvgClient(),
+        settings=LocalSettings(epochs=1, batch_size=16, lr=0.1, momentum=0.0, weight_decay=0.0),
+        generator=torch.Generator().manual_seed(0),
     )
     assert _equal(global_state, snapshot)
     assert not _equal(update.state, global_state)
@@ -156,7 +166,8 @@ def test_train_client_metrics_are_sample_weighted_over_last_epoch() -> None:
     data = ClientData(features=torch.zeros(5, 1, 2, 2), labels=torch.tensor([0, 0, 0, 1, 1]))
     update = train_client(
         client_id=1, model=Constant(), global_state={"dummy": torch.zeros(1)}, data=data, algorithm=FedAvgClient(),
-        epochs=2, batch_size=2, lr=0.1, momentum=0.0, weight_decay=0.0, generator=torch.Generator().manual_seed(0),
+        settings=LocalSettings(epochs=2, batch_size=2, lr=0.1, momentum=0.0, weight_decay=0.0),
+        generator=torch.Generator().manual_seed(0),
     )
     loss_0, loss_1 = math.log(1 + math.exp(-2.0)), math.log(1 + math.exp(2.0))
     assert update.metrics["train_loss"] == pytest.approx((3 * loss_0 + 2 * loss_1) / 5)
@@ -192,12 +203,12 @@ def test_train_client_non_finite_loss_raises_with_client_id() -> None:
 )
 def test_train_client_rejects_bad_hyperparameters(changes: dict[str, float], match: str) -> None:
     model = _model()
-    kwargs = dict(client_id=0, model=model, global_state=model.state_dict(), data=_toy_data(),
-                  algorithm=FedAvgClient(), epochs=1, batch_size=8, lr=0.1, momentum=0.0, weight_decay=0.0,
-                  generator=torch.Generator())
-    kwargs.update(changes)
+    settings = dict(epochs=1, batch_size=8, lr=0.1, momentum=0.0, weight_decay=0.0)
+    settings.update(changes)
     with pytest.raises(ValueError, match=match):
-        train_client(**kwargs)  # type: ignore[arg-type]
+        train_client(client_id=0, model=model, global_state=model.state_dict(), data=_toy_data(),
+                     algorithm=FedAvgClient(), settings=LocalSettings(**settings),  # type: ignore[arg-type]
+                     generator=torch.Generator())
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from fedcore.federation.checkpoint import load_state
+from fedcore.federation.client_store import ClientStore
 from flows import download, features, federate, partition, poison
 from tasks.common import read_params
 from tasks.tracking import tracking_uri
@@ -260,7 +261,12 @@ def test_resume_restores_server_moments_and_client_kept_heads(workdir: Path, sma
     assert latest["round"] == 2
     saved = safetensors.torch.load_file(workdir / "ckpt-resume" / latest["file"])
     assert any("aggregator/m/" in k for k in saved) and any("aggregator/v/" in k for k in saved)
-    assert any("client/0/classifier." in k for k in saved)  # a head that is never sent
+    # The heads that are never sent live in the client store, at the checkpoint's round (round 3's were written
+    # before the kill and are rolled back on resume).
+    store = ClientStore(workdir / "ckpt-resume" / "clients")
+    assert store.rounds(0) == [2, 3]
+    kept, _ = store.load(0, 2)  # type: ignore[misc]
+    assert any(k.startswith("classifier.") for k in kept)
     monkeypatch.setattr(FederateTracker, "log_round", log_round)
     assert federate.main(_federate_args(p, "resume")) == 0
 
@@ -269,3 +275,57 @@ def test_resume_restores_server_moments_and_client_kept_heads(workdir: Path, sma
     assert {k: resumed[k] for k in keys} == {k: reference[k] for k in keys}
     final, expected = load_state(workdir / "resume.st"), load_state(workdir / "resume-ref.st")
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
+
+
+HETEROGENEOUS = [{"name": "cnn", "width": 4, "depth": 2}, {"name": "cnn", "width": 8, "depth": 3},
+                 {"name": "resnet", "width": 2, "depth": 1}]
+
+
+@pytest.mark.parametrize("algorithm", ["fedmlac", "fml", "local"])
+def test_personal_models_survive_a_kill_bit_for_bit(algorithm: str, workdir: Path, small_mirror: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Personal models (three architectures) and their optimiser state round-trip through the client store."""
+    from tasks.tracking import FederateTracker
+
+    monkeypatch.chdir(workdir)
+    params = tiny_params(small_mirror, federation={"rounds": 3, "local_algorithm": algorithm},
+                         model={"width": 4, "depth": 2}, personal={"models": HETEROGENEOUS})
+    p = str(write_params(workdir / f"{algorithm}.yaml", params))
+    assert poison.main(["--params", p, "--raw", "raw", "--features", "features", "--partition",
+                        "part/partition.json", "--out", "poison-none"]) == 0
+    assert federate.main(_federate_args(p, f"{algorithm}-ref")) == 0
+
+    log_round = FederateTracker.log_round
+
+    def killed_at_round_3(self: FederateTracker, server_round: int, *args: object, **kwargs: object) -> None:
+        if server_round == 3:
+            raise _Killed
+        log_round(self, server_round, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FederateTracker, "log_round", killed_at_round_3)
+    with pytest.raises(_Killed):
+        federate.main(_federate_args(p, algorithm))
+    store = ClientStore(workdir / f"ckpt-{algorithm}" / "clients")
+    assert store.clients() == [0, 1, 2] and all(store.rounds(c) == [2, 3] for c in range(3))
+    shapes = set()
+    for client in range(3):
+        kept, meta = store.load(client, 2)  # type: ignore[misc]
+        assert meta["round"] == "2"
+        shapes.add(tuple(kept["personal/classifier.weight"].shape))
+        # FML/FedMLAC keep the personal model's momentum; local-only training makes its optimiser anew
+        assert any(k.startswith("optim/") for k in kept) == (algorithm != "local")
+    assert len(shapes) == 3  # three architectures: classifiers on 8, 32 and 16 channels
+    monkeypatch.setattr(FederateTracker, "log_round", log_round)
+    assert federate.main(_federate_args(p, algorithm)) == 0
+    assert all(store.rounds(c) == [3] for c in range(3))
+
+    reference, resumed = (json.loads((workdir / f"{name}.json").read_text()) for name in (f"{algorithm}-ref",
+                                                                                         algorithm))
+    keys = ("global_accuracy", "global_loss", "personalised_accuracy_mean", "personalised_accuracy_worst10")
+    assert {k: resumed[k] for k in keys} == {k: reference[k] for k in keys}
+    final, expected = load_state(workdir / f"{algorithm}.st"), load_state(workdir / f"{algorithm}-ref.st")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    ref_store = ClientStore(workdir / f"ckpt-{algorithm}-ref" / "clients")
+    for client in range(3):
+        (got, _), (want, _) = store.load(client, 3), ref_store.load(client, 3)  # type: ignore[misc]
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
