@@ -45,7 +45,8 @@ def test_scenarios_parse_and_bad_ones_are_clear_errors() -> None:
 
 def test_settings_name_lists_must_match_their_mappings(bench: dict[str, object]) -> None:
     settings = settings_of(bench)
-    assert settings["method_names"] == ["local", "fedavg", "fedprox", "fml", "fedmlac"]
+    # the five methods, plus the FedMLAC-with-FedAvg ablation
+    assert settings["method_names"] == ["local", "fedavg", "fedprox", "fml", "fedmlac", "fedmlac_fedavg"]
     assert settings["dataset_names"] == ["fsdd", "esc10"]
     broken = {"personalisation": {**settings, "method_names": ["fedavg", "nope"], "scenarios": ["clean", "x-y"]}}
     with pytest.raises(ConfigError, match=r"'method_names'.*\['nope'\] missing") as error:
