@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +235,22 @@ class _Killed(Exception):
     """Stands for a kill between two rounds (after round 2's checkpoint, before round 3's)."""
 
 
+def _kill_at_round(monkeypatch: pytest.MonkeyPatch, server_round: int) -> Callable[..., None]:
+    """Make the federate flow die when it logs ``server_round`` (its clients trained, its checkpoint not yet
+    written); return the original ``FederateTracker.log_round`` to put back."""
+    from tasks.tracking import FederateTracker
+
+    log_round = FederateTracker.log_round
+
+    def killed(self: FederateTracker, round_: int, *args: object, **kwargs: object) -> None:
+        if round_ == server_round:
+            raise _Killed
+        log_round(self, round_, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FederateTracker, "log_round", killed)
+    return log_round
+
+
 def test_resume_restores_server_moments_and_client_kept_heads(workdir: Path, small_mirror: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """FedAdam's moments and the heads that clients keep (send=backbone, FedU) survive a kill bit for bit."""
@@ -247,14 +264,7 @@ def test_resume_restores_server_moments_and_client_kept_heads(workdir: Path, sma
                         "part/partition.json", "--out", "poison-none"]) == 0
     assert federate.main(_federate_args(p, "resume-ref")) == 0
 
-    log_round = FederateTracker.log_round
-
-    def killed_at_round_3(self: FederateTracker, server_round: int, *args: object, **kwargs: object) -> None:
-        if server_round == 3:
-            raise _Killed
-        log_round(self, server_round, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(FederateTracker, "log_round", killed_at_round_3)
+    log_round = _kill_at_round(monkeypatch, 3)
     with pytest.raises(_Killed):
         federate.main(_federate_args(p, "resume"))
     latest = json.loads((workdir / "ckpt-resume/latest.json").read_text())
@@ -295,14 +305,7 @@ def test_personal_models_survive_a_kill_bit_for_bit(algorithm: str, workdir: Pat
                         "part/partition.json", "--out", "poison-none"]) == 0
     assert federate.main(_federate_args(p, f"{algorithm}-ref")) == 0
 
-    log_round = FederateTracker.log_round
-
-    def killed_at_round_3(self: FederateTracker, server_round: int, *args: object, **kwargs: object) -> None:
-        if server_round == 3:
-            raise _Killed
-        log_round(self, server_round, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(FederateTracker, "log_round", killed_at_round_3)
+    log_round = _kill_at_round(monkeypatch, 3)
     with pytest.raises(_Killed):
         federate.main(_federate_args(p, algorithm))
     store = ClientStore(workdir / f"ckpt-{algorithm}" / "clients")
