@@ -31,7 +31,7 @@ from fedcore.models import build_model
 from flows import stage
 from flows.personalisation import BENCH_PARAMS, CELLS, CLEAN, cell_params, settings_of
 from tasks.common import read_json, write_json, write_text
-from tasks.federate import build_algorithm, kept_state, load_federated_data, make_spec, sent_keys
+from tasks.federate import build_algorithm, load_federated_data, make_spec, own_model, sent_keys
 
 #: Tolerance of the check against the cell's own personalised mean (float64 mean of float accuracies).
 TOLERANCE = 1e-6
@@ -50,16 +50,15 @@ def client_accuracies(raw: Mapping[str, Any], settings: Mapping[str, Any], cells
     state = load_state(cell / "model.safetensors")
     metrics = read_json(cell / "metrics.json")
     store = ClientStore(cell / "checkpoints" / "clients")
-    keeps = algorithm.keeps_state(len(keys) == len(state))
     batch = spec.federation.eval_batch_size
+    shared = build_model(spec.model, spec.num_classes, spec.input_shape, torch.Generator().manual_seed(0))
+    shared.load_state_dict(state)
     accuracies: dict[int, float] = {}
     for client, part in enumerate(data.holdout):
         if part is None:
             continue
-        local = kept_state(spec, algorithm, store, client, int(metrics["rounds"])) if keeps else None
-        cfg = spec.personal_model_config(client) if algorithm.personal else spec.model
-        model = build_model(cfg, spec.num_classes, spec.input_shape, torch.Generator().manual_seed(0))
-        model.load_state_dict(state if local is None else algorithm.personal_state(state, local, keys))
+        model = own_model(spec, algorithm, state, keys, store, client, int(metrics["rounds"]))
+        model = shared if model is None else model
         accuracies[client] = evaluate(model, part.features, part.labels, batch)["accuracy"]
     mean = sum(accuracies.values()) / len(accuracies)
     if abs(mean - float(metrics["personalised_accuracy_mean"])) > TOLERANCE:

@@ -167,6 +167,23 @@ def kept_state(spec: TrainSpec, algorithm: LocalAlgorithm, store: ClientStore | 
     return initial_local_state(spec, client_id) if algorithm.personal else None
 
 
+def own_model(spec: TrainSpec, algorithm: LocalAlgorithm, state: StateDict, keys: Sequence[str],
+              store: ClientStore | None, client_id: int, upto_round: int) -> torch.nn.Module | None:
+    """Client ``client_id``'s own model as of ``upto_round``, loaded; None when it is the global model ``state``.
+
+    The model is this worker's cached instance of the client's architecture (the shared one for rules without a
+    personal model), so it is overwritten by the next call.
+    """
+    if not algorithm.keeps_state(len(keys) == len(state)):
+        return None
+    local = kept_state(spec, algorithm, store, client_id, upto_round)
+    if local is None:
+        return None
+    model = _cached_model(spec.personal_model_config(client_id), spec) if algorithm.personal else _worker_model(spec)
+    model.load_state_dict(algorithm.personal_state(state, local, keys))
+    return model
+
+
 def local_settings(fed: FederationConfig, server_round: int) -> LocalSettings:
     """The local-training hyperparameters of ``server_round`` (the learning rate follows the schedule)."""
     return LocalSettings(epochs=fed.local_epochs, batch_size=fed.batch_size, lr=learning_rate(fed, server_round),
@@ -253,21 +270,22 @@ def evaluate_task(
     batch = spec.federation.eval_batch_size
     shared = algorithm.has_global_model(len(keys) == len(state))
     model = _worker_model(spec)
+    model.load_state_dict(state)
+    holds_global = True  # whether `model` holds `state` (a client's own entries may have replaced it)
     tests, accuracies = [], []
     if shared:
-        model.load_state_dict(state)
         tests.append(evaluate(model, data.test.features, data.test.labels, batch))
     for client, part in enumerate(data.holdout):
         if part is None and shared:
             continue
-        local = kept_state(spec, algorithm, store, client, server_round) if algorithm.keeps_state(
-            len(keys) == len(state)) else None
-        if local is None:
+        own = own_model(spec, algorithm, state, keys, store, client, server_round)
+        if own is None:
+            if not holds_global:
+                model.load_state_dict(state)
+                holds_global = True
             own = model
-            own.load_state_dict(state)
-        else:
-            own = _cached_model(spec.personal_model_config(client), spec) if algorithm.personal else model
-            own.load_state_dict(algorithm.personal_state(state, local, keys))
+        elif own is model:
+            holds_global = False
         if not shared:
             tests.append(evaluate(own, data.test.features, data.test.labels, batch))
         if part is not None:
