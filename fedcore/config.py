@@ -230,6 +230,109 @@ class PersonalConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SSLConfig:
+    """Training objective: supervised cross-entropy, or a self-supervised method that ignores labels (fedcore/ssl).
+
+    With a self-supervised method the model is the ``model`` section's backbone (its classifier removed) plus the
+    method's heads (``projector``, and BYOL's ``predictor``), which stay on the clients under ``send: backbone``
+    (FASSL's "-bb"); every round is scored on the ``downstream`` tasks instead of the test split.
+    """
+
+    method: str = _opt("none", "none (supervised) | simclr | barlow_twins | acop | byol", registry="ssl_method")
+    temperature: float = _opt(0.2, "simclr: NT-Xent temperature τ (PAPERS.md: 0.07–0.5) [A]", gt=0.0)
+    lambd: float = _opt(0.005, "barlow_twins: weight λ of the off-diagonal term (paper: 0.0051)", ge=0.0)
+    clips: int = _opt(3, "acop: clips cut from each example, N! order classes (N=3: 6) [A]", ge=2, le=5)
+    gap: float = _opt(0.2, "acop: share of each clip's frames dropped at a random place, so that neighbouring "
+                           "clips do not join seamlessly (VCOP samples clips with gaps) [A]", ge=0.0, lt=1.0)
+    tau: float = _opt(0.99, "byol: EMA rate of the target network (paper: 0.996) [A]", ge=0.0, lt=1.0)
+    projector_dim: int = _opt(128, "output size of the projector (simclr, barlow_twins, byol) [A]", ge=1)
+    hidden_dim: int = _opt(256, "hidden size of the projector, predictor and ACOP classifier [A]", ge=1)
+    augment: list[dict[str, Any]] | None = _opt(None, "augmentation pipeline [{name, p, options}] of the two "
+                                                      "views (acop: of the clips); None: the method's default")
+
+    def check(self) -> list[str]:
+        """Every augmentation step names a registered augmentation and has a valid probability."""
+        problems = []
+        names = _registry_names("augmentation")
+        for i, step in enumerate(self.augment or []):
+            if not isinstance(step, Mapping) or "name" not in step:
+                problems.append(f"ssl: 'augment[{i}]' must be a mapping with a 'name'. Got {step!r}.")
+                continue
+            if names is not None and step["name"] not in names:
+                problems.append(f"ssl: 'augment[{i}].name' must be a registered augmentation, one of "
+                                f"{', '.join(names)}. Got {step['name']!r}.")
+            p = step.get("p", 1.0)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+                problems.append(f"ssl: 'augment[{i}].p' must be in [0, 1]. Got {p!r}.")
+        return problems
+
+    @property
+    def self_supervised(self) -> bool:
+        """Whether the objective ignores the labels."""
+        return self.method != "none"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DownstreamTaskConfig:
+    """One downstream task: retrieval of a feature store's ``label`` or ``speaker`` column on frozen embeddings."""
+
+    name: str = _opt("", "task name: MLflow metric prefix and registered-model alias (letters, digits, _ and -)")
+    dataset: str = _opt("", "feature-store folder under the downstream root (e.g. fsdd, esc10)")
+    label: Literal["label", "speaker"] = _opt("label", "column that is the class: label or speaker")
+    split: str = _opt("test", "split whose rows are the test queries; the other rows are the retrieval index")
+
+    def check(self) -> list[str]:
+        """The name is alias-safe and the dataset is given."""
+        problems = []
+        reserved = (self.name.lower() in ("latest", "mean") or self.name.startswith("final_")
+                    or (self.name[:1] in "vV" and self.name[1:].isdigit()))
+        if not self.name or not all(c.isalnum() or c in "_-" for c in self.name) or reserved:
+            problems.append(f"downstream: task 'name' must be letters, digits, '_' or '-', and not 'latest', "
+                            f"'v<digits>' (MLflow aliases), 'mean' or 'final_*' (metric prefixes). "
+                            f"Got {self.name!r}.")
+        if not self.dataset:
+            problems.append(f"downstream: task {self.name!r} needs a 'dataset'. Got {self.dataset!r}.")
+        return problems
+
+
+@dataclass(frozen=True, kw_only=True)
+class DownstreamConfig:
+    """Per-round scoring of the global encoder on downstream tasks, and FASSL's best round per task."""
+
+    tasks: list[dict[str, Any]] = _opt([], "tasks {name, dataset, label, split} (DownstreamTaskConfig)")
+    every: int = _opt(1, "score (and log the model) every k rounds, and the last", ge=1)
+    ks: list[int] = _opt([1, 20], "kNN retrieval: neighbours k (cosine, majority vote)")
+    val_fraction: float = _opt(0.2, "stratified share of each task's index rows held out as validation queries: "
+                                    "the round is selected on them, the test split only reports", gt=0.0, lt=1.0)
+    select_metric: str = _opt("knn1", "knn<k> (one of ks) or probe: the validation score that picks the round")
+    linear_probe: bool = _opt(False, "also fit a logistic-regression probe on the frozen embeddings")
+    probe_c: float = _opt(1.0, "linear probe: inverse L2 strength C", gt=0.0)
+    seed: int = _opt(0, "seed of the validation hold-out", ge=0)
+    registered_model: str = _opt("fedaudio-encoder", "registry name of the selected encoders (an alias per task)")
+
+    def check(self) -> list[str]:
+        """Tasks are valid and distinct; ks are positive; the selection metric is computed."""
+        problems = []
+        for i, spec in enumerate(self.tasks):
+            _, found = check_section(DownstreamTaskConfig, spec, f"downstream: tasks[{i}]")
+            problems.extend(found)
+        names = [spec.get("name") for spec in self.tasks if isinstance(spec, Mapping)]
+        if duplicates := sorted({str(n) for n in names if names.count(n) > 1}):
+            problems.append(f"downstream: task names must be distinct. Got {duplicates} more than once.")
+        if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
+            problems.append(f"downstream: 'ks' must be a non-empty list of ints >= 1. Got {self.ks!r}.")
+        allowed = [f"knn{k}" for k in self.ks] + ["probe"]
+        if self.select_metric not in allowed or (self.select_metric == "probe" and not self.linear_probe):
+            problems.append(f"downstream: 'select_metric' must be one of {', '.join(allowed[:-1])} (or probe with "
+                            f"linear_probe: true). Got {self.select_metric!r}.")
+        return problems
+
+    def task_configs(self) -> list[DownstreamTaskConfig]:
+        """The tasks, typed."""
+        return [DownstreamTaskConfig(**spec) for spec in self.tasks]
+
+
+@dataclass(frozen=True, kw_only=True)
 class AggregationConfig:
     """Options of the server-side rules; each rule takes the ones named after it (fedcore/aggregation)."""
 
@@ -288,6 +391,8 @@ SECTIONS: dict[str, type] = {
     "fedu": FedUConfig,
     "mutual": MutualConfig,
     "personal": PersonalConfig,
+    "ssl": SSLConfig,
+    "downstream": DownstreamConfig,
     "aggregation": AggregationConfig,
     "attack": AttackConfig,
     "mlflow": MlflowConfig,
@@ -308,6 +413,8 @@ class Params:
     fedu: FedUConfig = field(default_factory=FedUConfig)
     mutual: MutualConfig = field(default_factory=MutualConfig)
     personal: PersonalConfig = field(default_factory=PersonalConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)

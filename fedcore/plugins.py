@@ -16,10 +16,12 @@ from fedcore.models import MODELS
 from fedcore.models.assign import MODEL_ASSIGNMENTS
 from fedcore.models.groups import PARAM_GROUPS
 from fedcore.registry import Registry
+from fedcore.ssl import AUGMENTATIONS, SSL_METHODS
 
 FAMILIES: dict[str, Registry[Any]] = {
     "aggregator": AGGREGATORS,
     "attack": ATTACKS,
+    "augmentation": AUGMENTATIONS,
     "dataset": DATASETS,
     "local_algorithm": LOCAL_ALGORITHMS,
     "lr_schedule": LR_SCHEDULES,
@@ -28,6 +30,7 @@ FAMILIES: dict[str, Registry[Any]] = {
     "param_group": PARAM_GROUPS,
     "partitioner": PARTITIONERS,
     "poison": POISONS,
+    "ssl_method": SSL_METHODS,
 }
 
 for _family, _registry in FAMILIES.items():

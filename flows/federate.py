@@ -4,11 +4,17 @@ Each round: sample clients (seeded by round), fan their local training out throu
 aggregate, evaluate the new global model on the test split and on every client's held-out split, log the round to
 MLflow (metrics with ``step=round``, the model every ``log_model_every`` rounds), then checkpoint. A killed run
 resumes from its last checkpoint and ends with the same metrics as an uninterrupted one.
+
+With a self-supervised ``ssl.method`` the clients train on their audio without labels, and every
+``downstream.every`` rounds the global encoder is scored on every downstream task (``--downstream``: a folder of
+feature stores, one per dataset) and logged with its model, so that ``flows.select`` can register each task's best
+round (FASSL). The random-init encoder is scored first, as round 0: the floor.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -25,7 +31,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from fedcore.aggregation.base import ClientUpdate
 from fedcore.aggregation.state import to_cpu_state
 from fedcore.attacks import choose_malicious
-from fedcore.config import Params, flatten
+from fedcore.config import MlflowConfig, Params, flatten
 from fedcore.federation.checkpoint import Checkpointer, save_state
 from fedcore.federation.client_store import ClientStore
 from fedcore.federation.sampling import num_sampled, round_rng, sample_clients
@@ -33,7 +39,9 @@ from fedcore.federation.schedules import learning_rate
 from flows import stage
 from flows.runners import RUNNERS
 from tasks.common import read_params, write_json, write_text
+from tasks.downstream import downstream_task, load_downstream
 from tasks.federate import (
+    ROUND_COLUMNS,
     aggregate_task,
     aggregator_name,
     attack_task,
@@ -47,6 +55,7 @@ from tasks.federate import (
     fresh_model,
     load_federated_data,
     make_spec,
+    plot_downstream,
     plot_rounds,
     rounds_tsv,
     run_fingerprint,
@@ -72,6 +81,8 @@ class FederatePaths:
     metrics: Path = Path("metrics/federate.json")
     plots: Path = Path("plots/federate")
     root: Path = Path(".")
+    #: Feature stores of the downstream tasks, ``<downstream>/<dataset>`` (self-supervised runs).
+    downstream: Path = Path("data/downstream")
 
 
 def parallel_workers(params: Params) -> int:
@@ -136,9 +147,21 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
         if store is not None:
             store.reset()
 
-    tracker = FederateTracker(params.mlflow, paths.root)
+    downstream = load_downstream(paths.downstream, params.downstream) if spec.ssl.self_supervised else None
+    tracker = FederateTracker(registry_config(params), paths.root)
     run_id = tracker.start({**flatten(params), "attack.malicious_clients": sorted(malicious)}, resume_run_id=run_id)
     log_model = fresh_model(spec, fed.seed)
+    if downstream is not None and resumed is None:  # the random-init encoder: the floor, logged as round 0
+        floor = downstream_task(spec, global_state, downstream, params.downstream)
+        log_model.load_state_dict(global_state)
+        with tempfile.TemporaryDirectory() as scratch:
+            floor_weights = Path(scratch) / "weights.safetensors"
+            save_state(floor_weights, global_state)
+            tracker.log_round(0, floor, log_model, data.input_shape, floor_weights)
+        initial = floor
+    else:
+        initial = dict(resumed[3].get("initial", {})) if resumed is not None else {}
+    primary = primary_metric(params)
     try:
         with Progress(fed.rounds, "federate rounds", key="federate-progress") as bar, \
                 tempfile.TemporaryDirectory() as scratch:
@@ -156,7 +179,11 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
                                           params.attack.seed, server_round)
                 result = aggregate_task(aggregator, sent_global, updates, server_round)
                 new_state = {**global_state, **result.state}
-                metrics = evaluate_task(spec, new_state, data, store, server_round)
+                scored = evaluated_round(params, server_round)
+                if downstream is None:
+                    metrics = evaluate_task(spec, new_state, data, store, server_round)
+                else:
+                    metrics = downstream_task(spec, new_state, downstream, params.downstream) if scored else {}
                 metrics.update(_client_means(updates))
                 metrics.update(summarise_updates(updates, sent_global),
                                **detection_metrics(result, malicious, clients), lr=learning_rate(fed, server_round),
@@ -167,7 +194,8 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
                                    "weights": {str(k): round(v, 6) for k, v in result.weights.items()}})
                 model = None
                 weights = None
-                if server_round % fed.log_model_every == 0 or server_round == fed.rounds:
+                if scored and (server_round % fed.log_model_every == 0 or server_round == fed.rounds
+                               or downstream is not None):
                     log_model.load_state_dict(new_state)
                     model = log_model
                     weights = Path(scratch) / "weights.safetensors"
@@ -177,15 +205,41 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
                 extra = {f"{AGGREGATOR_PREFIX}{k}": v for k, v in
                          (aggregator.state_dict() if hasattr(aggregator, "state_dict") else {}).items()}
                 checkpointer.save(server_round, new_state, extra or None,
-                                  {"history": history, "mlflow_run_id": run_id, "detections": detections})
+                                  {"history": history, "mlflow_run_id": run_id, "detections": detections,
+                                   "initial": initial})
                 if store is not None:  # the checkpoint is durable: older versions of this round's clients go
                     store.commit(server_round, clients)
                 global_state = new_state
-                bar.update(1, {"acc": f"{metrics['global_accuracy']:.3f}", "loss": f"{metrics['global_loss']:.3f}"})
+                shown = {"acc": f"{metrics[primary]:.3f}"} if primary in metrics else {}
+                bar.update(1, {**shown, "loss": f"{metrics.get('global_loss', metrics['train_loss_mean']):.3f}"})
     except BaseException:
         tracker.fail()
         raise
-    return _finish(params, paths, tracker, global_state, history, detections, malicious)
+    return _finish(params, paths, tracker, global_state, history, detections, malicious, initial)
+
+
+def primary_metric(params: Params) -> str:
+    """The per-round score the summary's best round and the progress bar use.
+
+    ``global_accuracy`` (test split) for supervised runs; for self-supervised ones the mean over the downstream
+    tasks of the validation score that selects rounds (``mean/knn1_val`` by default).
+    """
+    if params.ssl.self_supervised:
+        return f"mean/{params.downstream.select_metric}_val"
+    return "global_accuracy"
+
+
+def evaluated_round(params: Params, server_round: int) -> bool:
+    """Whether ``server_round`` is scored: every round (supervised), every ``downstream.every`` and the last (SSL)."""
+    every = params.downstream.every if params.ssl.self_supervised else 1
+    return server_round % every == 0 or server_round == params.federation.rounds
+
+
+def registry_config(params: Params) -> MlflowConfig:
+    """MLflow settings of the run: self-supervised encoders are registered under ``downstream.registered_model``."""
+    if params.ssl.self_supervised:
+        return dataclasses.replace(params.mlflow, registered_model=params.downstream.registered_model)
+    return params.mlflow
 
 
 AGGREGATOR_PREFIX = "aggregator/"
@@ -212,52 +266,69 @@ def _detection_summary(history: list[dict[str, float]], malicious: frozenset[int
 
 def _finish(params: Params, paths: FederatePaths, tracker: FederateTracker, state: dict[str, torch.Tensor],
             history: list[dict[str, float]], detections: list[dict[str, Any]],
-            malicious: frozenset[int]) -> dict[str, Any]:
+            malicious: frozenset[int], initial: dict[str, float] | None = None) -> dict[str, Any]:
     """Write the stage's outs (model, metrics JSON, per-round TSV and PNG), close the MLflow run, artifacts."""
     save_state(paths.model, state)
-    last = history[-1]
-    best = max(history, key=lambda row: row["global_accuracy"])
-    summary = {key: last[key] for key in SUMMARY_KEYS if key in last}
+    primary = primary_metric(params)
+    scored = [row for row in history if primary in row]
+    last = scored[-1]
+    best = max(scored, key=lambda row: row[primary])
+    if params.ssl.self_supervised:
+        summary = {key: value for key, value in last.items() if "/" in key}
+    else:
+        summary = {key: last[key] for key in SUMMARY_KEYS if key in last}
     metrics = {
         **{key: round(value, 6) for key, value in summary.items()},
-        "best_global_accuracy": round(best["global_accuracy"], 6),
+        f"best_{primary.replace('/', '_')}": round(best[primary], 6),
         "best_round": int(best["round"]),
-        "rounds": int(last["round"]),
+        "rounds": int(history[-1]["round"]),
         "seconds_total": round(sum(row["round_seconds"] for row in history), 3),
         "seconds_per_round_median": round(sorted(r["round_seconds"] for r in history)[len(history) // 2], 4),
         **_detection_summary(history, malicious),
         "mlflow_run_id": tracker.run_id,
     }
+    if initial:
+        metrics["floor"] = {key: round(value, 6) for key, value in initial.items()}
     tsv = paths.plots / "rounds.tsv"
-    write_text(tsv, rounds_tsv(history))
+    columns = round_columns(params, history)
+    write_text(tsv, rounds_tsv(history, columns))
     png = paths.plots / "rounds.png"
-    plot_rounds(history, png)
+    if params.ssl.self_supervised:
+        plot_downstream(history, initial or {}, params.downstream, png)
+    else:
+        plot_rounds(history, png)
     detection = paths.plots / "detection.json"
     write_json(detection, {"aggregator": aggregator_name(params), "attack": params.attack.name,
                            "malicious_clients": sorted(malicious), "rounds": detections})
     final = {k: v for k, v in metrics.items() if k.startswith("detect_") and v is not None}
-    version = tracker.finish({**summary, **final}, int(last["round"]), [tsv, png, detection])
+    version = tracker.finish({**summary, **final}, int(history[-1]["round"]), [tsv, png, detection])
     metrics["registered_version"] = version
     write_json(paths.metrics, metrics)
-    columns = ["round", "global_accuracy", "global_loss", "personalised_accuracy_mean",
-               "personalised_accuracy_worst10", "train_loss_mean", "round_seconds"]
     create_table_artifact([{c: round(row.get(c, float("nan")), 4) for c in columns} for row in history],
                           key="federate-rounds", description="per-round metrics")
     create_markdown_artifact(
-        f"# federate\nfinal global accuracy **{metrics['global_accuracy']:.4f}** after {metrics['rounds']} rounds "
-        f"(best {metrics['best_global_accuracy']:.4f} at round {metrics['best_round']}); MLflow run "
-        f"`{tracker.run_id}`, registered `{params.mlflow.registered_model}` v{version} (alias `final`).",
+        f"# federate\nfinal {primary} **{last[primary]:.4f}** after {metrics['rounds']} rounds "
+        f"(best {best[primary]:.4f} at round {metrics['best_round']}); MLflow run "
+        f"`{tracker.run_id}`, registered `{tracker.cfg.registered_model}` v{version} (alias `final`).",
         key="federate-summary",
     )
-    print(f"federate: final global accuracy {metrics['global_accuracy']:.4f} "
-          f"(best {metrics['best_global_accuracy']:.4f} at round {metrics['best_round']}); "
-          f"metrics {paths.metrics}, plot {png}, MLflow run {tracker.run_id}")
+    print(f"federate: final {primary} {last[primary]:.4f} (best {best[primary]:.4f} at round "
+          f"{metrics['best_round']}); metrics {paths.metrics}, plot {png}, MLflow run {tracker.run_id}")
     return metrics
+
+
+def round_columns(params: Params, history: Sequence[dict[str, float]]) -> list[str]:
+    """Columns of the per-round TSV: the supervised set, or the downstream scores then the training metrics."""
+    if not params.ssl.self_supervised:
+        return list(ROUND_COLUMNS)
+    scores = sorted({key for row in history for key in row if "/" in key})
+    return ["round", *scores, "train_loss_mean", "train_loss_min", "train_loss_max", "lr", "num_clients",
+            "bytes_up", "bytes_down", "num_flagged", "num_rejected", "round_seconds"]
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     defaults = FederatePaths()
-    for name in ("features", "partition", "poison", "checkpoints", "model", "metrics", "plots"):
+    for name in ("features", "partition", "poison", "checkpoints", "model", "metrics", "plots", "downstream"):
         p.add_argument(f"--{name}", type=Path, default=getattr(defaults, name))
 
 
@@ -265,7 +336,7 @@ def _main(args: argparse.Namespace) -> None:
     params = read_params(args.params)
     paths = FederatePaths(features=args.features, partition=args.partition, poison=args.poison,
                           checkpoints=args.checkpoints, model=args.model, metrics=args.metrics, plots=args.plots,
-                          root=Path.cwd())
+                          root=Path.cwd(), downstream=args.downstream)
     federate(params, paths)
 
 

@@ -18,10 +18,11 @@ from fedcore.aggregation import AGGREGATORS
 from fedcore.aggregation.base import Aggregate, Aggregator, ClientUpdate, StateDict
 from fedcore.aggregation.state import state_nbytes
 from fedcore.algorithms import LOCAL_ALGORITHMS
-from fedcore.algorithms.base import ClientData, ClientJob, LocalAlgorithm, LocalSettings
+from fedcore.algorithms.base import ClientData, ClientJob, LocalAlgorithm, LocalSettings, Objective
 from fedcore.algorithms.mutual import join_personal
 from fedcore.attacks import ATTACKS, UpdateAttack, attack_generator, detection_counts
 from fedcore.config import (
+    DownstreamConfig,
     FederationConfig,
     FedProxConfig,
     FedUConfig,
@@ -29,10 +30,12 @@ from fedcore.config import (
     MutualConfig,
     Params,
     PersonalConfig,
+    SSLConfig,
     to_dict,
 )
 from fedcore.data.features import FeatureStore
 from fedcore.data.federated import FederatedDataset, Overlay, build_federated_dataset
+from fedcore.errors import ConfigError
 from fedcore.evaluation import evaluate, personalised_summary
 from fedcore.federation.checkpoint import fingerprint
 from fedcore.federation.client_store import ClientStore
@@ -41,6 +44,7 @@ from fedcore.federation.schedules import learning_rate
 from fedcore.models import build_model
 from fedcore.models.assign import assign_models, personal_generator
 from fedcore.models.groups import PARAM_GROUPS
+from fedcore.ssl.methods import build_method
 from tasks.common import pyplot, read_json, save_figure
 
 # Options of a local algorithm, by name: the params.yaml section that holds them.
@@ -66,6 +70,8 @@ class TrainSpec:
     personal_models: tuple[ModelConfig, ...] = ()
     assignment: tuple[int, ...] = ()
     personal_seed: int = 0
+    #: The training objective (``ssl.method``: none for supervised cross-entropy).
+    ssl: SSLConfig = SSLConfig()
 
     def personal_model_config(self, client_id: int) -> ModelConfig:
         """The architecture of client ``client_id``'s personal model."""
@@ -83,11 +89,21 @@ def make_spec(params: Params, num_clients: int, num_classes: int, input_shape: t
     personal: PersonalConfig = params.personal
     models: tuple[ModelConfig, ...] = ()
     assignment: tuple[int, ...] = ()
-    if algorithm_class(params.federation.local_algorithm).personal:
+    rule = algorithm_class(params.federation.local_algorithm)
+    if params.ssl.self_supervised and rule.personal:
+        raise ConfigError(f"ssl: 'method' {params.ssl.method!r} needs a local algorithm that trains the shared "
+                          f"model alone (fedavg, fedprox or fedu): {params.federation.local_algorithm!r} "
+                          "distils labels between a personal and the shared model.")
+    if rule.personal:
         models = tuple(personal.model_configs(params.model))
         assignment = tuple(assign_models(personal.assignment, num_clients, len(models), personal.seed, personal.map))
     return TrainSpec(params.model, params.federation, params.fedprox, params.fedu, num_classes, input_shape,
-                     intra_op_threads, params.mutual, models, assignment, personal.seed)
+                     intra_op_threads, params.mutual, models, assignment, personal.seed, params.ssl)
+
+
+def build_objective(spec: TrainSpec) -> Objective:
+    """What local training minimises: ``ssl.method`` with its options (none: supervised cross-entropy)."""
+    return build_method(spec.ssl.method, to_dict(spec.ssl))
 
 
 def build_algorithm(spec: TrainSpec) -> LocalAlgorithm:
@@ -132,12 +148,15 @@ _local = threading.local()
 
 def _cached_model(cfg: ModelConfig, spec: TrainSpec) -> torch.nn.Module:
     """One model instance per architecture and worker thread, reused (its weights are overwritten each time)."""
-    key = (cfg, spec.num_classes, spec.input_shape)
+    shared = cfg == spec.model  # the shared model is trained with the objective; personal models are classifiers
+    key = (cfg, spec.num_classes, spec.input_shape, fingerprint(to_dict(spec.ssl)) if shared else None)
     cache = getattr(_local, "models", None)
     if cache is None:
         cache = _local.models = {}
     if key not in cache:
-        cache[key] = build_model(cfg, spec.num_classes, spec.input_shape, torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        cache[key] = (build_objective(spec).build_model(cfg, spec.num_classes, spec.input_shape, generator)
+                      if shared else build_model(cfg, spec.num_classes, spec.input_shape, generator))
     return cache[key]
 
 
@@ -147,8 +166,9 @@ def _worker_model(spec: TrainSpec) -> torch.nn.Module:
 
 
 def fresh_model(spec: TrainSpec, seed: int) -> torch.nn.Module:
-    """The initial global model, drawn from ``seed``."""
-    return build_model(spec.model, spec.num_classes, spec.input_shape, torch.Generator().manual_seed(seed))
+    """The initial global model, drawn from ``seed`` (an SSLModel when ``ssl.method`` is set)."""
+    return build_objective(spec).build_model(spec.model, spec.num_classes, spec.input_shape,
+                                             torch.Generator().manual_seed(seed))
 
 
 def initial_local_state(spec: TrainSpec, client_id: int) -> StateDict:
@@ -216,6 +236,7 @@ def train_client_task(
         settings=local_settings(fed, server_round),
         generator=client_generator(fed.seed, server_round, client_id),
         personal_model=_cached_model(spec.personal_model_config(client_id), spec) if algorithm.personal else None,
+        objective=build_objective(spec),
     )
     result = algorithm.run(job)
     if result.local_state is not None and store is not None:
@@ -353,6 +374,10 @@ def run_fingerprint(spec: TrainSpec, data_digest: str, params: Params | None = N
     section = ALGORITHM_SECTIONS.get(spec.federation.local_algorithm)
     if section:
         payload[section] = to_dict(getattr(spec, section))
+    if spec.ssl.self_supervised:
+        payload["ssl"] = to_dict(spec.ssl)
+        if params is not None:
+            payload["downstream"] = to_dict(params.downstream)
     if spec.personal_models:
         payload["personal"] = {"models": [to_dict(m) for m in spec.personal_models],
                                "assignment": list(spec.assignment), "seed": spec.personal_seed}
@@ -366,11 +391,11 @@ ROUND_COLUMNS = (
 )
 
 
-def rounds_tsv(history: Sequence[dict[str, float]]) -> str:
-    """Per-round table (DVC plots source)."""
-    lines = ["\t".join(ROUND_COLUMNS)]
+def rounds_tsv(history: Sequence[dict[str, float]], columns: Sequence[str] = ROUND_COLUMNS) -> str:
+    """Per-round table (DVC plots source); a round without a column's metric gets ``nan``."""
+    lines = ["\t".join(columns)]
     for row in history:
-        lines.append("\t".join(_fmt(row.get(c, float("nan"))) for c in ROUND_COLUMNS))
+        lines.append("\t".join(_fmt(row.get(c, float("nan"))) for c in columns))
     return "\n".join(lines) + "\n"
 
 
@@ -401,4 +426,38 @@ def plot_rounds(history: Sequence[dict[str, float]], path: Path) -> None:
     right.set_ylabel("cross-entropy")
     right.grid(alpha=0.3)
     right.legend()
+    save_figure(fig, path)
+
+
+def plot_downstream(history: Sequence[dict[str, float]], floor: dict[str, float], cfg: DownstreamConfig,
+                    path: Path) -> None:
+    """Self-supervised runs: each task's validation and test score against round, with the random-init floor.
+
+    One panel per task (the selection metric, ``knn1`` by default), the best validation round marked; a last
+    panel with the clients' mean training loss.
+    """
+    plt = pyplot()
+    metric = cfg.select_metric
+    tasks = [t.name for t in cfg.task_configs()]
+    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(3.6 * (len(tasks) + 1), 3.4), dpi=110, squeeze=False)
+    for ax, name in zip(axes[0], tasks, strict=False):
+        rows = [row for row in history if f"{name}/{metric}_val" in row]
+        rounds = [row["round"] for row in rows]
+        for split, style in (("val", "-"), ("test", "--")):
+            ax.plot(rounds, [row[f"{name}/{metric}_{split}"] for row in rows], style, marker=".", label=split)
+            if f"{name}/{metric}_{split}" in floor:
+                ax.axhline(floor[f"{name}/{metric}_{split}"], color="grey", linestyle=":", linewidth=1)
+        if rows:
+            best = max(rows, key=lambda row: row[f"{name}/{metric}_val"])
+            ax.plot([best["round"]], [best[f"{name}/{metric}_val"]], "r*", markersize=11, label="best (val)")
+        ax.set_title(name)
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"{metric} accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="dotted: random init", title_fontsize=7)
+    loss_ax = axes[0][-1]
+    loss_ax.plot([row["round"] for row in history], [row["train_loss_mean"] for row in history], marker=".")
+    loss_ax.set_title("clients' SSL loss (mean)")
+    loss_ax.set_xlabel("round")
+    loss_ax.grid(alpha=0.3)
     save_figure(fig, path)

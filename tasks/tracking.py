@@ -122,8 +122,9 @@ class FederateTracker:
             if run is not None:
                 self.run_id = resume_run_id
                 self.client.update_run(resume_run_id, status="RUNNING")
-                history = self.client.get_metric_history(resume_run_id, "global_accuracy")
-                self.logged_steps = {int(m.step) for m in history}
+                # A round's metrics are logged in one batch: a step any metric has is a logged round.
+                self.logged_steps = {int(m.step) for key in run.data.metrics
+                                     for m in self.client.get_metric_history(resume_run_id, key)}
                 self.model_steps = self._logged_models()
                 log.info("Resuming MLflow run %s (%d rounds logged).", resume_run_id, len(self.logged_steps))
                 return resume_run_id

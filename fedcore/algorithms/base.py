@@ -23,10 +23,70 @@ from torch import nn
 
 from fedcore.aggregation.base import ClientUpdate
 from fedcore.aggregation.state import StateDict, to_cpu_state
+from fedcore.config import ModelConfig
+from fedcore.models.build import build_model
 from fedcore.registry import Registry
 
 #: Prefix of the personal model's entries in a client's kept state (rules with a personal model).
 PERSONAL_PREFIX = "personal/"
+
+
+class ObjectiveSession:
+    """The objective bound to one client's model for one round (see :meth:`Objective.start`)."""
+
+    def loss(self, inputs: torch.Tensor, labels: torch.Tensor,
+             generator: torch.Generator) -> tuple[torch.Tensor, int | None] | None:
+        """The batch's loss and its number of correct predictions (None: the objective predicts no label).
+
+        Returns None for a batch the objective cannot use (e.g. a contrastive loss on a batch of one), which is
+        then skipped.
+        """
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Run after every optimiser step (e.g. BYOL's target update); does nothing by default."""
+        return None
+
+
+class CrossEntropy(ObjectiveSession):
+    """Supervised objective: mean cross-entropy of the model's logits against the labels."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def loss(self, inputs: torch.Tensor, labels: torch.Tensor,
+             generator: torch.Generator) -> tuple[torch.Tensor, int | None]:
+        """Cross-entropy and the number of correct argmax predictions."""
+        logits = self.model(inputs)
+        loss = F.cross_entropy(logits, labels)
+        return loss, int((logits.detach().argmax(dim=1) == labels).sum())
+
+
+class Objective:
+    """What local training minimises: supervised cross-entropy here; self-supervised methods in fedcore.ssl.
+
+    One instance may serve many clients at once from several threads, so per-round state (BYOL's target network)
+    lives in the session :meth:`start` returns, never on the instance.
+    """
+
+    #: Whether the objective reads the labels (False for self-supervised methods).
+    uses_labels: bool = True
+
+    def start(self, model: nn.Module) -> ObjectiveSession:
+        """Bind the objective to ``model`` (being trained) for one client's round."""
+        return CrossEntropy(model)
+
+    def build_model(self, cfg: ModelConfig, num_classes: int, input_shape: tuple[int, int, int],
+                    generator: torch.Generator) -> nn.Module:
+        """The model this objective trains, with weights drawn from ``generator``: the classifier ``cfg``."""
+        return build_model(cfg, num_classes, input_shape, generator)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+#: The default objective: supervised cross-entropy.
+SUPERVISED = Objective()
 
 
 @dataclass(frozen=True)
@@ -62,6 +122,8 @@ class ClientJob:
         CPU generator of the batch order.
     personal_model : torch.nn.Module or None
         An instance of this client's personal architecture (rules with :attr:`LocalAlgorithm.personal`).
+    objective : Objective
+        What local training minimises (supervised cross-entropy, or a self-supervised method).
     """
 
     client_id: int
@@ -73,6 +135,7 @@ class ClientJob:
     settings: LocalSettings
     generator: torch.Generator
     personal_model: nn.Module | None = None
+    objective: Objective = SUPERVISED
 
 
 @dataclass
@@ -161,7 +224,8 @@ class LocalAlgorithm:
         start = self.personal_state(job.global_state, job.local_state, job.sent_keys)
         start = self.start_state(start, job.local_state, job.model)
         trained = train_client(client_id=job.client_id, model=job.model, global_state=start, data=job.data,
-                               algorithm=self, settings=job.settings, generator=job.generator)
+                               algorithm=self, settings=job.settings, generator=job.generator,
+                               objective=job.objective)
         sent = ClientUpdate(job.client_id, {k: trained.state[k] for k in job.sent_keys}, trained.num_examples,
                             trained.metrics)
         keeps = self.keeps_state(len(job.sent_keys) == len(job.global_state))
@@ -265,6 +329,7 @@ def train_client(
     algorithm: LocalAlgorithm,
     settings: LocalSettings,
     generator: torch.Generator,
+    objective: Objective = SUPERVISED,
 ) -> ClientUpdate:
     """Train one client from the global state and return its update.
 
@@ -286,15 +351,19 @@ def train_client(
         SGD lr, momentum and weight decay (a new optimiser is created for this call).
     generator : torch.Generator
         CPU generator of the batch order (one ``randperm`` per epoch); see
-        :func:`fedcore.federation.sampling.client_generator`.
+        :func:`fedcore.federation.sampling.client_generator`; self-supervised objectives also draw their
+        augmentations from it.
+    objective : Objective
+        The batch loss ℓ (supervised cross-entropy by default).
 
     Returns
     -------
     ClientUpdate
         ``state``: detached CPU copies of the trained state dict; ``num_examples``: n; ``metrics``:
-        ``train_loss`` (sample-weighted mean cross-entropy over the last epoch, before each step, without the
-        extra term), ``train_accuracy`` (share of correct predictions over the last epoch, same forward passes)
-        and ``num_batches`` (optimiser steps over all epochs).
+        ``train_loss`` (sample-weighted mean of the objective over the last epoch, before each step, without the
+        extra term), ``train_accuracy`` (share of correct predictions over the last epoch, same forward passes;
+        absent when the objective predicts no label) and ``num_batches`` (optimiser steps over all epochs).
+        Batches the objective cannot use (a contrastive batch of one) are skipped and not counted.
 
     Raises
     ------
@@ -302,6 +371,8 @@ def train_client(
         If a hyperparameter is out of range.
     FloatingPointError
         If the loss (with the extra term) is NaN or infinite at some step.
+    ValueError
+        If the objective could use no batch of the last epoch.
     """
     check_settings(settings)
     check_generator(generator)
@@ -310,29 +381,38 @@ def train_client(
     device = next(model.parameters()).device
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
+    session = objective.start(model)
     num_examples = len(data)
     num_batches = 0
-    loss_sum, num_correct = 0.0, 0
+    loss_sum, num_correct, counted = 0.0, 0, 0
+    predicts = True
     for epoch, step, index in epoch_batches(num_examples, settings, generator):
         if step == 0:  # the metrics cover the last epoch
-            loss_sum, num_correct = 0.0, 0
+            loss_sum, num_correct, counted = 0.0, 0, 0
         log_mel = data.features[index].to(device, non_blocking=True)
         labels = data.labels[index].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        logits = model(log_mel)
-        loss = F.cross_entropy(logits, labels)
+        batch = session.loss(log_mel, labels, generator)
+        if batch is None:
+            continue
+        loss, correct = batch
         extra = algorithm.extra_loss(model, global_state)
-        objective = loss if extra is None else loss + extra
-        check_finite("train_client", client_id, float(objective.detach()), epoch, step)
-        objective.backward()  # type: ignore[no-untyped-call]
+        total = loss if extra is None else loss + extra
+        check_finite("train_client", client_id, float(total.detach()), epoch, step)
+        total.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         algorithm.after_step(model)
+        session.after_step()
         num_batches += 1
         loss_sum += float(loss.detach()) * index.numel()
-        num_correct += int((logits.detach().argmax(dim=1) == labels).sum())
-    metrics = {
-        "train_loss": loss_sum / num_examples,
-        "train_accuracy": num_correct / num_examples,
-        "num_batches": float(num_batches),
-    }
+        counted += index.numel()
+        predicts = predicts and correct is not None
+        num_correct += correct or 0
+    if counted == 0:
+        raise ValueError(f"train_client: client {client_id}: the objective used no batch of its {num_examples} "
+                         f"examples (batch size {settings.batch_size}); it needs larger batches.")
+    metrics = {"train_loss": loss_sum / counted}
+    if predicts:
+        metrics["train_accuracy"] = num_correct / counted
+    metrics["num_batches"] = float(num_batches)
     return ClientUpdate(client_id=client_id, state=to_cpu_state(model), num_examples=num_examples, metrics=metrics)

@@ -5,5 +5,6 @@ from fedcore.models.build import build_model, count_parameters
 from fedcore.models.cnn import AudioCNN
 from fedcore.models.registry import MODELS
 from fedcore.models.resnet import AudioResNet, BasicBlock
+from fedcore.models.transformer import AudioTransformer
 
-__all__ = ["MODELS", "AudioCNN", "AudioResNet", "BasicBlock", "build_model", "count_parameters"]
+__all__ = ["MODELS", "AudioCNN", "AudioResNet", "AudioTransformer", "BasicBlock", "build_model", "count_parameters"]

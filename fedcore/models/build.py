@@ -11,7 +11,9 @@ draw from the global RNG (fedcore never does).
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -55,11 +57,22 @@ def build_model(
     if generator.device.type != "cpu":
         raise ValueError(f"build_model: 'generator' must be a CPU generator. Got device {generator.device!r}.")
     factory = MODELS.get(cfg.name)
+    with seeded_init(generator):
+        model = factory(num_classes=num_classes, input_shape=tuple(input_shape), cfg=cfg)
+    return model
+
+
+@contextlib.contextmanager
+def seeded_init(generator: torch.Generator) -> Iterator[None]:
+    """Run module initialisers with the global CPU RNG set to ``generator``'s state (see the module docstring).
+
+    On exit ``generator`` is advanced by the draws made inside and the global RNG is restored. Serialised by the
+    same lock as :func:`build_model`, so worker threads may build models concurrently.
+    """
     with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.random.set_rng_state(generator.get_state())
-        model = factory(num_classes=num_classes, input_shape=tuple(input_shape), cfg=cfg)
+        yield
         generator.set_state(torch.random.get_rng_state())
-    return model
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:

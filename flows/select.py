@@ -1,0 +1,110 @@
+"""select stage (FASSL): register each downstream task's best round of a finished self-supervised run.
+
+``python -m flows.select --metrics results/.../metrics.json --out DIR`` (or ``--run-id RUN``) reads the run's
+per-round downstream scores from MLflow, picks per task the round with the best validation score
+(``downstream.select_metric``, ``knn1`` by default), registers that round's encoder under
+``downstream.registered_model`` with the task's name as alias, and writes DIR/selection.json and
+DIR/selection.md (best round and scores beside the last round's and the random-init floor); the same table is a
+Prefect artifact. ``--verify`` loads every alias back from the registry, scores it again on its task (the
+feature stores under ``--downstream``) and records the reproduced test score, failing if it differs from the
+logged one. Works on any finished run of the store; run it again at any time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from fedcore.config import Params
+from fedcore.errors import ConfigError
+from fedcore.evaluation.downstream import score_encoder
+from flows import stage
+from tasks.common import read_json, read_params, write_json, write_text
+from tasks.downstream import load_downstream
+from tasks.selection import TaskSelection, load_selected, register_selection, select_rounds, selection_markdown
+from tasks.tracking import setup
+
+#: Largest difference accepted between a reloaded model's score and the logged one.
+TOLERANCE = 1e-6
+
+
+@flow(name="select", log_prints=True)
+def select(params: Params, run_id: str, out: Path, root: Path = Path("."), metric: str | None = None,
+           registered_model: str | None = None, verify: bool = False,
+           downstream: Path = Path("data/downstream")) -> dict[str, Any]:
+    """Select and register each task's best round of run ``run_id``; write the selection JSON and table."""
+    setup(params.mlflow, root)
+    selections, run_params = select_rounds(run_id, metric)
+    name = registered_model or run_params.get("downstream.registered_model") or params.downstream.registered_model
+    selections = register_selection(selections, run_id, name)
+    if verify:
+        selections = _verify(params, selections, name, downstream)
+    result = {"run_id": run_id, "registered_model": name, "metric": selections[0].metric,
+              "tasks": {s.task: s.as_dict() for s in selections}}
+    text = selection_markdown(selections, run_id, name)
+    write_json(out / "selection.json", result)
+    write_text(out / "selection.md", text)
+    create_table_artifact([{k: v for k, v in s.as_dict().items() if k != "model_id"} for s in selections],
+                          key="fassl-selection", description=f"best round per task of run {run_id}")
+    create_markdown_artifact(f"# FASSL selection\n\n{text}", key="fassl-selection-table")
+    print(text)
+    return result
+
+
+def _verify(params: Params, selections: Sequence[TaskSelection], name: str, root: Path) -> list[TaskSelection]:
+    """Reload every alias, score it on its task again and check the logged test score is reproduced."""
+    data = load_downstream(root, params.downstream)
+    by_name = {t.name: t for t in data.tasks}
+    checked = []
+    for sel in selections:
+        if sel.task not in by_name:
+            raise ConfigError(f"select: --verify needs task {sel.task!r} in downstream.tasks of the params. "
+                              f"Got {sorted(by_name)}.")
+        model = load_selected(name, sel.task)
+        scores = score_encoder(model, [by_name[sel.task]], data.features, params.downstream,
+                               params.federation.eval_batch_size)
+        value = scores[f"{sel.task}/{sel.metric}_test"]
+        if sel.best_test is None or not math.isclose(value, sel.best_test, abs_tol=TOLERANCE):
+            raise ValueError(f"select: {name}@{sel.task} scores {sel.metric}_test {value:.6f} when reloaded; the run "
+                             f"logged {sel.best_test} at round {sel.best_round}.")
+        checked.append(TaskSelection(**{**sel.as_dict(), "reproduced_test": value}))
+        print(f"select: {name}@{sel.task} (version {sel.version}, round {sel.best_round}) reloaded: "
+              f"{sel.metric}_test {value:.4f} = logged {sel.best_test:.4f}")
+    return checked
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-id", help="MLflow run id of a finished self-supervised federate run")
+    which.add_argument("--metrics", type=Path, help="the run's metrics.json (its mlflow_run_id is used)")
+    p.add_argument("--out", type=Path, required=True, help="folder of selection.json and selection.md")
+    p.add_argument("--metric", help="knn<k> or probe (default: the run's downstream.select_metric)")
+    p.add_argument("--registered-model", help="registry name (default: the run's downstream.registered_model)")
+    p.add_argument("--verify", action="store_true", help="reload each alias and reproduce its logged test score")
+    p.add_argument("--downstream", type=Path, default=Path("data/downstream"),
+                   help="--verify: folder of the downstream feature stores")
+
+
+def _main(args: argparse.Namespace) -> None:
+    params = read_params(args.params)
+    run_id = args.run_id
+    if run_id is None:
+        run_id = read_json(args.metrics).get("mlflow_run_id")
+        if not run_id:
+            raise ConfigError(f"select: {str(args.metrics)!r} has no 'mlflow_run_id'. Got none.")
+    select(params, run_id, args.out, Path.cwd(), args.metric, args.registered_model, args.verify, args.downstream)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (``python -m flows.select``)."""
+    return stage.entry(__doc__ or "", _arguments, _main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

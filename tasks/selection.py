@@ -1,0 +1,226 @@
+"""FASSL's model selection on a finished MLflow run: the best round per downstream task, registered with an alias.
+
+A self-supervised federate run logs, every scored round, ``<task>/<metric>_val`` and ``<task>/<metric>_test``
+(``step=round``) and the round's encoder as a LoggedModel (tag ``fedaudio.round``). For each task the round with
+the highest *validation* score wins (the earliest on ties; round 0, the random-init floor, is never selected); its
+LoggedModel is registered under the registered model name with the task's name as alias. The test score at the
+selected round is reported beside the last round's.
+"""
+
+from __future__ import annotations
+
+import ast
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from torch import nn
+
+FLOOR_ROUND = 0
+
+
+@dataclass(frozen=True)
+class TaskSelection:
+    """The selected round of one task and the scores beside it (``None``: not logged)."""
+
+    task: str
+    metric: str
+    best_round: int
+    best_val: float
+    best_test: float | None
+    last_round: int
+    last_val: float
+    last_test: float | None
+    floor_test: float | None
+    model_id: str | None = None
+    version: int | None = None
+    alias: str | None = None
+    reproduced_test: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON)."""
+        return asdict(self)
+
+
+def best_round(scores: Mapping[int, float]) -> int:
+    """The round of the highest score, the earliest on ties; round 0 (the floor) is not a candidate.
+
+    Raises
+    ------
+    ValueError
+        If no round >= 1 was scored.
+    """
+    candidates = sorted((r, v) for r, v in scores.items() if r > FLOOR_ROUND)
+    if not candidates:
+        raise ValueError(f"select: no scored round >= 1. Got rounds {sorted(scores)}.")
+    return max(candidates, key=lambda item: (item[1], -item[0]))[0]
+
+
+def choose(task_name: str, metric: str, val: Mapping[int, float], test: Mapping[int, float]) -> TaskSelection:
+    """The selection of one task from its per-round validation and test scores."""
+    chosen = best_round(val)
+    last = max(r for r in val if r > FLOOR_ROUND)
+    return TaskSelection(task=task_name, metric=metric, best_round=chosen, best_val=val[chosen],
+                         best_test=test.get(chosen), last_round=last, last_val=val[last], last_test=test.get(last),
+                         floor_test=test.get(FLOOR_ROUND))
+
+
+def task_names(metric_keys: Sequence[str], metric: str, declared: str | None = None) -> list[str]:
+    """Tasks with a ``<task>/<metric>_val`` metric, sorted.
+
+    ``declared`` is the run's ``downstream.tasks`` param (a logged list of task mappings): when given, only its
+    tasks count; otherwise every prefix but the means (``mean``) and the run's final summary (``final_*``).
+    """
+    suffix = f"/{metric}_val"
+    found = {k[: -len(suffix)] for k in metric_keys if k.endswith(suffix)}
+    if declared:
+        try:
+            names = {str(spec["name"]) for spec in ast.literal_eval(declared)}
+        except (ValueError, SyntaxError, TypeError, KeyError):
+            names = None
+        if names is not None:
+            return sorted(found & names)
+    return sorted(n for n in found if n != "mean" and not n.startswith("final_"))
+
+
+def _history(client: Any, run_id: str, key: str) -> dict[int, float]:
+    return {int(m.step): float(m.value) for m in client.get_metric_history(run_id, key)}
+
+
+@task(name="select-rounds", cache_policy=NO_CACHE)
+def select_rounds(run_id: str, metric: str | None = None) -> tuple[list[TaskSelection], dict[str, str]]:
+    """Each task's best round of run ``run_id`` (MLflow must point at its store).
+
+    Returns the selections and the run's params (``downstream.*`` say the metric and the registered name).
+
+    Raises
+    ------
+    ValueError
+        If the run logged no downstream score for ``metric``.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    params = dict(run.data.params)
+    metric = metric or params.get("downstream.select_metric", "knn1")
+    names = task_names(list(run.data.metrics), metric, params.get("downstream.tasks"))
+    if not names:
+        raise ValueError(f"select: run {run_id} logged no '<task>/{metric}_val' metric; is it a self-supervised "
+                         f"run (ssl.method set) with downstream tasks? Metrics: {sorted(run.data.metrics)[:12]}.")
+    selections = [choose(name, metric, _history(client, run_id, f"{name}/{metric}_val"),
+                         _history(client, run_id, f"{name}/{metric}_test")) for name in names]
+    return selections, params
+
+
+def logged_models(run_id: str) -> dict[int, str]:
+    """``{round: LoggedModel id}`` of the models run ``run_id`` logged."""
+    import mlflow
+
+    run = mlflow.MlflowClient().get_run(run_id)
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                        filter_string=f"source_run_id = '{run_id}'", output_format="list")
+    return {int(m.tags["fedaudio.round"]): m.model_id for m in models if "fedaudio.round" in m.tags}
+
+
+def _version_of(client: Any, name: str, model_id: str) -> int | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    for version in versions:
+        if getattr(version, "model_id", None) == model_id or str(version.source).endswith(model_id):
+            return int(version.version)
+    return None
+
+
+@task(name="register-selection", cache_policy=NO_CACHE)
+def register_selection(selections: Sequence[TaskSelection], run_id: str,
+                       registered_model: str) -> list[TaskSelection]:
+    """Register each task's selected round and point the alias ``<task>`` at it.
+
+    Tasks that chose the same round share one version; the version is tagged with the task, round and scores.
+
+    Raises
+    ------
+    ValueError
+        If a selected round has no logged model.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    models = logged_models(run_id)
+    registered = []
+    for sel in selections:
+        model_id = models.get(sel.best_round)
+        if model_id is None:
+            raise ValueError(f"select: task {sel.task!r}: round {sel.best_round} has no logged model in run "
+                             f"{run_id} (rounds with models: {sorted(models)}).")
+        version = _version_of(client, registered_model, model_id)
+        if version is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                version = int(mlflow.register_model(f"models:/{model_id}", registered_model).version)
+        client.set_registered_model_alias(registered_model, sel.task, str(version))
+        client.set_model_version_tag(registered_model, str(version), f"fedaudio.best.{sel.task}",
+                                     f"round {sel.best_round}: {sel.metric}_val {_fmt(sel.best_val)}, "
+                                     f"{sel.metric}_test {_fmt(sel.best_test)}")
+        client.set_model_version_tag(registered_model, str(version), "fedaudio.round", str(sel.best_round))
+        client.set_model_version_tag(registered_model, str(version), "fedaudio.run_id", run_id)
+        registered.append(TaskSelection(**{**sel.as_dict(), "model_id": model_id, "version": version,
+                                           "alias": sel.task}))
+    return registered
+
+
+class _Loaded(nn.Module):
+    """A model loaded from MLflow, callable by :func:`~fedcore.evaluation.retrieval.embed`.
+
+    The exported (``pt2``) program was saved in eval mode and refuses ``train()``/``eval()``, which ``embed``
+    calls; the wrapper holds it as a plain attribute, so mode switches stop at the wrapper.
+    """
+
+    program: Any
+
+    def __init__(self, program: Any) -> None:
+        super().__init__()
+        object.__setattr__(self, "program", program)  # not a registered child: mode switches stop here
+
+    def forward(self, log_mel: torch.Tensor) -> torch.Tensor:
+        """The loaded model's output (the embedding)."""
+        output: torch.Tensor = self.program(log_mel)
+        return output
+
+
+def load_selected(registered_model: str, alias: str) -> nn.Module:
+    """The encoder registered under ``registered_model@alias``, loaded by MLflow as a user would."""
+    import mlflow
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = mlflow.pytorch.load_model(f"models:/{registered_model}@{alias}", map_location="cpu")
+    return _Loaded(model)
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def selection_markdown(selections: Sequence[TaskSelection], run_id: str, registered_model: str) -> str:
+    """The selection table: per task, the best round and its scores beside the last round's and the floor."""
+    metric = selections[0].metric if selections else "knn1"
+    lines = [f"FASSL selection of run `{run_id}`: per task, the round with the best validation {metric} "
+             f"(registered as `{registered_model}@<task>`), its test {metric}, the last round's, and the random-init "
+             "encoder's (round 0).", "",
+             "| task | best round | val | test | last round | last val | last test | random-init test | version |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in selections:
+        lines.append(f"| {s.task} | {s.best_round} | {_fmt(s.best_val)} | {_fmt(s.best_test)} | {s.last_round} | "
+                     f"{_fmt(s.last_val)} | {_fmt(s.last_test)} | {_fmt(s.floor_test)} | "
+                     f"{'—' if s.version is None else s.version} |")
+    return "\n".join(lines) + "\n"
