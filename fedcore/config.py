@@ -372,6 +372,46 @@ class AttackConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ModalityConfig:
+    """Audio-visual federated learning (fedcore/multimodal): data pairing, missing video, model, method.
+
+    The audio encoder is the ``model`` section's model (with ``embed_dim`` outputs); ``federation`` gives the rounds
+    and the local SGD; see :mod:`fedcore.multimodal.methods` for the methods.
+    """
+
+    method: str = _opt("modality_mirror", "unifl | multifl | harmony | modality_mirror", registry="av_method")
+    missing_rate: float = _opt(0.3, "share of clients without video (a per-client draw)", ge=0.0, le=1.0)
+    draw: Literal["exact", "bernoulli"] = _opt("exact", "exact: round(rate × clients) lack video; bernoulli: each "
+                                                        "client lacks it with probability rate (FedMultimodal) [A]")
+    seed: int = _opt(0, "seed of the missing-video draw", ge=0)
+    image_test_fraction: float = _opt(0.3, "digit images: share held out for the test clips' pairs [A]",
+                                      gt=0.0, lt=1.0)
+    pair_seed: int = _opt(0, "seed of the audio-image pairing", ge=0)
+    fusion: str = _opt("concat", "concat | attention (FedMultimodal's fusions)", registry="fusion")
+    embed_dim: int = _opt(64, "embedding size of each encoder [A]", ge=1)
+    hidden_dim: int = _opt(64, "hidden size of the fusion classifier (FedMultimodal: 64)", ge=1)
+    visual_width: int = _opt(16, "first-block channels of the visual CNN [A]", ge=1)
+    dropout: float = _opt(0.1, "dropout of the fusion classifier (FedMultimodal: 0.1)", ge=0.0, lt=1.0)
+    fusion_rounds: int = _opt(10, "harmony: rounds of the fusion stage, within federation.rounds [A]", ge=1)
+    registered_model: str = _opt("fedaudio-av", "registry name of the final audio-visual model")
+    registered_audio: str = _opt("fedaudio-av-audio", "registry name of its audio branch (the audio-only model)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    """Federated distillation of a teacher into a student (ModalityMirror phase 2; any teacher → student)."""
+
+    teacher: str = _opt("models:/fedaudio-av@final", "MLflow URI of the frozen teacher")
+    student: str = _opt("models:/fedaudio-av-audio@final", "MLflow URI of the student's starting model (pickled "
+                                                           "nn.Module mapping log-mel to logits)")
+    lambd: float = _opt(1.0, "weight λ of the T²-scaled KL term [A: PAPERS.md §2]", ge=0.0)
+    temperature: float = _opt(1.0, "softmax temperature T [A]", gt=0.0)
+    rounds: int = _opt(10, "distillation rounds", ge=1)
+    lr: float | None = _opt(None, "student SGD learning rate (None: federation.lr)", gt=0.0)
+    registered_model: str = _opt("fedaudio-audio-student", "registry name of the distilled student")
+
+
+@dataclass(frozen=True, kw_only=True)
 class MlflowConfig:
     """Where results go; env MLFLOW_TRACKING_URI overrides the URI."""
 
@@ -395,6 +435,8 @@ SECTIONS: dict[str, type] = {
     "downstream": DownstreamConfig,
     "aggregation": AggregationConfig,
     "attack": AttackConfig,
+    "modality": ModalityConfig,
+    "distill": DistillConfig,
     "mlflow": MlflowConfig,
 }
 
@@ -417,6 +459,8 @@ class Params:
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    modality: ModalityConfig = field(default_factory=ModalityConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 

@@ -15,6 +15,7 @@ from fedcore.federation.schedules import LR_SCHEDULES
 from fedcore.models import MODELS
 from fedcore.models.assign import MODEL_ASSIGNMENTS
 from fedcore.models.groups import PARAM_GROUPS
+from fedcore.multimodal import AV_METHODS, FUSIONS, LOCAL_TASKS
 from fedcore.registry import Registry
 from fedcore.ssl import AUGMENTATIONS, SSL_METHODS
 
@@ -22,7 +23,10 @@ FAMILIES: dict[str, Registry[Any]] = {
     "aggregator": AGGREGATORS,
     "attack": ATTACKS,
     "augmentation": AUGMENTATIONS,
+    "av_method": AV_METHODS,
+    "av_task": LOCAL_TASKS,
     "dataset": DATASETS,
+    "fusion": FUSIONS,
     "local_algorithm": LOCAL_ALGORITHMS,
     "lr_schedule": LR_SCHEDULES,
     "model": MODELS,

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 PARENT_ENV = "FEDAUDIO_PARENT_RUN_ID"
 FINAL_ALIAS = "final"
+#: LoggedModel tag naming the inputs a pickled model takes, in call order (``audio`` or ``audio,visual``).
+INPUTS_TAG = "fedaudio.inputs"
 
 
 def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
@@ -101,10 +103,13 @@ class FederateTracker:
         Project root (relative SQLite URIs and the artifact folder live there).
     """
 
-    def __init__(self, cfg: MlflowConfig, root: Path) -> None:
+    def __init__(self, cfg: MlflowConfig, root: Path, model_inputs: tuple[str, ...] | None = None) -> None:
         import mlflow
 
         self.cfg = cfg
+        #: None: models are exported (pt2) with a log-mel input example; else pickled, tagged with these inputs
+        #: (``fedaudio.inputs``, e.g. ``audio,visual``) so that a later stage knows what to feed them.
+        self.model_inputs = model_inputs
         self.root = root
         self.experiment_id = setup(cfg, root)
         self.client = mlflow.MlflowClient()
@@ -187,6 +192,9 @@ class FederateTracker:
         import mlflow
         import torch
 
+        if self.model_inputs is not None:
+            return self.log_pickled(model, f"global-round-{server_round:04d}", server_round, self.model_inputs,
+                                    weights_file)
         example = np.zeros((2, *input_shape), dtype=np.float32)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -200,6 +208,51 @@ class FederateTracker:
                 tags={"fedaudio.round": str(server_round)},
             )
         return str(info.model_id)
+
+    def log_pickled(self, model: Any, name: str, step: int, inputs: tuple[str, ...],
+                    weights_file: Path | None = None, tags: Mapping[str, str] | None = None) -> str:
+        """Log ``model`` pickled (loadable as a trainable ``nn.Module``), tagged with the inputs it takes.
+
+        ``tags`` default to ``{"fedaudio.round": step}`` (the run's round models, which a resume finds again).
+        """
+        import mlflow
+        import torch
+
+        quiet = logging.getLogger("mlflow.pytorch")  # its pickle warning, once per model: we chose pickle
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        with self._active(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            info = mlflow.pytorch.log_model(
+                model.eval(), name=name, step=step, serialization_format="pickle",
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                extra_files=[str(weights_file)] if weights_file is not None else None,
+                tags={**(tags if tags is not None else {"fedaudio.round": str(step)}), INPUTS_TAG: ",".join(inputs)},
+            )
+        quiet.setLevel(level)
+        return str(info.model_id)
+
+    def find_logged(self, tag: str, value: str) -> str | None:
+        """Id of a LoggedModel of this run whose ``tag`` equals ``value`` (e.g. after a resume), or None."""
+        import mlflow
+
+        models = mlflow.search_logged_models(
+            experiment_ids=[self.experiment_id], filter_string=f"source_run_id = '{self.run_id}'",
+            output_format="list",
+        )
+        return next((m.model_id for m in models if m.tags.get(tag) == value), None)
+
+    def register(self, model_id: str, registered_model: str, alias: str = FINAL_ALIAS) -> int:
+        """Register LoggedModel ``model_id`` under ``registered_model`` (once) and point ``alias`` at it."""
+        import mlflow
+
+        version = self._registered_version(model_id, registered_model)
+        if version is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                version = int(mlflow.register_model(f"models:/{model_id}", registered_model).version)
+        self.client.set_registered_model_alias(registered_model, alias, str(version))
+        return version
 
     def finish(self, summary: Mapping[str, float], final_round: int, artifacts: list[Path]) -> int | None:
         """Log the summary, attach artifacts, register the final round's model (alias ``final``), close the run.
@@ -227,12 +280,13 @@ class FederateTracker:
         self.client.set_terminated(self.run_id, status="FINISHED")
         return version
 
-    def _registered_version(self, model_id: str) -> int | None:
-        """Version of ``registered_model`` that already points at ``model_id``, if any."""
+    def _registered_version(self, model_id: str, name: str | None = None) -> int | None:
+        """Version of ``name`` (default ``registered_model``) that already points at ``model_id``, if any."""
         from mlflow.exceptions import MlflowException
 
+        name = name or self.cfg.registered_model
         try:
-            versions = self.client.search_model_versions(f"name = '{self.cfg.registered_model}'")
+            versions = self.client.search_model_versions(f"name = '{name}'")
         except MlflowException:  # no such registered model yet
             return None
         for version in versions:
@@ -244,3 +298,47 @@ class FederateTracker:
         """Mark the run failed (a resume reopens it)."""
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status="FAILED")
+
+
+def _logged_model_id(uri: str) -> str | None:
+    """The LoggedModel id behind ``models:/<id>``, ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
+    import mlflow
+
+    if not uri.startswith("models:/"):
+        return None
+    ref = uri[len("models:/"):]
+    client = mlflow.MlflowClient()
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    elif "/" in ref:
+        name, number = ref.rsplit("/", 1)
+        version = client.get_model_version(name, number)
+    else:
+        return ref
+    source = str(version.source)
+    return getattr(version, "model_id", None) or (source[len("models:/"):] if source.startswith("models:/")
+                                                  else None)
+
+
+def load_logged_model(uri: str) -> tuple[Any, tuple[str, ...]]:
+    """Load a model from MLflow by URI, with the inputs it takes (its ``fedaudio.inputs`` tag; default audio).
+
+    Raises
+    ------
+    ValueError
+        If MLflow cannot resolve or load ``uri`` (the message says which URI and why).
+    """
+    import mlflow
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        model_id = _logged_model_id(uri)
+        tags = mlflow.get_logged_model(model_id).tags if model_id else {}
+    except Exception as error:  # MlflowException, missing files, unpickling errors
+        raise ValueError(f"cannot load the MLflow model {uri!r}: {error}. Fix: check the name and alias in the "
+                         "MLflow UI (Models tab), and that MLFLOW_TRACKING_URI points at the run's store.") from None
+    inputs = tuple(str(tags.get(INPUTS_TAG, "audio")).split(","))
+    return model, inputs
