@@ -40,8 +40,8 @@ from tasks.modality import distill_task, evaluate_student, load_av_data, local_s
 from tasks.progress import Progress
 from tasks.tracking import FederateTracker, load_logged_model, setup
 
-ROUND_COLUMNS = ("round", "audio_accuracy", "train_loss_mean", "train_accuracy_mean", "teacher_accuracy_mean",
-                 "num_clients", "lr", "round_seconds")
+ROUND_COLUMNS = ("round", "audio_accuracy", "val_audio_accuracy", "train_loss_mean", "train_accuracy_mean",
+                 "teacher_accuracy_mean", "num_clients", "lr", "round_seconds")
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,10 @@ def distillation(params: Params, paths: DistillPaths) -> dict[str, Any]:
                            run_name="distill")
 
     def evaluate(weights: dict[str, torch.Tensor]) -> dict[str, float]:
-        return evaluate_student(_loaded(student, weights), data.test, fed.eval_batch_size)
+        scores = evaluate_student(_loaded(student, weights), data.test, fed.eval_batch_size)
+        if data.val is not None:
+            scores["val_audio_accuracy"] = evaluate_student(student, data.val, fed.eval_batch_size)["audio_accuracy"]
+        return scores
 
     print(f"distill: teacher {cfg.teacher} (inputs {', '.join(teacher_inputs)}) → student {cfg.student} on "
           f"{len(eligible)} clients: {eligible}")
@@ -158,10 +161,11 @@ def _finish(params: Params, paths: DistillPaths, tracker: FederateTracker, state
     tsv, png = paths.plots / "rounds.tsv", paths.plots / "rounds.png"
     write_text(tsv, rounds_tsv(history, [c for c in ROUND_COLUMNS if any(c in row for row in history)]))
     plot_av_rounds(history, png, f"distill {cfg.teacher} → {cfg.student}")
-    version = tracker.finish({"audio_accuracy": last["audio_accuracy"]}, int(last["round"]), [tsv, png])
+    final = {k: last[k] for k in ("audio_accuracy", "val_audio_accuracy") if k in last}
+    version = tracker.finish(final, int(last["round"]), [tsv, png])
     metrics = {
         "teacher": cfg.teacher, "student": cfg.student, "clients": clients,
-        "audio_accuracy": round(last["audio_accuracy"], 6),
+        **{k: round(v, 6) for k, v in final.items()},
         "audio_accuracy_before": round(first["audio_accuracy"], 6) if first["round"] == 0 else None,
         "rounds": int(last["round"]), "seconds_total": round(sum(r["round_seconds"] for r in history), 3),
         "mlflow_run_id": tracker.run_id, "registered": f"models:/{cfg.registered_model}@final",

@@ -59,7 +59,8 @@ AUDIO_INPUTS = ("audio",)
 #: Tag of the logged audio branch: the round of the AV model it was cut from.
 BRANCH_TAG = "fedaudio.audio_branch_of_round"
 ROUND_COLUMNS = ("round", "phase", "audio_accuracy", "audio_branch_accuracy", "av_accuracy", "zero_video_accuracy",
-                 "train_loss_mean", "num_clients", "num_audio_clients", "num_visual_clients", "lr", "round_seconds")
+                 "val_audio_accuracy", "val_av_accuracy", "train_loss_mean", "num_clients", "num_audio_clients",
+                 "num_visual_clients", "lr", "round_seconds")
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,9 @@ def modality_training(params: Params, paths: ModalityPaths) -> dict[str, Any]:
                 global_state = result.state
                 model.load_state_dict(global_state)
                 metrics = evaluate_av(model, method, data.test, fed.eval_batch_size)
+                if data.val is not None:
+                    metrics.update({f"val_{k}": v for k, v in
+                                    evaluate_av(model, method, data.val, fed.eval_batch_size).items()})
                 metrics.update(
                     phase=float(number),
                     train_loss_mean=sum(u.metrics["train_loss"] for u in updates) / len(updates),
@@ -186,7 +190,8 @@ def _finish(params: Params, paths: ModalityPaths, tracker: FederateTracker, mode
     write_text(tsv, rounds_tsv(history, [c for c in ROUND_COLUMNS if any(c in row for row in history)]))
     plot_av_rounds(history, png, f"{cfg.method}, missing video {cfg.missing_rate:g}")
     final_round = int(last["round"])
-    names = ("audio_accuracy", "audio_branch_accuracy", "av_accuracy", "zero_video_accuracy")
+    names = ("audio_accuracy", "audio_branch_accuracy", "av_accuracy", "zero_video_accuracy", "val_audio_accuracy",
+             "val_av_accuracy")
     summary: dict[str, float] = {k: last[k] for k in names if k in last}
     teacher = tracker.finish(summary, final_round, [tsv, png])
     tag = {BRANCH_TAG: str(final_round)}

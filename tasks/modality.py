@@ -110,7 +110,11 @@ def plot_pairs(store: FeatureStore, visual: np.ndarray, labels: Sequence[str], p
 # --------------------------------------------------------------------------------------------------- client data
 @dataclass(frozen=True)
 class AVData:
-    """The clients' audio-visual training data and the test split, as tensors."""
+    """The clients' audio-visual training data, the validation and test splits, as tensors.
+
+    ``val`` pools the clients' held-out rows (``partition.holdout_fraction``; None when there are none): the split
+    hyperparameters are chosen on, while ``test`` only reports.
+    """
 
     train: list[AVClientData]
     test: AVClientData
@@ -118,6 +122,7 @@ class AVData:
     audio_shape: tuple[int, int, int]
     visual_shape: tuple[int, ...]
     video: list[int]
+    val: AVClientData | None = None
 
     @property
     def num_clients(self) -> int:
@@ -145,9 +150,10 @@ def load_av_data(features_dir: Path, partition_file: Path, visual_dir: Path, cfg
         return AVClientData(audio, images, labels)
 
     train = [tensors(client["train"], c in has_video) for c, client in enumerate(clients)]
+    held_out = [row for client in clients for row in client["holdout"]]
     n_mels, frames = store.features.shape[1:]
     return AVData(train, tensors(partition["test"], True), len(store.label_names), (1, int(n_mels), int(frames)),
-                  tuple(int(s) for s in visual.shape[1:]), video)
+                  tuple(int(s) for s in visual.shape[1:]), video, tensors(held_out, True) if held_out else None)
 
 
 # --------------------------------------------------------------------------------------------------- models

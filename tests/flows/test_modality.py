@@ -107,6 +107,7 @@ def test_modality_mirror_then_distill_through_the_registry(avwork: Path, small_m
                               "--plots", "plots-d"]) == 0
     distilled = json.loads(Path("d.json").read_text())
     assert distilled["clients"] == video  # the teacher reads video: only the clients holding it
+    assert 0.0 <= distilled["val_audio_accuracy"] <= 1.0 and 0.0 <= metrics["val_audio_accuracy"] <= 1.0
     assert distilled["audio_accuracy_before"] == pytest.approx(metrics["audio_branch_accuracy"], abs=1e-6)
     # the registered student, loaded as a user would, reproduces the logged score
     reloaded, _ = load_logged_model("models:/student-modality_mirror@final")
