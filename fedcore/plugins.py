@@ -11,6 +11,7 @@ from fedcore.config import register_names_lookup
 from fedcore.data.datasets import DATASETS
 from fedcore.data.partition import PARTITIONERS
 from fedcore.data.poison import POISONS
+from fedcore.earlyexit.aggregate import DEPTH_WEIGHTS
 from fedcore.federation.schedules import LR_SCHEDULES
 from fedcore.models import MODELS
 from fedcore.models.assign import MODEL_ASSIGNMENTS
@@ -26,6 +27,7 @@ FAMILIES: dict[str, Registry[Any]] = {
     "av_method": AV_METHODS,
     "av_task": LOCAL_TASKS,
     "dataset": DATASETS,
+    "depth_weight": DEPTH_WEIGHTS,
     "fusion": FUSIONS,
     "local_algorithm": LOCAL_ALGORITHMS,
     "lr_schedule": LR_SCHEDULES,
