@@ -102,8 +102,10 @@ def depth_aware_average(global_state: StateDict, updates: Sequence[ClientUpdate]
                 acc += (weight / total) * update.state[key].detach().to("cpu", torch.float64)
             value = acc
         else:  # integer buffers (counters): the weighted mean, rounded
-            value = torch.round(sum(w * u.state[key].to(torch.float64) for w, u in
-                                    zip(weights, holders, strict=True)) / total)
+            acc = torch.zeros(reference.shape, dtype=torch.float64)
+            for weight, update in zip(weights, holders, strict=True):
+                acc += weight * update.state[key].to("cpu", torch.float64)
+            value = torch.round(acc / total)
         state[key] = value.to(device=reference.device, dtype=reference.dtype)
         participants[key] = [u.client_id for u in holders]
     return PartialAggregate(state=state, participants=participants)
