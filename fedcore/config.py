@@ -412,6 +412,62 @@ class DistillConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EarlyExitConfig:
+    """Early-exit federated fine-tuning (fedcore/earlyexit): backbone, exits, budget tiers, depth-aware aggregation.
+
+    The backbone has ``model.depth`` layers of width ``model.width``; a client trains up to the exit its tier allows
+    and sends only that (PAPERS.md §5).
+    """
+
+    backbone: str = _opt("logmel_transformer", "logmel_transformer | wav2vec2 (torchaudio; waveform features)",
+                         registry="exit_backbone")
+    backbone_options: dict[str, Any] = _opt({}, "wav2vec2: embed_dim, heads, ff_dim, conv (base or a list of "
+                                                "[channels, kernel, stride]), layer_norm_first, pos_conv_kernel, "
+                                                "pos_conv_groups")
+    exits: list[int] = _opt([2, 4, 6], "layers (1-based, increasing) followed by an exit head [A]")
+    head: str = _opt("linear", "exit head: linear | mlp (on the mean-pooled layer output)", registry="exit_head")
+    tiers: list[dict[str, Any]] = _opt([{"share": 0.3, "depth": 2}, {"share": 0.4, "depth": 4},
+                                        {"share": 0.3, "depth": 6}],
+                                       "budget tiers {share, depth}: the share of clients that can train to depth "
+                                       "(an exit); shares sum to 1 [A]")
+    plan: str = _opt("early_exit", "early_exit: each client to its tier's depth | full: every client to the last "
+                                   "exit | drop_weak: only the clients of the deepest tier train",
+                     registry="exit_plan")
+    deep_supervision: bool = _opt(False, "sum the losses of every exit a client reaches (Fed-EE) [A]")
+    weighting: str = _opt("uniform", "depth-aware weight g(l, d): uniform (1) | depth (l / d)",
+                          registry="depth_weight")
+    server: str = _opt("fedavg", "server step on the partial average: fedavg | fedadam (aggregation options)",
+                       registry="aggregator")
+    init: str = _opt("random", "random | a .safetensors/.pt file of backbone weights (e.g. torchaudio wav2vec2, "
+                               "or this project's FASSL encoder, models/...) | models:/<name>@<alias> (MLflow)")
+    seed: int = _opt(0, "seed of the tier assignment", ge=0)
+    registered_model: str = _opt("fedaudio-early-exit", "registry name of the final model")
+
+    def check(self) -> list[str]:
+        """Exits increase from 1; every tier names an exit and a share; shares sum to 1."""
+        problems = []
+        if not self.exits or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in self.exits) \
+                or list(self.exits) != sorted(set(self.exits)):
+            problems.append(f"earlyexit: 'exits' must be increasing ints >= 1. Got {self.exits!r}.")
+        shares = []
+        for i, tier in enumerate(self.tiers):
+            if not isinstance(tier, Mapping) or set(tier) != {"share", "depth"}:
+                problems.append(f"earlyexit: 'tiers[{i}]' must be a mapping with 'share' and 'depth'. Got {tier!r}.")
+                continue
+            if tier["depth"] not in self.exits:
+                problems.append(f"earlyexit: 'tiers[{i}].depth' must be one of the exits {self.exits}. "
+                                f"Got {tier['depth']!r}.")
+            share = tier["share"]
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or share < 0:
+                problems.append(f"earlyexit: 'tiers[{i}].share' must be a number >= 0. Got {share!r}.")
+            else:
+                shares.append(float(share))
+        if not self.tiers or (len(shares) == len(self.tiers) and abs(sum(shares) - 1.0) > 1e-6):
+            problems.append(f"earlyexit: the tiers' shares must sum to 1. Got {shares!r}.")
+        return problems
+
+
+@dataclass(frozen=True, kw_only=True)
 class MlflowConfig:
     """Where results go; env MLFLOW_TRACKING_URI overrides the URI."""
 
@@ -437,6 +493,7 @@ SECTIONS: dict[str, type] = {
     "attack": AttackConfig,
     "modality": ModalityConfig,
     "distill": DistillConfig,
+    "earlyexit": EarlyExitConfig,
     "mlflow": MlflowConfig,
 }
 
@@ -461,6 +518,7 @@ class Params:
     attack: AttackConfig = field(default_factory=AttackConfig)
     modality: ModalityConfig = field(default_factory=ModalityConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    earlyexit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 

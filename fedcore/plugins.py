@@ -12,6 +12,8 @@ from fedcore.data.datasets import DATASETS
 from fedcore.data.partition import PARTITIONERS
 from fedcore.data.poison import POISONS
 from fedcore.earlyexit.aggregate import DEPTH_WEIGHTS
+from fedcore.earlyexit.models import EXIT_BACKBONES, EXIT_HEADS
+from fedcore.earlyexit.tiers import EXIT_PLANS
 from fedcore.federation.schedules import LR_SCHEDULES
 from fedcore.models import MODELS
 from fedcore.models.assign import MODEL_ASSIGNMENTS
@@ -28,6 +30,9 @@ FAMILIES: dict[str, Registry[Any]] = {
     "av_task": LOCAL_TASKS,
     "dataset": DATASETS,
     "depth_weight": DEPTH_WEIGHTS,
+    "exit_backbone": EXIT_BACKBONES,
+    "exit_head": EXIT_HEADS,
+    "exit_plan": EXIT_PLANS,
     "fusion": FUSIONS,
     "local_algorithm": LOCAL_ALGORITHMS,
     "lr_schedule": LR_SCHEDULES,

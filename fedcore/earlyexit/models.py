@@ -66,12 +66,48 @@ class ExitBackbone(nn.Module):
         match = re.match(self.layer_pattern, name)
         return int(match.group(1)) + 1 if match else 0
 
+    #: The submodule pretrained weights load into, and key prefixes of other checkpoints stripped first.
+    pretrained_target: str = ""
+    pretrained_prefixes: tuple[str, ...] = ()
+
+    def load_pretrained(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Load a checkpoint's matching entries (shapes must agree); return the target's keys left as they were.
+
+        Raises
+        ------
+        ValueError
+            If no entry matches, or a matching name has another shape.
+        """
+        target: nn.Module = self.get_submodule(self.pretrained_target) if self.pretrained_target else self
+        own = target.state_dict()
+        found: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            name = key
+            for prefix in self.pretrained_prefixes:
+                if name.startswith(prefix):
+                    name = name[len(prefix):]
+                    break
+            if name in own:
+                if tuple(value.shape) != tuple(own[name].shape):
+                    raise ValueError(f"load_pretrained: {key!r} has shape {tuple(value.shape)}; the backbone's "
+                                     f"{name!r} has {tuple(own[name].shape)}. Fix: match the model size params.")
+                found[name] = value
+        if not found:
+            raise ValueError(f"load_pretrained: no entry of the checkpoint matches the {type(self).__name__} "
+                             f"backbone (checkpoint keys like {sorted(state)[:3]!r}; backbone keys like "
+                             f"{sorted(own)[:3]!r}).")
+        target.load_state_dict(found, strict=False)
+        return sorted(set(own) - set(found))
+
 
 @EXIT_BACKBONES.register("logmel_transformer")
 class LogMelTransformer(ExitBackbone):
     """The project's log-mel transformer (``model`` section: ``width``, ``depth``) as an exit backbone."""
 
     layer_pattern = r"^net\.blocks\.(\d+)\."
+    pretrained_target = "net"
+    #: FASSL's SSLModel state ("backbone.*"), or a state of this wrapper ("net.*").
+    pretrained_prefixes = ("backbone.", "net.")
 
     def __init__(self, *, input_shape: tuple[int, int, int], cfg: ModelConfig, options: dict[str, Any]) -> None:
         super().__init__()
@@ -109,6 +145,9 @@ class Wav2Vec2(ExitBackbone):
 
     frozen = ("model.feature_extractor.",)
     layer_pattern = r"^model\.encoder\.transformer\.layers\.(\d+)\."
+    pretrained_target = "model"
+    #: torchaudio's published state dicts have no prefix; a state of this wrapper has "model.".
+    pretrained_prefixes = ("model.",)
     BASE_CONV = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
 
     def __init__(self, *, input_shape: tuple[int, int, int], cfg: ModelConfig, options: dict[str, Any]) -> None:

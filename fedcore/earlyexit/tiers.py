@@ -8,9 +8,11 @@ counts always sum to the number of clients) and deals them out in a seeded rando
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from fedcore.registry import Registry
 
 
 def tier_counts(num_clients: int, shares: Sequence[float]) -> list[int]:
@@ -51,3 +53,10 @@ def assign_exits(num_clients: int, tiers: Sequence[tuple[float, int]], seed: int
     exits = np.empty(num_clients, dtype=np.int64)
     exits[order] = depths
     return [int(d) for d in exits]
+
+
+#: How deep a client of a tier trains: ``plan(tier_depth, full_depth) -> depth``, or None (the client sits out).
+EXIT_PLANS: Registry[Callable[[int, int], int | None]] = Registry("exit_plan")
+EXIT_PLANS.register("early_exit")(lambda: lambda tier, full: tier)     # each client as deep as its budget allows
+EXIT_PLANS.register("full")(lambda: lambda tier, full: full)           # every client the whole model (stragglers)
+EXIT_PLANS.register("drop_weak")(lambda: lambda tier, full: full if tier == full else None)  # only full budgets
