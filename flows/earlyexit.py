@@ -170,6 +170,8 @@ def _round_metrics(model: EarlyExitModel, test: ClientData, val: ClientData | No
     for tier, members in sorted(per_tier.items()):
         metrics[f"tier{tier}_gflops_mean"] = sum(u.metrics["train_flops"] for u in members) / len(members) / 1e9
         metrics[f"tier{tier}_seconds_mean"] = sum(u.metrics["train_seconds"] for u in members) / len(members)
+        metrics[f"tier{tier}_mflops_per_example"] = sum(u.metrics["flops_per_example"] for u in members) / len(
+            members) / 1e6
     return metrics
 
 
@@ -203,6 +205,8 @@ def _finish(params: Params, paths: EarlyExitPaths, tracker: FederateTracker, mod
     for tier in sorted(set(tiers)):
         values = [r[f"tier{tier}_gflops_mean"] for r in history if f"tier{tier}_gflops_mean" in r]
         metrics[f"tier{tier}_gflops_per_round"] = round(sum(values) / len(values), 6) if values else 0.0
+        per_example = [r[f"tier{tier}_mflops_per_example"] for r in history if f"tier{tier}_mflops_per_example" in r]
+        metrics[f"tier{tier}_mflops_per_example"] = round(per_example[-1], 6) if per_example else None
     write_json(paths.metrics, metrics)
     create_markdown_artifact(
         f"# earlyexit ({cfg.plan})\nfinal-exit test accuracy **{metrics['final_exit_accuracy']:.4f}**; mean client "

@@ -84,7 +84,8 @@ def train_exit_client(*, client_id: int, model: EarlyExitModel, global_state: St
     -------
     ClientUpdate
         ``state``: the trained entries only; ``metrics``: ``train_loss``, ``train_accuracy`` (its own exit, last
-        epoch), ``num_batches``, ``train_flops`` (counted), ``train_seconds`` (wall), ``bytes_sent``, ``depth``.
+        epoch), ``num_batches``, ``train_flops`` (counted), ``flops_per_example`` (per example and epoch),
+        ``train_seconds`` (wall, without the counting), ``bytes_sent``, ``depth``.
     """
     check_settings(settings, "train_exit_client")
     check_generator(generator, "train_exit_client")
@@ -127,6 +128,7 @@ def train_exit_client(*, client_id: int, model: EarlyExitModel, global_state: St
     sent = {k: state[k] for k in keys}
     metrics = {"train_loss": loss_sum / counted, "train_accuracy": correct / counted,
                "num_batches": float(num_batches), "train_flops": float(flops),
+               "flops_per_example": flops / (len(data) * settings.epochs),
                "train_seconds": time.perf_counter() - started - counting, "bytes_sent": float(state_nbytes(sent)),
                "depth": float(depth)}
     return ClientUpdate(client_id=client_id, state=sent, num_examples=len(data), metrics=metrics)
