@@ -1,0 +1,224 @@
+"""Early-exit benchmark: accuracy at each exit and client compute of each plan, from a pretrained or random encoder.
+
+Settings: ``benchmarks/earlyexit/params.yaml`` (``eebench``): overrides applied on top of ``params.yaml`` in this
+order: ``common``, the init's, the variant's, ``--set``.
+
+``python -m flows.eebench data``: FSDD download, features (``results/earlyexit/downstream/fsdd``) and partition.
+``python -m flows.eebench pretrain``: federated SimCLR of the encoder on the same clients (labels unused), every
+round scored by kNN on the digits; writes ``results/earlyexit/pretrain/model.safetensors`` (the encoder the
+``ssl`` init loads).
+``python -m flows.eebench cell --variant V --init I``: the earlyexit stage, ``results/earlyexit/cells/I/V/``.
+``python -m flows.eebench table``: ``benchmarks/earlyexit/table.md``, ``table.json``, ``tradeoff.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedcore.config import Params, load_params
+from fedcore.errors import ConfigError
+from flows import stage
+from flows.download import download
+from flows.earlyexit import EarlyExitPaths, earlyexit
+from flows.features import features
+from flows.federate import FederatePaths, federate
+from flows.partition import partition
+from flows.personalisation import apply_overrides, parse_sets
+from tasks.common import pyplot, read_json, save_figure, write_json, write_text
+
+SECTION = "eebench"
+BENCH_PARAMS = "benchmarks/earlyexit/params.yaml"
+RESULTS = Path("results/earlyexit")
+#: The variant every other is compared with (compute saved, accuracy lost).
+REFERENCE = "full"
+
+
+def settings_of(bench: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``eebench`` section, checked: every listed variant and init has its overrides."""
+    settings = bench.get(SECTION) if isinstance(bench, Mapping) else None
+    if not isinstance(settings, Mapping):
+        raise ConfigError(f"{SECTION}: the benchmark params must have an '{SECTION}' mapping. Got {bench!r}.")
+    problems = []
+    for names, mapping in (("variant_names", "variants"), ("init_names", "inits")):
+        known = settings.get(mapping) or {}
+        if missing := [n for n in settings.get(names) or [] if n not in known]:
+            problems.append(f"{SECTION}: every name of '{names}' must be a key of '{mapping}'. Missing {missing}.")
+    if problems:
+        raise ConfigError(problems)
+    return dict(settings)
+
+
+def _named(settings: Mapping[str, Any], mapping: str, name: str) -> Mapping[str, Any]:
+    known = settings.get(mapping) or {}
+    if name not in known:
+        raise ConfigError(f"{SECTION}: '{name}' must be one of {sorted(known)} ('{mapping}'). Got {name!r}.")
+    return known[name] or {}
+
+
+def cell_params(raw: Mapping[str, Any], settings: Mapping[str, Any], variant: str, init: str,
+                extra: Mapping[str, Any] | None = None) -> Params:
+    """Project params with the common, init and variant overrides (and the cell's registry name), then ``extra``."""
+    layers = [settings.get("common") or {}, _named(settings, "inits", init), _named(settings, "variants", variant),
+              {"earlyexit.registered_model": f"ee-{init}-{variant}"}, extra or {}]
+    return load_params(apply_overrides(raw, *layers))
+
+
+def _load(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    raw = yaml.safe_load(Path(args.params).read_text()) or {}
+    return raw, settings_of(yaml.safe_load(Path(args.bench_params).read_text()) or {})
+
+
+def _data(args: argparse.Namespace) -> None:
+    raw, settings = _load(args)
+    params = load_params(apply_overrides(raw, settings.get("common") or {}, parse_sets(args.set)))
+    root = Path(args.results)
+    download(params.download, root / "raw", Path(args.downloads))
+    features(params.features, root / "raw", root / "downstream" / "fsdd")
+    partition(params.partition, root / "downstream" / "fsdd", root / "partition")
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    raw, settings = _load(args)
+    params = load_params(apply_overrides(raw, settings.get("common") or {}, settings.get("pretrain") or {},
+                                         parse_sets(args.set)))
+    root = Path(args.results)
+    out = root / "pretrain"
+    federate(params, FederatePaths(features=root / "downstream" / "fsdd",
+                                   partition=root / "partition" / "partition.json", poison=out / "no-poison",
+                                   checkpoints=out / "checkpoints", model=out / "model.safetensors",
+                                   metrics=out / "metrics.json", plots=out, root=Path.cwd(),
+                                   downstream=root / "downstream"))
+
+
+def cell_folder(results: Path, init: str, variant: str) -> Path:
+    """``results/cells/<init>/<variant>``."""
+    return Path(results) / "cells" / init / variant
+
+
+def _cell(args: argparse.Namespace) -> None:
+    raw, settings = _load(args)
+    params = cell_params(raw, settings, args.variant, args.init, parse_sets(args.set))
+    root, out = Path(args.results), cell_folder(args.results, args.init, args.variant)
+    earlyexit(params, EarlyExitPaths(features=root / "downstream" / "fsdd",
+                                     partition=root / "partition" / "partition.json",
+                                     checkpoints=out / "checkpoints", model=out / "model.safetensors",
+                                     metrics=out / "metrics.json", plots=out, root=Path.cwd()))
+
+
+# --------------------------------------------------------------------------------------------------- table
+def collect(results: Path) -> list[dict[str, Any]]:
+    """One row per finished cell, with compute saved and accuracy lost against the same init's ``full`` cell."""
+    cells = {(p.parent.parent.name, p.parent.name): read_json(p)
+             for p in sorted((Path(results) / "cells").glob("*/*/metrics.json"))}
+    rows = []
+    for (init, variant), metrics in sorted(cells.items()):
+        exits = sorted(int(k[4:-9]) for k in metrics if k.startswith("exit") and k.endswith("_accuracy"))
+        reference = cells.get((init, REFERENCE))
+        row: dict[str, Any] = {
+            "init": init, "variant": variant, "plan": metrics["plan"], "weighting": metrics["weighting"],
+            **{f"exit{e}": metrics[f"exit{e}_accuracy"] for e in exits},
+            "final": metrics["final_exit_accuracy"],
+            "val_final": metrics.get(f"val_exit{exits[-1]}_accuracy"),
+            "client_gflops": _client_gflops(metrics),
+            "bytes_up": metrics["bytes_up_total"],
+        }
+        if reference is not None:
+            full = _client_gflops(reference)
+            row["compute_saved"] = 1.0 - row["client_gflops"] / full if full else None
+            row["accuracy_lost"] = reference["final_exit_accuracy"] - row["final"]
+        rows.append(row)
+    return rows
+
+
+def _client_gflops(metrics: Mapping[str, Any]) -> float:
+    """Average training GFLOPs per client per round over *every* client (those that sit out spend 0).
+
+    Each tier's mean per round, weighted by the tier's share of the clients.
+    """
+    tiers = list(metrics["client_tiers"])
+    depths = list(metrics["client_depths"])
+    total = 0.0
+    for tier in sorted(set(tiers)):
+        members = [d for t, d in zip(tiers, depths, strict=True) if t == tier]
+        if members and members[0] is not None:
+            total += len(members) * float(metrics.get(f"tier{tier}_gflops_per_round", 0.0))
+    return total / len(tiers)
+
+
+def _fmt(value: float | None, pct: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{100 * value:+.1f}%" if pct else f"{value:.3f}"
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Per cell: accuracy at each exit, client compute, compute saved and accuracy lost against ``full``."""
+    exits = sorted({int(k[4:]) for r in rows for k in r if k.startswith("exit")})
+    head = ("| init | variant | " + " | ".join(f"exit {e}" for e in exits)
+            + " | GFLOPs / client / round | compute saved vs full | final-exit accuracy lost vs full |")
+    lines = [head, "|---|---|" + "---|" * (len(exits) + 3)]
+    for row in rows:
+        lost = row.get("accuracy_lost")
+        lines.append(f"| {row['init']} | {row['variant']} | " + " | ".join(_fmt(row.get(f"exit{e}")) for e in exits)
+                     + f" | {row['client_gflops']:.3f} | {_fmt(row.get('compute_saved'), pct=True)} | "
+                     + ("—" if lost is None else f"{100 * lost:+.1f} pts") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_tradeoff(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Final-exit test accuracy against average client compute, one point per cell."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    for init, marker in (("ssl", "o"), ("random", "s")):
+        for row in (r for r in rows if r["init"] == init):
+            ax.scatter(row["client_gflops"], row["final"], marker=marker)
+            ax.annotate(f"{init}/{row['variant']}", (row["client_gflops"], row["final"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("training GFLOPs per client per round (all clients)")
+    ax.set_ylabel("final-exit test accuracy")
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def _table(args: argparse.Namespace) -> None:
+    rows = collect(args.results)
+    if not rows:
+        raise ConfigError(f"{SECTION}: no finished cell under {str(Path(args.results) / 'cells')!r}.")
+    text = markdown_table(rows)
+    out = Path(args.out)
+    write_text(out / "table.md", text)
+    write_json(out / "table.json", {"rows": rows})
+    plot_tradeoff(rows, out / "tradeoff.png")
+    print(text)
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("command", choices=["data", "pretrain", "cell", "table"])
+    p.add_argument("--bench-params", default=BENCH_PARAMS)
+    p.add_argument("--variant")
+    p.add_argument("--init", default="ssl")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/earlyexit"))
+    p.add_argument("--downloads", type=Path, default=Path("data/downloads"))
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+
+def _main(args: argparse.Namespace) -> None:
+    if args.command == "cell" and args.variant is None:
+        raise ConfigError(f"{SECTION}: 'cell' needs --variant.")
+    {"data": _data, "pretrain": _pretrain, "cell": _cell, "table": _table}[args.command](args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (``python -m flows.eebench``)."""
+    return stage.entry(__doc__ or "", _arguments, _main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
