@@ -69,6 +69,8 @@ class DownloadConfig:
 class FeaturesConfig:
     """Log-mel front end (torchaudio) and the pad/crop policy."""
 
+    kind: Literal["log_mel", "waveform"] = _opt("log_mel", "log_mel: (n_mels, frames) per clip | waveform: the "
+                                                           "prepared clip itself, (1, samples) (wav2vec2 backbones)")
     sample_rate: int = _opt(16000, "resample every clip to this rate, Hz", gt=0)
     clip_seconds: float = _opt(1.0, "pad or crop every clip to this length, seconds", gt=0.0)
     crop: Literal["center", "start"] = _opt("center", "which part of a longer clip is kept")

@@ -119,7 +119,9 @@ class LogMelExtractor:
 
     @property
     def output_shape(self) -> tuple[int, int]:
-        """``(n_mels, frames)`` of one clip's log-mel."""
+        """``(n_mels, frames)`` of one clip's log-mel; ``(1, num_samples)`` with ``kind: waveform``."""
+        if self.cfg.kind == "waveform":
+            return 1, self.num_samples
         return self.cfg.n_mels, 1 + self.num_samples // self.cfg.hop_length
 
     def _resample(self, waveform: Tensor, sample_rate: int) -> Tensor:
@@ -194,7 +196,10 @@ class LogMelExtractor:
         Returns
         -------
         Tensor, shape (..., n_mels, frames), float32
+            (``(..., 1, time)``, the samples unchanged, with ``kind: waveform``).
         """
+        if self.cfg.kind == "waveform":  # the prepared samples themselves, as one "band"
+            return waveform.to(torch.float32).unsqueeze(-2)
         if waveform.device != self._mel.spectrogram.window.device:
             self._mel = self._mel.to(waveform.device)
         with torch.no_grad():

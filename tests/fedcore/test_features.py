@@ -222,3 +222,16 @@ def test_feature_store_detects_inconsistent_index(tmp_path: Path) -> None:
     (tmp_path / "index.csv").write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(DataError, match="must agree"):
         FeatureStore.load(tmp_path)
+
+
+def test_waveform_kind_stores_the_prepared_clip_as_one_band() -> None:
+    from fedcore.config import FeaturesConfig
+    from fedcore.data.features import LogMelExtractor
+
+    cfg = FeaturesConfig(kind="waveform", clip_seconds=0.5, pad="end")
+    extractor = LogMelExtractor(cfg)
+    clip = np.linspace(-0.5, 0.5, 6000, dtype=np.float32)
+    out = extractor(clip, 16000)
+    assert extractor.output_shape == (1, 8000) and tuple(out.shape) == (1, 8000)
+    assert torch.equal(out[0], extractor.prepare(clip, 16000))  # the samples themselves, zero-padded at the end
+    assert float(out[0, 6000:].abs().max()) == 0.0
