@@ -28,18 +28,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fedcore.config import Params, load_params
 from fedcore.errors import ConfigError
 from flows import stage
+from flows.benchlib import add_arguments, bench_settings, named_overrides, read_yaml_pair, write_table
 from flows.distill import DistillPaths, distill
 from flows.download import download
 from flows.features import features
 from flows.modality import ModalityPaths, modality, pair_av
 from flows.partition import partition
 from flows.personalisation import apply_overrides, parse_sets
-from tasks.common import pyplot, read_json, save_figure, write_json, write_text
+from tasks.common import pyplot, read_json, save_figure
 
 SECTION = "avbench"
 BENCH_PARAMS = "benchmarks/modality/params.yaml"
@@ -50,34 +49,22 @@ ANY_RATE = "any"
 
 def settings_of(bench: Mapping[str, Any]) -> dict[str, Any]:
     """The ``avbench`` section, checked: every listed method has its overrides, rates are in [0, 1]."""
-    settings = bench.get(SECTION) if isinstance(bench, Mapping) else None
-    if not isinstance(settings, Mapping):
-        raise ConfigError(f"{SECTION}: the benchmark params must have an '{SECTION}' mapping. Got {bench!r}.")
-    problems = []
-    known = settings.get("methods") or {}
-    listed = [*(settings.get("method_names") or []), *(settings.get("rate_free") or [])]
-    if missing := [n for n in listed if n not in known]:
-        problems.append(f"{SECTION}: every method listed must be a key of 'methods'. Missing {missing}; known: "
-                        f"{sorted(known)}.")
+    settings = bench_settings(bench, SECTION, [("method_names", "methods"), ("rate_free", "methods")])
     rates = settings.get("rates") or []
     if bad := [r for r in rates if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1]:
-        problems.append(f"{SECTION}: 'rates' must be numbers in [0, 1]. Got {bad}.")
-    if problems:
-        raise ConfigError(problems)
-    return dict(settings)
+        raise ConfigError(f"{SECTION}: 'rates' must be numbers in [0, 1]. Got {bad}.")
+    return settings
 
 
 def cell_params(raw: Mapping[str, Any], settings: Mapping[str, Any], method: str, rate: float | None,
                 extra: Mapping[str, Any] | None = None) -> Params:
     """Project params with the common, method and rate overrides (and per-cell registry names), then ``extra``."""
-    known = settings.get("methods") or {}
-    if method not in known:
-        raise ConfigError(f"{SECTION}: --method must be one of {sorted(known)}. Got {method!r}.")
+    overrides = named_overrides(settings, SECTION, "methods", method)
     name = f"av-{method}-{_rate_name(rate)}"
     names = {"modality.registered_model": name, "modality.registered_audio": f"{name}-audio",
              "distill.teacher": f"models:/{name}@final", "distill.student": f"models:/{name}-audio@final",
              "distill.registered_model": f"{name}-student"}
-    layers = [settings.get("common") or {}, known[method] or {}, names,
+    layers = [settings.get("common") or {}, overrides, names,
               {} if rate is None else {"modality.missing_rate": rate}, extra or {}]
     return load_params(apply_overrides(raw, *layers))
 
@@ -92,8 +79,7 @@ def cell_folder(results: Path, method: str, rate: float | None) -> Path:
 
 
 def _load(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    raw = yaml.safe_load(Path(args.params).read_text()) or {}
-    bench = yaml.safe_load(Path(args.bench_params).read_text()) or {}
+    raw, bench = read_yaml_pair(args.params, args.bench_params)
     return raw, settings_of(bench)
 
 
@@ -201,25 +187,13 @@ def plot_rates(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 def _table(args: argparse.Namespace) -> None:
     rows = collect(args.results)
-    if not rows:
-        raise ConfigError(f"{SECTION}: no finished cell under {str(Path(args.results) / 'cells')!r}.")
-    text = markdown_table(rows)
-    out = Path(args.out)
-    write_text(out / "table.md", text)
-    write_json(out / "table.json", {"rows": rows})
-    plot_rates(rows, out / "accuracy.png")
-    print(text)
+    write_table(SECTION, rows, Path(args.out), markdown_table(rows) if rows else "", plot_rates, "accuracy.png")
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("command", choices=["data", "cell", "distill", "table"])
-    p.add_argument("--bench-params", default=BENCH_PARAMS)
+    add_arguments(p, ["data", "cell", "distill", "table"], BENCH_PARAMS, RESULTS, Path("benchmarks/modality"))
     p.add_argument("--method")
     p.add_argument("--rate", help="missing-video rate (omit for the methods of 'rate_free')")
-    p.add_argument("--results", type=Path, default=RESULTS)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/modality"))
-    p.add_argument("--downloads", type=Path, default=Path("data/downloads"))
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
 
 def _main(args: argparse.Namespace) -> None:

@@ -161,9 +161,9 @@ def _finish(params: Params, paths: DistillPaths, tracker: FederateTracker, state
     tsv, png = paths.plots / "rounds.tsv", paths.plots / "rounds.png"
     write_text(tsv, rounds_tsv(history, [c for c in ROUND_COLUMNS if any(c in row for row in history)]))
     plot_av_rounds(history, png, f"distill {cfg.teacher} → {cfg.student}")
-    final = {k: last[k] for k in ("audio_accuracy", "val_audio_accuracy") if k in last}
+    final: dict[str, float] = {k: last[k] for k in ("audio_accuracy", "val_audio_accuracy") if k in last}
     version = tracker.finish(final, int(last["round"]), [tsv, png])
-    metrics = {
+    metrics: dict[str, Any] = {
         "teacher": cfg.teacher, "student": cfg.student, "clients": clients,
         **{k: round(v, 6) for k, v in final.items()},
         "audio_accuracy_before": round(first["audio_accuracy"], 6) if first["round"] == 0 else None,

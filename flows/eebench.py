@@ -19,18 +19,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fedcore.config import Params, load_params
 from fedcore.errors import ConfigError
 from flows import stage
+from flows.benchlib import add_arguments, bench_settings, named_overrides, read_yaml_pair, write_table
 from flows.download import download
 from flows.earlyexit import EarlyExitPaths, earlyexit
 from flows.features import features
 from flows.federate import FederatePaths, federate
 from flows.partition import partition
 from flows.personalisation import apply_overrides, parse_sets
-from tasks.common import pyplot, read_json, save_figure, write_json, write_text
+from tasks.common import pyplot, read_json, save_figure
 
 SECTION = "eebench"
 BENCH_PARAMS = "benchmarks/earlyexit/params.yaml"
@@ -41,37 +40,21 @@ REFERENCE = "full"
 
 def settings_of(bench: Mapping[str, Any]) -> dict[str, Any]:
     """The ``eebench`` section, checked: every listed variant and init has its overrides."""
-    settings = bench.get(SECTION) if isinstance(bench, Mapping) else None
-    if not isinstance(settings, Mapping):
-        raise ConfigError(f"{SECTION}: the benchmark params must have an '{SECTION}' mapping. Got {bench!r}.")
-    problems = []
-    for names, mapping in (("variant_names", "variants"), ("init_names", "inits")):
-        known = settings.get(mapping) or {}
-        if missing := [n for n in settings.get(names) or [] if n not in known]:
-            problems.append(f"{SECTION}: every name of '{names}' must be a key of '{mapping}'. Missing {missing}.")
-    if problems:
-        raise ConfigError(problems)
-    return dict(settings)
-
-
-def _named(settings: Mapping[str, Any], mapping: str, name: str) -> Mapping[str, Any]:
-    known = settings.get(mapping) or {}
-    if name not in known:
-        raise ConfigError(f"{SECTION}: '{name}' must be one of {sorted(known)} ('{mapping}'). Got {name!r}.")
-    return known[name] or {}
+    return bench_settings(bench, SECTION, [("variant_names", "variants"), ("init_names", "inits")])
 
 
 def cell_params(raw: Mapping[str, Any], settings: Mapping[str, Any], variant: str, init: str,
                 extra: Mapping[str, Any] | None = None) -> Params:
     """Project params with the common, init and variant overrides (and the cell's registry name), then ``extra``."""
-    layers = [settings.get("common") or {}, _named(settings, "inits", init), _named(settings, "variants", variant),
+    layers = [settings.get("common") or {}, named_overrides(settings, SECTION, "inits", init),
+              named_overrides(settings, SECTION, "variants", variant),
               {"earlyexit.registered_model": f"ee-{init}-{variant}"}, extra or {}]
     return load_params(apply_overrides(raw, *layers))
 
 
 def _load(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    raw = yaml.safe_load(Path(args.params).read_text()) or {}
-    return raw, settings_of(yaml.safe_load(Path(args.bench_params).read_text()) or {})
+    raw, bench = read_yaml_pair(args.params, args.bench_params)
+    return raw, settings_of(bench)
 
 
 def _data(args: argparse.Namespace) -> None:
@@ -188,25 +171,13 @@ def plot_tradeoff(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 def _table(args: argparse.Namespace) -> None:
     rows = collect(args.results)
-    if not rows:
-        raise ConfigError(f"{SECTION}: no finished cell under {str(Path(args.results) / 'cells')!r}.")
-    text = markdown_table(rows)
-    out = Path(args.out)
-    write_text(out / "table.md", text)
-    write_json(out / "table.json", {"rows": rows})
-    plot_tradeoff(rows, out / "tradeoff.png")
-    print(text)
+    write_table(SECTION, rows, Path(args.out), markdown_table(rows) if rows else "", plot_tradeoff, "tradeoff.png")
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("command", choices=["data", "pretrain", "cell", "table"])
-    p.add_argument("--bench-params", default=BENCH_PARAMS)
+    add_arguments(p, ["data", "pretrain", "cell", "table"], BENCH_PARAMS, RESULTS, Path("benchmarks/earlyexit"))
     p.add_argument("--variant")
     p.add_argument("--init", default="ssl")
-    p.add_argument("--results", type=Path, default=RESULTS)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/earlyexit"))
-    p.add_argument("--downloads", type=Path, default=Path("data/downloads"))
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
 
 def _main(args: argparse.Namespace) -> None:

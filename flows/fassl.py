@@ -31,13 +31,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fedcore.config import Params, load_params
 from fedcore.data.features import FeatureStore
 from fedcore.data.pool import pool_feature_stores
 from fedcore.errors import ConfigError
 from flows import stage
+from flows.benchlib import bench_settings, named_overrides, read_yaml_pair
 from flows.download import download
 from flows.features import features
 from flows.federate import FederatePaths, federate
@@ -56,27 +55,12 @@ CENTRAL = "central"
 # --------------------------------------------------------------------------------------------------- settings
 def settings_of(bench: Mapping[str, Any]) -> dict[str, Any]:
     """The ``fassl`` section of the benchmark params, checked: every listed name has its overrides."""
-    settings = bench.get(SECTION) if isinstance(bench, Mapping) else None
-    if not isinstance(settings, Mapping):
-        raise ConfigError(f"{SECTION}: the benchmark params must have a '{SECTION}' mapping. Got {bench!r}.")
-    problems = []
-    for names, mapping in (("dataset_names", "datasets"), ("method_names", "methods"),
-                           ("aggregator_names", "aggregators"), ("sends", "transmissions")):
-        listed, known = settings.get(names) or [], settings.get(mapping) or {}
-        if missing := [n for n in listed if n not in known]:
-            problems.append(f"{SECTION}: every name of '{names}' must be a key of '{mapping}'. Got {missing} "
-                            f"missing; known: {sorted(known)}.")
-    if problems:
-        raise ConfigError(problems)
-    return dict(settings)
+    return bench_settings(bench, SECTION, [("dataset_names", "datasets"), ("method_names", "methods"),
+                                           ("aggregator_names", "aggregators"), ("sends", "transmissions")])
 
 
 def _named(settings: Mapping[str, Any], mapping: str, name: str) -> Mapping[str, Any]:
-    known = settings.get(mapping) or {}
-    if name not in known:
-        raise ConfigError(f"{SECTION}: '{name}' must be one of {sorted(known)} ('{mapping}' in {BENCH_PARAMS}). "
-                          f"Got {name!r}.")
-    return known[name] or {}
+    return named_overrides(settings, SECTION, mapping, name)
 
 
 def cell_params(raw: Mapping[str, Any], settings: Mapping[str, Any], method: str, aggregator: str, send: str,
@@ -93,8 +77,7 @@ def cell_params(raw: Mapping[str, Any], settings: Mapping[str, Any], method: str
 
 
 def _load(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    raw = yaml.safe_load(Path(args.params).read_text()) or {}
-    bench = yaml.safe_load(Path(args.bench_params).read_text()) or {}
+    raw, bench = read_yaml_pair(args.params, args.bench_params)
     return raw, settings_of(bench)
 
 

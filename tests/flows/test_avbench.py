@@ -44,7 +44,7 @@ def test_unknown_methods_and_bad_rates_fail_before_any_work() -> None:
         settings_of({"avbench": {"method_names": ["nope"], "methods": {}}})
     with pytest.raises(ConfigError, match="rates"):
         settings_of({"avbench": {"rates": [1.5], "methods": {}}})
-    with pytest.raises(ConfigError, match="--method"):
+    with pytest.raises(ConfigError, match="must be one of"):
         cell_params(_raw(), _settings(), "nope", 0.1)
 
 
