@@ -35,6 +35,8 @@ FUSIONS: Registry[nn.Module] = Registry("fusion")
 class VisualCNN(nn.Module):
     """Small conv encoder for images (or per frame of a clip, then the mean over frames).
 
+    Two 3×3 conv blocks (BatchNorm, ReLU), average-pooled to a 4×4 grid, flattened and projected.
+
     Parameters
     ----------
     input_shape : sequence of int
@@ -44,6 +46,9 @@ class VisualCNN(nn.Module):
     embed_dim : int
         Output size.
     """
+
+    #: Side of the pooled feature grid that is flattened into the projection.
+    GRID = 4
 
     def __init__(self, *, input_shape: Sequence[int], width: int, embed_dim: int) -> None:
         super().__init__()
@@ -56,9 +61,9 @@ class VisualCNN(nn.Module):
         self.features = nn.Sequential(
             nn.Conv2d(channels, width, kernel_size=3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
             nn.Conv2d(width, 2 * width, kernel_size=3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1),
+            nn.AdaptiveAvgPool2d(self.GRID),  # keeps the layout (a digit is its strokes' places), any input size
         )
-        self.project = nn.Linear(2 * width, embed_dim)
+        self.project = nn.Linear(2 * width * self.GRID * self.GRID, embed_dim)
 
     def forward(self, visual: torch.Tensor) -> torch.Tensor:
         """Embed images ``(batch, C, H, W)`` or clips ``(batch, T, C, H, W)`` into ``(batch, embed_dim)``."""
