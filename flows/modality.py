@@ -36,7 +36,7 @@ from fedcore.config import ModalityConfig, Params, flatten, to_dict
 from fedcore.federation.checkpoint import Checkpointer, fingerprint, save_state
 from fedcore.federation.sampling import round_rng, sample_clients
 from fedcore.federation.schedules import learning_rate
-from fedcore.multimodal import AVModel, audio_branch, modality_wise
+from fedcore.multimodal import AVModel, ModalityAggregate, audio_branch, modality_wise
 from flows import stage
 from flows.runners import RUNNERS
 from tasks.common import read_params, write_json, write_text
@@ -116,6 +116,9 @@ def modality_training(params: Params, paths: ModalityPaths) -> dict[str, Any]:
     method = method_of(params)
     schedule = method.schedule(fed.rounds, cfg.fusion_rounds)
     video = set(data.video)
+    if idle := [p.name for _, p in schedule if not p.plan(False) and not video]:
+        raise ValueError(f"modality: {cfg.method}'s phase {idle[0]!r} trains only clients with video, and none has "
+                         f"video (missing_rate {cfg.missing_rate}). Fix: lower modality.missing_rate.")
     digest = file_digest([paths.features / "meta.json", paths.features / "index.csv", paths.partition,
                           paths.visual / "meta.json"])
     checkpointer = Checkpointer(paths.checkpoints, run_fingerprint(params, digest))
@@ -149,7 +152,9 @@ def modality_training(params: Params, paths: ModalityPaths) -> dict[str, Any]:
                 futures = [train_av_task.submit(params, data, c, server_round, global_state, tasks,
                                                 method.zero_fill, threads) for c, tasks in jobs if tasks]
                 updates = sorted((f.result() for f in futures), key=lambda u: u.client_id)
-                result = modality_wise(aggregator, global_state, updates, server_round)
+                # a round whose sampled clients have nothing to train in this phase leaves the model as it is
+                result = (modality_wise(aggregator, global_state, updates, server_round) if updates
+                          else ModalityAggregate(global_state, {}))
                 global_state = result.state
                 model.load_state_dict(global_state)
                 metrics = evaluate_av(model, method, data.test, fed.eval_batch_size)
@@ -158,7 +163,7 @@ def modality_training(params: Params, paths: ModalityPaths) -> dict[str, Any]:
                                     evaluate_av(model, method, data.val, fed.eval_batch_size).items()})
                 metrics.update(
                     phase=float(number),
-                    train_loss_mean=sum(u.metrics["train_loss"] for u in updates) / len(updates),
+                    train_loss_mean=sum(u.metrics["train_loss"] for u in updates) / max(1, len(updates)),
                     num_clients=float(len(updates)),
                     num_audio_clients=float(len(result.participants.get("audio", []))),
                     num_visual_clients=float(len(result.participants.get("visual", []))),

@@ -158,3 +158,12 @@ def test_a_killed_modality_run_resumes_to_the_same_result(avwork: Path, small_mi
         assert cut[key] == whole[key]
     a, b = load_state(Path("whole.st")), load_state(Path("cut.st"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_phase_that_needs_video_fails_early_when_no_client_has_it(avwork: Path, small_mirror: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(avwork)
+    p = _write(avwork / "novideo.yaml", _params(small_mirror, "harmony", missing_rate=1.0))
+    assert modality_flow.main(_train_args(p, "novideo")) == 1
+    assert "none has video" in capsys.readouterr().err
