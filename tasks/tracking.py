@@ -221,15 +221,18 @@ class FederateTracker:
         quiet = logging.getLogger("mlflow.pytorch")  # its pickle warning, once per model: we chose pickle
         level = quiet.level
         quiet.setLevel(logging.ERROR)
-        with self._active(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            info = mlflow.pytorch.log_model(
-                model.eval(), name=name, step=step, serialization_format="pickle",
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                extra_files=[str(weights_file)] if weights_file is not None else None,
-                tags={**(tags if tags is not None else {"fedaudio.round": str(step)}), INPUTS_TAG: ",".join(inputs)},
-            )
-        quiet.setLevel(level)
+        try:
+            with self._active(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                info = mlflow.pytorch.log_model(
+                    model.eval(), name=name, step=step, serialization_format="pickle",
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                    extra_files=[str(weights_file)] if weights_file is not None else None,
+                    tags={**(tags if tags is not None else {"fedaudio.round": str(step)}),
+                          INPUTS_TAG: ",".join(inputs)},
+                )
+        finally:
+            quiet.setLevel(level)
         return str(info.model_id)
 
     def find_logged(self, tag: str, value: str) -> str | None:
