@@ -14,7 +14,8 @@ registered as ``av-M-R@final`` and ``av-M-R-audio@final``. UniFL's training neve
 
 ``python -m flows.avbench distill --method modality_mirror --rate R`` runs the distill stage on that cell: the
 registered AV teacher into its registered audio branch, on the clients with video (``distill.json``,
-``distill/``); the table then reports the distilled student as the method's audio-only model.
+``distill/``), with the ``distill`` overrides of the benchmark params on top; the table then reports the
+distilled student as the method's audio-only model.
 
 ``python -m flows.avbench table`` writes ``benchmarks/modality/table.md``, ``table.json`` and ``accuracy.png``.
 ``dvc repro benchmarks/modality/dvc.yaml`` runs all of it.
@@ -23,6 +24,7 @@ registered AV teacher into its registered audio branch, on the clients with vide
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -113,6 +115,8 @@ def _cell(args: argparse.Namespace) -> None:
 
 
 def _distill(args: argparse.Namespace) -> None:
+    raw, settings = _load(args)
+    args.set = [f"{k}={json.dumps(v)}" for k, v in (settings.get("distill") or {}).items()] + list(args.set)
     params, out, common = _paths(args)
     distill(params, DistillPaths(**common, checkpoints=out / "distill" / "checkpoints",
                                  model=out / "distill" / "student.safetensors", metrics=out / "distill.json",
@@ -170,13 +174,14 @@ def plot_rates(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """Audio-only (left) and audio-visual (right) test accuracy against the missing-video rate."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6), dpi=110)
+    colors = {m: f"C{i}" for i, m in enumerate(sorted({r["method"] for r in rows}))}  # one color per method
     for ax, key, title in ((axes[0], "audio", "audio-only test accuracy"), (axes[1], "av", "audio-visual")):
         rates, table = pivot(rows, key)
         xs = [float(r) for r in rates]
         for method in sorted(table):
             ys = [float("nan") if (v := table[method].get(r)) is None else v for r in rates]
             if not all(math.isnan(y) for y in ys):
-                ax.plot(xs, ys, "o-", label=method)
+                ax.plot(xs, ys, "o-", label=method, color=colors[method])
         ax.set_xlabel("missing-video rate")
         ax.set_title(title)
         ax.grid(alpha=0.3)
