@@ -20,6 +20,7 @@ reached; ``forward`` is the deepest exit (what a full-budget client deploys).
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,8 +35,8 @@ EXIT_BACKBONES: Registry[nn.Module] = Registry("exit_backbone")
 EXIT_HEADS: Registry[nn.Module] = Registry("exit_head")
 
 
-class ExitBackbone(nn.Module):
-    """Interface of an early-exit backbone (module docstring)."""
+class ExitBackbone(nn.Module, ABC):
+    """Interface of an early-exit backbone (module docstring); a subclass missing a hook cannot be built."""
 
     width: int
     #: Parameter-name prefixes (relative to the backbone) never trained nor sent.
@@ -44,17 +45,17 @@ class ExitBackbone(nn.Module):
     layer_pattern: str = r"^layers\.(\d+)\."
 
     @property
+    @abstractmethod
     def layers(self) -> nn.ModuleList:
         """The transformer layers, in order (a view of a submodule, not registered twice)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens ``(batch, tokens, width)`` before the first layer."""
-        raise NotImplementedError
 
+    @abstractmethod
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """Embedding ``(batch, width)`` of the hidden states after a layer."""
-        raise NotImplementedError
 
     def run_layer(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states after layer ``index`` (0-based)."""

@@ -106,3 +106,18 @@ def test_wav2vec2_backbone_freezes_its_cnn_and_exits_after_its_layers() -> None:
 def test_exit_accuracies_cover_every_exit() -> None:
     scores = exit_accuracies(_model(), _data(), 5)
     assert sorted(scores) == [1, 2, 4] and all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+def test_a_backbone_missing_a_hook_cannot_be_built() -> None:
+    from fedcore.earlyexit.models import ExitBackbone
+
+    class NoPool(ExitBackbone):
+        @property
+        def layers(self) -> torch.nn.ModuleList:
+            return torch.nn.ModuleList()
+
+        def stem(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    with pytest.raises(TypeError, match="pool"):
+        NoPool()
