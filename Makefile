@@ -1,5 +1,5 @@
-# The three commands of the README, plus the benchmark.
-.PHONY: setup run test bench lint
+# The three commands of the README, plus the benchmarks.
+.PHONY: setup run test bench bench-reference bench-scale flower-venv lint
 
 VENV := .venv/bin
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
@@ -15,6 +15,19 @@ test:
 
 bench:
 	$(VENV)/python -m benchmarks.pipeline
+
+# shared/BENCHMARKS.md's workload: this project beside a bare PyTorch loop and Flower (needs flower-venv)
+bench-reference:
+	$(VENV)/python -m benchmarks.reference
+
+# cross-device scale: 100 vs 10,000 registered clients, 10 and 50 sampled per round
+bench-scale:
+	$(VENV)/python -m benchmarks.client_scale --scheme cross_device --algorithm fedavg --clients 100,10000 \
+		--sampled 10,50 --rounds 5 --holdout 0 --width 16 --depth 4 --out benchmarks/results/cross_device.json
+
+# Flower's simulation engine in its own environment (its pins conflict with Prefect's)
+flower-venv:
+	bash benchmarks/flower/setup.sh
 
 lint:
 	$(VENV)/ruff check fedcore tasks flows tests benchmarks

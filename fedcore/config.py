@@ -108,6 +108,7 @@ class PartitionConfig:
     alpha: float = _opt(0.5, "Dirichlet concentration (dirichlet: per class; quantity: over client sizes)", gt=0.0)
     min_samples: int = _opt(10, "every client gets at least this many training samples", ge=1)
     shards_per_client: int = _opt(2, "shards: classes (shards) per client", ge=1)
+    samples_per_client: int = _opt(20, "cross_device: examples each client draws (clients may share some)", ge=1)
     max_retries: int = _opt(100, "redraws before a scheme gives up on min_samples", ge=1)
     holdout_fraction: float = _opt(0.2, "per-client held-out split for personalised evaluation", ge=0.0, lt=1.0)
     seed: int = _opt(0, "seed of numpy.random.default_rng", ge=0)
@@ -167,8 +168,9 @@ class FederationConfig:
                      registry="param_group")
     eval_batch_size: int = _opt(256, "batch size of evaluation", ge=1)
     log_model_every: int = _opt(1, "log the global model to MLflow every k rounds (and the last)", ge=1)
-    runner: str = _opt("threads", "task runner of client updates: threads, dask or ray", registry="runner")
+    runner: str = _opt("threads", "task runner of client updates: threads, processes, dask or ray", registry="runner")
     max_workers: int | None = _opt(None, "parallel clients (None: number of cores)", ge=1)
+    address: str | None = _opt(None, "dask/ray: address of a running cluster (None: start a local one)")
     seed: int = _opt(0, "seed of model init, client sampling and shuffling", ge=0)
 
 

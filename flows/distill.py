@@ -33,7 +33,7 @@ from fedcore.federation.checkpoint import Checkpointer, fingerprint, save_state
 from fedcore.federation.sampling import round_rng, sample_clients
 from flows import stage
 from flows.modality import AUDIO_INPUTS, client_threads
-from flows.runners import RUNNERS
+from flows.runners import task_runner
 from tasks.common import read_params, write_json, write_text
 from tasks.federate import build_aggregator, file_digest, rounds_tsv
 from tasks.modality import distill_task, evaluate_student, load_av_data, local_settings, plot_av_rounds
@@ -61,7 +61,7 @@ class DistillPaths:
 def distill(params: Params, paths: DistillPaths) -> dict[str, Any]:
     """Run the distill flow with the task runner of ``federation.runner`` (threads by default)."""
     workers, _ = client_threads(params)
-    runner = RUNNERS.build(params.federation.runner, max_workers=workers)
+    runner = task_runner(params.federation, workers)
     return distillation.with_options(task_runner=runner)(params, paths)
 
 

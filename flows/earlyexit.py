@@ -37,7 +37,7 @@ from fedcore.federation.checkpoint import Checkpointer, fingerprint, save_state
 from fedcore.federation.sampling import round_rng, sample_clients
 from flows import stage
 from flows.modality import client_threads
-from flows.runners import RUNNERS
+from flows.runners import task_runner
 from tasks.common import read_params, write_json, write_text
 from tasks.earlyexit import client_depths, initial_state, new_model, plot_exits, train_exit_task
 from tasks.federate import file_digest, load_federated_data, rounds_tsv
@@ -63,7 +63,7 @@ class EarlyExitPaths:
 def earlyexit(params: Params, paths: EarlyExitPaths) -> dict[str, Any]:
     """Run the earlyexit flow with the task runner of ``federation.runner``."""
     workers, _ = client_threads(params)
-    runner = RUNNERS.build(params.federation.runner, max_workers=workers)
+    runner = task_runner(params.federation, workers)
     return earlyexit_training.with_options(task_runner=runner)(params, paths)
 
 

@@ -37,7 +37,7 @@ from fedcore.federation.client_store import ClientStore
 from fedcore.federation.sampling import num_sampled, round_rng, sample_clients
 from fedcore.federation.schedules import learning_rate
 from flows import stage
-from flows.runners import RUNNERS
+from flows.runners import task_runner
 from tasks.common import read_params, write_json, write_text
 from tasks.downstream import downstream_task, load_downstream
 from tasks.federate import (
@@ -100,7 +100,7 @@ def intra_op_threads(params: Params) -> int:
 
 def federate(params: Params, paths: FederatePaths) -> dict[str, Any]:
     """Run the federate flow with the task runner named in ``federation.runner``."""
-    runner = RUNNERS.build(params.federation.runner, max_workers=parallel_workers(params))
+    runner = task_runner(params.federation, parallel_workers(params))
     return federated_training.with_options(task_runner=runner)(params, paths)
 
 
@@ -151,11 +151,14 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
     tracker = FederateTracker(registry_config(params), paths.root)
     run_id = tracker.start({**flatten(params), "attack.malicious_clients": sorted(malicious)}, resume_run_id=run_id)
     log_model = fresh_model(spec, fed.seed)
+    # One-time set-up, like starting the MLflow run: trace the architecture now, so that each round's logging
+    # only swaps its weights into the program.
+    tracker.prepare_export(log_model, data.input_shape, WEIGHTS_FILE)
     if downstream is not None and resumed is None:  # the random-init encoder: the floor, logged as round 0
         floor = downstream_task(spec, global_state, downstream, params.downstream)
         log_model.load_state_dict(global_state)
         with tempfile.TemporaryDirectory() as scratch:
-            floor_weights = Path(scratch) / "weights.safetensors"
+            floor_weights = Path(scratch) / WEIGHTS_FILE
             save_state(floor_weights, global_state)
             tracker.log_round(0, floor, log_model, data.input_shape, floor_weights)
         initial = floor
@@ -170,9 +173,11 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
                 started = time.perf_counter()
                 clients = sample_clients(data.num_clients, fed.client_fraction, fed.min_clients,
                                          round_rng(fed.seed, server_round))
+                torch.set_num_threads(intra)  # clients in parallel, each on its share of the cores
                 futures = [train_client_task.submit(spec, c, server_round, global_state, data.train[c], store)
                            for c in clients]
                 updates = sorted((f.result() for f in futures), key=lambda u: u.client_id)
+                torch.set_num_threads(os.cpu_count() or 1)  # no client trains now: the server's work gets them all
                 sent_global = {k: global_state[k] for k in keys}
                 if malicious:
                     updates = attack_task(attack, sent_global, updates, malicious, forged_keys,
@@ -198,7 +203,7 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
                                or downstream is not None):
                     log_model.load_state_dict(new_state)
                     model = log_model
-                    weights = Path(scratch) / "weights.safetensors"
+                    weights = Path(scratch) / WEIGHTS_FILE
                     save_state(weights, new_state)
                 tracker.log_round(server_round, metrics, model, data.input_shape, weights)
                 history.append({"round": float(server_round), **metrics})
@@ -209,6 +214,9 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
                                    "initial": initial})
                 if store is not None:  # the checkpoint is durable: older versions of this round's clients go
                     store.commit(server_round, clients)
+                # The whole round, logging and checkpoint included (a resumed run's last row before the kill
+                # keeps round_seconds only).
+                history[-1]["round_wall_seconds"] = time.perf_counter() - started
                 global_state = new_state
                 shown = {"acc": f"{metrics[primary]:.3f}"} if primary in metrics else {}
                 bar.update(1, {**shown, "loss": f"{metrics.get('global_loss', metrics['train_loss_mean']):.3f}"})
@@ -243,6 +251,8 @@ def registry_config(params: Params) -> MlflowConfig:
 
 
 AGGREGATOR_PREFIX = "aggregator/"
+#: Name of the safetensors weights attached to every logged round model.
+WEIGHTS_FILE = "weights.safetensors"
 #: Sub-folder of the checkpoints that holds the client state store.
 CLIENTS_FOLDER = "clients"
 
@@ -252,6 +262,11 @@ def _client_means(updates: Sequence[ClientUpdate]) -> dict[str, float]:
     names = ("personal_train_loss", "personal_train_accuracy")
     return {f"{name}_mean": sum(float(u.metrics[name]) for u in updates) / len(updates)
             for name in names if updates and all(name in u.metrics for u in updates)}
+
+
+def _wall(row: dict[str, float]) -> float:
+    """Seconds of a round, logging and checkpoint included when measured."""
+    return row.get("round_wall_seconds", row["round_seconds"])
 
 
 def _detection_summary(history: list[dict[str, float]], malicious: frozenset[int]) -> dict[str, Any]:
@@ -282,8 +297,8 @@ def _finish(params: Params, paths: FederatePaths, tracker: FederateTracker, stat
         f"best_{primary.replace('/', '_')}": round(best[primary], 6),
         "best_round": int(best["round"]),
         "rounds": int(history[-1]["round"]),
-        "seconds_total": round(sum(row["round_seconds"] for row in history), 3),
-        "seconds_per_round_median": round(sorted(r["round_seconds"] for r in history)[len(history) // 2], 4),
+        "seconds_total": round(sum(_wall(row) for row in history), 3),
+        "seconds_per_round_median": round(sorted(_wall(row) for row in history)[len(history) // 2], 4),
         **_detection_summary(history, malicious),
         "mlflow_run_id": tracker.run_id,
     }
@@ -323,7 +338,7 @@ def round_columns(params: Params, history: Sequence[dict[str, float]]) -> list[s
         return list(ROUND_COLUMNS)
     scores = sorted({key for row in history for key in row if "/" in key})
     return ["round", *scores, "train_loss_mean", "train_loss_min", "train_loss_max", "lr", "num_clients",
-            "bytes_up", "bytes_down", "num_flagged", "num_rejected", "round_seconds"]
+            "bytes_up", "bytes_down", "num_flagged", "num_rejected", "round_seconds", "round_wall_seconds"]
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

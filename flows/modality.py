@@ -38,7 +38,7 @@ from fedcore.federation.sampling import round_rng, sample_clients
 from fedcore.federation.schedules import learning_rate
 from fedcore.multimodal import AVModel, ModalityAggregate, audio_branch, modality_wise
 from flows import stage
-from flows.runners import RUNNERS
+from flows.runners import task_runner
 from tasks.common import read_params, write_json, write_text
 from tasks.federate import build_aggregator, file_digest, rounds_tsv
 from tasks.modality import (
@@ -96,7 +96,7 @@ def client_threads(params: Params) -> tuple[int, int]:
 def modality(params: Params, paths: ModalityPaths) -> dict[str, Any]:
     """Run the modality flow with the task runner of ``federation.runner`` (threads by default)."""
     workers, _ = client_threads(params)
-    runner = RUNNERS.build(params.federation.runner, max_workers=workers)
+    runner = task_runner(params.federation, workers)
     return modality_training.with_options(task_runner=runner)(params, paths)
 
 

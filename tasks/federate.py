@@ -51,7 +51,7 @@ from tasks.common import pyplot, read_json, save_figure
 ALGORITHM_SECTIONS = {"fedprox": "fedprox", "fedu": "fedu", "fml": "mutual", "fedmlac": "mutual"}
 
 # Federation fields that do not change the arithmetic, so they do not invalidate checkpoints.
-NOT_IN_FINGERPRINT = {"runner", "max_workers", "log_model_every", "eval_batch_size"}
+NOT_IN_FINGERPRINT = {"runner", "max_workers", "address", "log_model_every", "eval_batch_size"}
 
 
 @dataclass(frozen=True)
@@ -387,7 +387,7 @@ def run_fingerprint(spec: TrainSpec, data_digest: str, params: Params | None = N
 ROUND_COLUMNS = (
     "round", "global_accuracy", "global_loss", "personalised_accuracy_mean", "personalised_accuracy_worst10",
     "train_loss_mean", "train_loss_min", "train_loss_max", "lr", "num_clients", "bytes_up", "bytes_down",
-    "num_flagged", "num_rejected", "detect_precision", "detect_recall", "round_seconds",
+    "num_flagged", "num_rejected", "detect_precision", "detect_recall", "round_seconds", "round_wall_seconds",
 )
 
 

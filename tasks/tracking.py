@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -93,6 +95,92 @@ def _log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
         client.log_batch(run_id, params=items[start : start + 100])
 
 
+class ExportOnce:
+    """A ``flavor`` for :meth:`mlflow.models.Model.log`: mlflow.pytorch's ``pt2`` format, traced once per model.
+
+    The architecture is traced once, by :meth:`prepare` (before the rounds) or by the first model logged: that
+    model is saved by :func:`mlflow.pytorch.save_model` (``torch.export``, signature, input example, pip
+    requirements, extra files) into a template, and its program is loaded back. A later model with the same
+    state-dict keys and extra-file names gets a copy of the template with its own weights copied into that program
+    and its own extra files: the files MLflow would write, read alike by ``mlflow.pytorch.load_model``, without
+    tracing the model again each round (the larger part of a round's logging on a small model). A model whose
+    program does not hold every state-dict entry as a weight is always saved in full.
+    """
+
+    flavor_name = "pytorch"
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="fedaudio-export-")
+        self._program: Any = None
+        self._keys: frozenset[str] = frozenset()
+        self._extra_names: tuple[str, ...] = ()
+
+    @property
+    def _template(self) -> Path:
+        return Path(self._folder.name) / "template"
+
+    def prepare(self, model: Any, **kwargs: Any) -> None:
+        """Trace ``model`` now (``kwargs`` as for :func:`mlflow.pytorch.save_model`) and check the result.
+
+        The saved program, loaded back, must give the model's outputs on the input example (else RuntimeError).
+        """
+        import mlflow
+        import torch
+
+        shutil.rmtree(self._template, ignore_errors=True)
+        mlflow.pytorch.save_model(model, str(self._template), **kwargs)
+        self._adopt(model.state_dict(), kwargs.get("extra_files"))
+        example = torch.as_tensor(kwargs["input_example"])
+        with torch.no_grad():
+            expected, got = model(example), mlflow.pytorch.load_model(str(self._template))(example)
+        if not torch.allclose(expected, got, rtol=1e-5, atol=1e-6):
+            raise RuntimeError("ExportOnce: the exported program does not reproduce the model's outputs "
+                               f"(largest difference {float((expected - got).abs().max()):.3g}).")
+
+    def _adopt(self, state: Mapping[str, Any], extra_files: Any) -> None:
+        import torch
+
+        program = torch.export.load(self._template / "data" / "model.pt2")
+        reusable = frozenset(program.state_dict) == frozenset(state)
+        self._program = program if reusable else None
+        self._keys = frozenset(state) if reusable else frozenset()
+        self._extra_names = tuple(Path(f).name for f in extra_files or ())
+
+    def save_model(self, path: str, mlflow_model: Any, pytorch_model: Any, **kwargs: Any) -> None:
+        """Write the MLflow model of ``pytorch_model`` into ``path`` (called by ``Model.log``)."""
+        import mlflow
+        import torch
+        from mlflow.models import Model
+        from mlflow.utils.file_utils import get_total_file_size
+
+        state = pytorch_model.state_dict()
+        extra_files = kwargs.get("extra_files") or ()
+        if (self._program is None or frozenset(state) != self._keys
+                or tuple(Path(f).name for f in extra_files) != self._extra_names):
+            mlflow.pytorch.save_model(pytorch_model, path, mlflow_model=mlflow_model, **kwargs)
+            shutil.rmtree(self._template, ignore_errors=True)
+            shutil.copytree(path, self._template)
+            self._adopt(state, extra_files)
+            return
+        with torch.no_grad():
+            for key, value in state.items():
+                self._program.state_dict[key].copy_(value)
+        target = Path(path)
+        shutil.copytree(self._template, target, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("MLmodel", "model.pt2", "extra_files"))
+        torch.export.save(self._program, target / "data" / "model.pt2")
+        if extra_files:
+            (target / "extra_files").mkdir(exist_ok=True)
+            for extra in extra_files:
+                shutil.copy2(extra, target / "extra_files" / Path(extra).name)
+        template = Model.load(str(self._template / "MLmodel"))
+        mlflow_model.flavors = {name: dict(config) for name, config in template.flavors.items()}
+        mlflow_model.signature = template.signature
+        mlflow_model.saved_input_example_info = template.saved_input_example_info
+        mlflow_model.model_size_bytes = get_total_file_size(str(target))
+        mlflow_model.save(str(target / "MLmodel"))
+
+
 class FederateTracker:
     """The MLflow child run of a federate stage; resumable (the run id is kept in the checkpoint).
 
@@ -116,6 +204,8 @@ class FederateTracker:
         self.run_id: str | None = None
         self.logged_steps: set[int] = set()
         self.model_steps: dict[int, str] = {}
+        self._validated = False  # whether a logged model's input example was checked by reloading it
+        self._export = ExportOnce()
 
     def start(self, params: Mapping[str, Any], resume_run_id: str | None = None, run_name: str = "federate") -> str:
         """Open the child run, or reopen ``resume_run_id`` and read which rounds it already holds."""
@@ -190,24 +280,46 @@ class FederateTracker:
         self, model: Any, server_round: int, input_shape: tuple[int, ...], weights_file: Path | None
     ) -> str:
         import mlflow
-        import torch
 
         if self.model_inputs is not None:
             return self.log_pickled(model, f"global-round-{server_round:04d}", server_round, self.model_inputs,
                                     weights_file)
-        example = np.zeros((2, *input_shape), dtype=np.float32)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            info = mlflow.pytorch.log_model(
-                model.eval(),
+            info = mlflow.models.Model.log(
+                artifact_path=None,
                 name=f"global-round-{server_round:04d}",
+                flavor=self._export,
+                pytorch_model=model.eval(),
                 step=server_round,
-                input_example=example,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                extra_files=[str(weights_file)] if weights_file is not None else None,
                 tags={"fedaudio.round": str(server_round)},
+                # MLflow reloads the saved model and runs the example through it: once per run is enough (every
+                # round has the same architecture), and it costs as much as the export.
+                validate_serving_input=not self._validated,
+                **_pt2_options(input_shape, weights_file),
             )
+        self._validated = True
         return str(info.model_id)
+
+    def prepare_export(self, model: Any, input_shape: tuple[int, ...], weights_name: str | None = None) -> None:
+        """Trace the run's architecture before the rounds, so that logging a round only swaps weights in.
+
+        ``model``: any model of the architecture the rounds log (e.g. the initial one); ``weights_name``: the
+        name of the weights file the rounds attach. Checks the exported program against the model (which then
+        stands for MLflow's own serving-input check). Models logged pickled are left alone.
+        """
+        if self.model_inputs is not None:
+            return
+        with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            weights = None
+            if weights_name is not None:
+                from fedcore.federation.checkpoint import save_state
+
+                weights = Path(scratch) / weights_name
+                save_state(weights, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+            self._export.prepare(model.eval(), **_pt2_options(input_shape, weights))
+        self._validated = True
 
     def log_pickled(self, model: Any, name: str, step: int, inputs: tuple[str, ...],
                     weights_file: Path | None = None, tags: Mapping[str, str] | None = None) -> str:
@@ -301,6 +413,16 @@ class FederateTracker:
         """Mark the run failed (a resume reopens it)."""
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status="FAILED")
+
+
+def _pt2_options(input_shape: tuple[int, ...], weights_file: Path | None) -> dict[str, Any]:
+    """What every round's pt2 model is saved with: a batch-2 zero input example, torch pinned, the weights file."""
+    import torch
+
+    return {"input_example": np.zeros((2, *input_shape), dtype=np.float32),
+            "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}"],
+            "extra_files": [str(weights_file)] if weights_file is not None else None,
+            "serialization_format": "pt2"}
 
 
 def _logged_model_id(uri: str) -> str | None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -49,15 +49,60 @@ class Overlay:
         )
 
 
+class ClientRows(Sequence[Any]):
+    """The clients' data, gathered on access from one shared normalised tensor (``rows[c]`` → ClientData).
+
+    Memory holds each distinct row once, whatever the number of clients and however many of them share a row
+    (``cross_device`` partitions); indexing a client copies only its own rows.
+
+    Parameters
+    ----------
+    features : torch.Tensor
+        ``(m, 1, n_mels, frames)`` float32, one entry per distinct row.
+    labels : torch.Tensor
+        ``(m,)`` int64.
+    positions : sequence of numpy.ndarray
+        Per client, int64 positions into ``features``.
+    empty_is_none : bool
+        Whether a client without rows reads as None (held-out splits) rather than as empty data.
+    """
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, positions: Sequence[np.ndarray],
+                 empty_is_none: bool) -> None:
+        self._features = features
+        self._labels = labels
+        self._positions = list(positions)
+        self._empty_is_none = empty_is_none
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    @overload
+    def __getitem__(self, client: int) -> Any: ...
+
+    @overload
+    def __getitem__(self, client: slice) -> list[Any]: ...
+
+    def __getitem__(self, client: int | slice) -> Any:
+        """Client ``client``'s :class:`ClientData` (a new gathered copy), or None (see ``empty_is_none``)."""
+        if isinstance(client, slice):
+            return [self[c] for c in range(*client.indices(len(self)))]
+        rows = self._positions[client]
+        if self._empty_is_none and len(rows) == 0:
+            return None
+        index = torch.from_numpy(rows)
+        return ClientData(self._features[index], self._labels[index])
+
+
 @dataclass(frozen=True)
 class FederatedDataset:
     """Everything the round loop needs, as tensors.
 
     Attributes
     ----------
-    train : list of ClientData
-        Per client (index = client id): its (possibly poisoned) training data.
-    holdout : list of ClientData or None
+    train : sequence of ClientData
+        Per client (index = client id): its (possibly poisoned) training data, gathered on access.
+    holdout : sequence of ClientData or None
         Per client: its clean held-out split, None when it has none (``holdout_fraction: 0`` or a tiny client).
     test : ClientData
         The global test split.
@@ -66,8 +111,8 @@ class FederatedDataset:
         ``(1, n_mels, frames)``.
     """
 
-    train: list[ClientData]
-    holdout: list[ClientData | None]
+    train: Sequence[ClientData]
+    holdout: Sequence[ClientData | None]
     test: ClientData
     num_classes: int
     input_shape: tuple[int, int, int]
@@ -81,10 +126,11 @@ class FederatedDataset:
 def build_federated_dataset(
     store: FeatureStore, partition: Mapping[str, Any], overlay: Overlay | None = None
 ) -> FederatedDataset:
-    """Normalise features, apply the overlay to attacked training rows and split them per client.
+    """Normalise features, apply the overlay to attacked training rows and index them per client.
 
     The overlay changes only the clients' *training* rows; held-out and test rows stay clean so that
-    personalised and global accuracy measure the harm of the attack honestly.
+    personalised and global accuracy measure the harm of the attack honestly. Each distinct training (and
+    held-out) row is normalised once; clients hold positions into those tensors (:class:`ClientRows`).
     """
     overlay = overlay or Overlay.empty()
     labels = np.asarray(store.labels, dtype=np.int64).copy()
@@ -103,9 +149,16 @@ def build_federated_dataset(
                     features[position, 0] = (raw - store.mean) / store.std
         return ClientData(torch.from_numpy(features), torch.from_numpy(row_labels.copy()))
 
-    clients = partition["clients"]
-    train = [tensors(client["train"], poisoned=True) for client in clients]
-    holdout = [tensors(client["holdout"], poisoned=False) if client["holdout"] else None for client in clients]
-    test = tensors(partition["test"], poisoned=False)
+    def per_client(key: str, poisoned: bool) -> ClientRows:
+        rows = [np.asarray(client[key], dtype=np.int64) for client in partition["clients"]]
+        distinct = np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
+        positions = [np.searchsorted(distinct, r) for r in rows]
+        if distinct.size == 0:  # e.g. no held-out rows at all
+            return ClientRows(torch.zeros(0), torch.zeros(0, dtype=torch.int64), positions, empty_is_none=True)
+        shared = tensors(distinct, poisoned)
+        return ClientRows(shared.features, shared.labels, positions, empty_is_none=not poisoned)
+
     n_mels, frames = store.features.shape[1:]
-    return FederatedDataset(train, holdout, test, len(store.label_names), (1, int(n_mels), int(frames)))
+    return FederatedDataset(per_client("train", poisoned=True), per_client("holdout", poisoned=False),
+                            tensors(partition["test"], poisoned=False), len(store.label_names),
+                            (1, int(n_mels), int(frames)))

@@ -16,8 +16,15 @@ Schemes (registry :data:`PARTITIONERS`, built with a :class:`~fedcore.config.Par
 - ``speaker``: natural split; sorted distinct speaker ids are dealt round-robin to the clients, so a speaker's
   clips never straddle clients and the mapping does not depend on row order.
 
-Every scheme returns one sorted int64 array of positions per client; the parts are disjoint and cover every
-position. ``max_retries`` counts draws in all (the first included).
+- ``cross_device``: a population larger than the pool, as in cross-device FL (thousands of phones, a few
+  clips each): client ``k`` draws a label mix ``p_k ~ Dir(α·1_C)`` and then ``samples_per_client`` distinct
+  positions, position ``i`` with probability proportional to ``p_k[y_i] / n_{y_i}``. Clients draw independently,
+  so they share positions once ``K · samples_per_client`` exceeds the pool. ``[A]``: a simulation device for
+  scale (memory and time against the number of registered clients), not a claim about real data.
+
+Every scheme returns one sorted int64 array of positions per client. The parts of every scheme but
+``cross_device`` (:attr:`Partitioner.disjoint`) are disjoint and cover every position. ``max_retries`` counts
+draws in all (the first included).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from fedcore.registry import Registry
 
 __all__ = [
     "PARTITIONERS",
+    "CrossDevicePartitioner",
     "DirichletPartitioner",
     "IidPartitioner",
     "Partitioner",
@@ -57,6 +65,8 @@ class Partitioner(ABC):
 
     name: ClassVar[str] = ""
     """Registry name of the scheme."""
+    disjoint: ClassVar[bool] = True
+    """Whether the parts are disjoint and cover the pool (then ``num_clients · min_samples <= n`` is required)."""
 
     def __init__(self, cfg: PartitionConfig) -> None:
         for name in ("num_clients", "min_samples", "shards_per_client", "max_retries"):
@@ -101,6 +111,8 @@ class Partitioner(ABC):
                 raise ValueError(f"partition: 'groups' must have the shape of labels {labels.shape}. "
                                  f"Got {groups.shape}.")
         n, k, m = len(labels), self.cfg.num_clients, self.cfg.min_samples
+        if not self.disjoint:
+            return [np.sort(np.asarray(part, dtype=np.int64)) for part in self._split(labels, groups, rng)]
         if k > n:
             raise PartitionError(
                 f"partition: 'num_clients' must be <= the number of training samples ({n}). Got {k}. "
@@ -247,6 +259,35 @@ class SpeakerPartitioner(Partitioner):
         client_of_row = speaker_of_row.reshape(-1) % k
         parts = [np.flatnonzero(client_of_row == client) for client in range(k)]
         return self._check_min_size(parts, "Lower min_samples or num_clients.")
+
+
+@PARTITIONERS.register("cross_device")
+class CrossDevicePartitioner(Partitioner):
+    """A population larger than the pool: each client draws ``samples_per_client`` positions of its own label mix.
+
+    For client ``k`` in order: ``p_k ~ Dir(α·1_C)`` over the classes present, then ``samples_per_client``
+    distinct positions without replacement, position ``i`` weighted ``p_k[y_i] / n_{y_i}`` (a weight that
+    underflows to 0 counts as the smallest positive float, so a client can always fill its quota). Clients share
+    positions when ``K · samples_per_client > n``; ``min_samples`` does not apply.
+    """
+
+    name = "cross_device"
+    disjoint = False
+
+    def _split(self, labels: np.ndarray, groups: np.ndarray | None, rng: np.random.Generator) -> list[np.ndarray]:
+        size = self.cfg.samples_per_client
+        if size > len(labels):
+            raise PartitionError(
+                f"partition: 'samples_per_client' must be <= the number of training samples ({len(labels)}) for "
+                f"scheme 'cross_device'. Got {size}. Lower samples_per_client."
+            )
+        classes, class_of_row, class_sizes = np.unique(labels, return_inverse=True, return_counts=True)
+        parts = []
+        for _ in range(self.cfg.num_clients):
+            mix = rng.dirichlet(np.full(len(classes), self.cfg.alpha))
+            weights = np.maximum(mix[class_of_row] / class_sizes[class_of_row], np.finfo(np.float64).tiny)
+            parts.append(rng.choice(len(labels), size=size, replace=False, p=weights / weights.sum()))
+        return parts
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

@@ -40,3 +40,17 @@ def test_overlay_changes_training_rows_only() -> None:
     assert torch.equal(data.train[1].features[1], torch.full((1, 2, 3), 2.0))   # (10 - 2) / 4
     clean = build_federated_dataset(store(), PARTITION)
     assert torch.equal(data.train[1].features[0], clean.train[1].features[0])
+
+
+def test_clients_sharing_rows_hold_positions_into_one_copy() -> None:
+    many = {"clients": [{"client_id": c, "train": [c % 3, 3 + c % 2], "holdout": []} for c in range(1000)],
+            "test": [6, 7]}
+    data = build_federated_dataset(store(), many)
+    assert data.num_clients == 1000 and len(data.holdout) == 1000
+    one = build_federated_dataset(store(), PARTITION)
+    assert torch.equal(data.train[7].features, torch.stack([one.train[0].features[1], one.train[1].features[1]]))
+    assert data.train[999].labels.tolist() == [0, 0]  # rows 0 and 4
+    assert data.train[-1].labels.tolist() == data.train[999].labels.tolist()
+    assert all(part is None for part in data.holdout[:5])
+    # five distinct training rows are normalised once, however many clients hold them
+    assert data.train._features.shape[0] == 5  # type: ignore[attr-defined]

@@ -20,6 +20,7 @@ from fedcore.data.partition import (
 from fedcore.errors import PartitionError
 
 SCHEMES = PARTITIONERS.names()
+DISJOINT = [name for name in SCHEMES if PARTITIONERS.get(name).disjoint]
 PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -52,7 +53,7 @@ def _run(scheme: str, labels: np.ndarray, groups: np.ndarray, cfg: PartitionConf
     return partitioner.partition(labels, groups, np.random.default_rng(seed))
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", DISJOINT)
 @PROPERTY_SETTINGS
 @given(pool=pools())
 def test_partitioner_parts_disjoint_cover_and_deterministic(
@@ -154,7 +155,7 @@ def test_dirichlet_gives_up_with_actionable_error() -> None:
         _run("dirichlet", labels, np.array(["s"] * 30), cfg, 0)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", DISJOINT)
 def test_partitioner_rejects_more_clients_than_samples(scheme: str) -> None:
     cfg = PartitionConfig(scheme=scheme, num_clients=5, min_samples=1)
     message = r"partition: 'num_clients' must be <= the number of training samples \(4\)\. Got 5\."
@@ -263,3 +264,33 @@ def test_make_partition_maps_positions_through_train_rows() -> None:
     partition = make_partition(labels, groups, np.array([1, 3, 5, 7]), np.array([0, 2, 4, 6]), cfg, 10)
     assert [c["train"] for c in partition["clients"]] == [[1, 5], [3, 7]]
     assert [c["holdout"] for c in partition["clients"]] == [[], []]
+
+
+def test_cross_device_population_larger_than_the_pool() -> None:
+    labels = np.repeat(np.arange(4), 25)  # 100 positions
+    cfg = PartitionConfig(scheme="cross_device", num_clients=500, samples_per_client=8, alpha=0.5)
+    parts = _run("cross_device", labels, None, cfg, 3)
+    assert len(parts) == 500
+    assert all(len(p) == 8 and np.all(np.diff(p) > 0) and p.min() >= 0 and p.max() < 100 for p in parts)
+    joined = np.concatenate(parts)
+    assert len(np.unique(joined)) < len(joined)  # 4,000 draws from 100 positions: clients share positions
+    again = _run("cross_device", labels, None, cfg, 3)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_cross_device_alpha_sets_the_label_skew() -> None:
+    labels = np.repeat(np.arange(10), 50)
+
+    def classes_per_client(alpha: float) -> float:
+        cfg = PartitionConfig(scheme="cross_device", num_clients=200, samples_per_client=20, alpha=alpha)
+        return float(np.mean([len(np.unique(labels[p])) for p in _run("cross_device", labels, None, cfg, 0)]))
+
+    skewed, mixed = classes_per_client(0.05), classes_per_client(100.0)
+    assert skewed < 3.0 < 8.0 < mixed
+
+
+def test_cross_device_rejects_more_samples_than_the_pool() -> None:
+    cfg = PartitionConfig(scheme="cross_device", num_clients=2, samples_per_client=11)
+    message = r"'samples_per_client' must be <= the number of training samples \(10\)"
+    with pytest.raises(PartitionError, match=message):
+        _run("cross_device", np.zeros(10, dtype=np.int64), None, cfg, 0)

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
-from collections.abc import Callable
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +29,7 @@ from tasks.tracking import tracking_uri
 from tests.flows.conftest import tiny_params
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +143,75 @@ def test_cluster_runners_give_the_same_metrics_as_threads(workdir: Path, small_m
         results[name] = json.loads((workdir / f"{name}.json").read_text())
     keys = ["global_accuracy", "global_loss", "personalised_accuracy_mean", "personalised_accuracy_worst10"]
     assert {k: results[runner][k] for k in keys} == {k: results["threads"][k] for k in keys}
+
+
+@pytest.fixture()
+def ray_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A local Ray cluster (head node, 2 CPUs) started with ``ray start``, as a user would; stopped afterwards."""
+    pytest.importorskip("prefect_ray")
+    ray = Path(sys.executable).with_name("ray")
+    port = _free_port()
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a local test cluster: no token to hand the workers
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    head = subprocess.Popen([str(ray), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _listening(port):
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start failed: {head.stderr.read().decode() if head.stderr else ''}")
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # --block: the head takes its processes down with it
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_running_ray_cluster_gives_the_same_metrics_as_threads(workdir: Path, small_mirror: Path,
+                                                                  ray_cluster: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(workdir)
+    results = {}
+    for name, federation in (("threads", {"runner": "threads", "max_workers": 2}),
+                             ("cluster", {"runner": "ray", "max_workers": 2, "address": ray_cluster})):
+        params = tiny_params(small_mirror, federation=federation)
+        p = str(write_params(workdir / f"{name}-addr.yaml", params))
+        assert poison.main(["--params", p, "--raw", "raw", "--features", "features", "--partition",
+                            "part/partition.json", "--out", "poison-none"]) == 0
+        assert federate.main(_federate_args(p, f"{name}-addr")) == 0
+        results[name] = json.loads((workdir / f"{name}-addr.json").read_text())
+    keys = ["global_accuracy", "global_loss", "personalised_accuracy_mean", "personalised_accuracy_worst10"]
+    assert {k: results["cluster"][k] for k in keys} == {k: results["threads"][k] for k in keys}
+    final = {name: load_state(workdir / f"{name}-addr.st") for name in results}
+    assert all(torch.equal(final["cluster"][k], final["threads"][k]) for k in final["threads"])
+
+
+def test_threads_runner_rejects_a_cluster_address(workdir: Path, small_mirror: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    params = tiny_params(small_mirror, federation={"address": "127.0.0.1:6379"})
+    p = str(write_params(workdir / "addr.yaml", params))
+    assert federate.main(_federate_args(p, "addr")) == 2
+    assert "'address' must be null with runner 'threads'" in capsys.readouterr().err
 
 
 def test_bad_audio_is_skipped_counted_and_reported(tmp_path: Path, small_mirror: Path, prefect_api: str) -> None:

@@ -71,3 +71,39 @@ def test_rounds_models_resume_and_registration(cfg: MlflowConfig, tmp_path: Path
     loaded = mlflow.pytorch.load_model(f"models:/{third}")
     out = loaded(torch.zeros(2, 1, 4, 5))
     assert tuple(out.shape) == (2, 3)
+
+
+def small_cnn() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(),
+                               torch.nn.Linear(2 * 2 * 3, 3))
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_every_round_reloads_with_its_own_weights(cfg: MlflowConfig, tmp_path: Path, prepared: bool) -> None:
+    """The architecture is traced once (before the rounds, or at the first); later rounds swap their weights in."""
+    from fedcore.federation.checkpoint import load_state, save_state
+
+    (tmp_path / "store").mkdir()
+    tracker = FederateTracker(cfg, tmp_path)
+    tracker.start({"federation.rounds": 3})
+    if prepared:
+        tracker.prepare_export(small_cnn(), (1, 4, 5), "weights.safetensors")
+    models, ids = [], []
+    for server_round in (1, 2, 3):
+        torch.manual_seed(server_round)
+        model = small_cnn()
+        model.train()(torch.randn(4, 1, 4, 5))  # move the BatchNorm statistics away from their initial values
+        weights = tmp_path / f"r{server_round}" / "weights.safetensors"
+        save_state(weights, model.state_dict())
+        ids.append(tracker.log_round(server_round, {"global_accuracy": 0.1}, model, (1, 4, 5), weights))
+        models.append(model.eval())
+    x = torch.randn(3, 1, 4, 5)
+    for model, model_id in zip(models, ids, strict=True):
+        loaded = mlflow.pytorch.load_model(f"models:/{model_id}")
+        assert torch.equal(loaded(x), model(x))
+        info = mlflow.models.get_model_info(f"models:/{model_id}")
+        assert set(info.flavors) == {"pytorch", "python_function"}
+        assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 4, 5)
+        files = Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=str(tmp_path / model_id)))
+        saved = load_state(files / "extra_files" / "weights.safetensors")
+        assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())

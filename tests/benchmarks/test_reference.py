@@ -1,0 +1,77 @@
+"""The reference benchmark's yardsticks agree with the project on what BENCHMARKS.md specifies."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.bare_loop import (
+    CNN4,
+    fedavg,
+    initial_model,
+    load_workload,
+    local_train,
+    save_workload,
+    spec_partition,
+)
+from fedcore.aggregation.base import ClientUpdate
+from fedcore.aggregation.fedavg import weighted_average
+from fedcore.algorithms.base import ClientData, LocalSettings, train_client
+from fedcore.algorithms.fedavg import FedAvgClient
+from fedcore.config import ModelConfig, PartitionConfig
+from fedcore.data.partition import PARTITIONERS
+from fedcore.federation.sampling import client_generator
+from fedcore.models import build_model
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_dirichlet_partitioner_draws_the_spec_partition(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = np.sort(rng.integers(0, 10, size=600))
+    rng.shuffle(labels)
+    cfg = PartitionConfig(scheme="dirichlet", num_clients=10, alpha=0.5, min_samples=10, seed=seed)
+    ours = PARTITIONERS.build("dirichlet", cfg=cfg).partition(labels, None, np.random.default_rng(seed))
+    spec = spec_partition(labels, 0.5, 10, seed, 10)
+    assert all(np.array_equal(a, b) for a, b in zip(ours, spec, strict=True))
+
+
+def test_bare_fedavg_matches_the_project_rule() -> None:
+    torch.manual_seed(0)
+    states = [{k: v + torch.randn_like(v) if v.is_floating_point() else v + i
+               for k, v in CNN4().state_dict().items()} for i in range(3)]
+    sizes = [54, 290, 7]
+    updates = [ClientUpdate(i, s, n, {}) for i, (s, n) in enumerate(zip(states, sizes, strict=True))]
+    ours = weighted_average(states[0], updates)
+    assert all(torch.equal(ours[k], v) for k, v in fedavg(states, sizes).items())
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bare_local_training_matches_the_project_client(tmp_path: Path) -> None:
+    """Same seed, model, batches and SGD: the bare loop's client and fedcore's give the same weights."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((70, 1, 64, 101)).astype(np.float32)
+    y = rng.integers(0, 10, size=70)
+    save_workload(tmp_path / "w.npz", x, y, x[:5], y[:5], [np.arange(70)])
+    work = load_workload(tmp_path / "w.npz")
+    bare_model = initial_model(10)
+    start = {k: v.clone() for k, v in bare_model.state_dict().items()}
+    bare = local_train(bare_model, start, work.x_train, work.y_train, server_round=3, client=0)
+    cfg = ModelConfig(name="cnn", width=16, depth=4)
+    model = build_model(cfg, 10, (1, 64, 101), torch.Generator().manual_seed(0))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in start.items())  # the same initial model
+    settings = LocalSettings(epochs=1, batch_size=32, lr=0.05, momentum=0.9, weight_decay=0.0)
+    update = train_client(client_id=0, model=model, global_state=start, data=ClientData(work.x_train, work.y_train),
+                          algorithm=FedAvgClient(), settings=settings, generator=client_generator(0, 3, 0))
+    assert all(torch.equal(update.state[k], v) for k, v in bare.items())
