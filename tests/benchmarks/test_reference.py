@@ -75,3 +75,23 @@ def test_bare_local_training_matches_the_project_client(tmp_path: Path) -> None:
     update = train_client(client_id=0, model=model, global_state=start, data=ClientData(work.x_train, work.y_train),
                           algorithm=FedAvgClient(), settings=settings, generator=client_generator(0, 3, 0))
     assert all(torch.equal(update.state[k], v) for k, v in bare.items())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_thread_probe_does_the_same_arithmetic_on_every_thread(tmp_path: Path) -> None:
+    """Where the clients run changes the time, not the weights: main thread and worker thread agree bit for bit."""
+    from benchmarks.thread_probe import probe
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((60, 1, 64, 101)).astype(np.float32)
+    y = rng.integers(0, 4, size=60)
+    save_workload(tmp_path / "w.npz", x, y, x[:20], y[:20], [np.arange(0, 35), np.arange(35, 60)])
+    work = load_workload(tmp_path / "w.npz")
+    on_main, on_worker = probe(work, 2, "main"), probe(work, 2, "thread")
+    assert len(on_main.seconds) == len(on_worker.seconds) == 2
+    assert on_main.accuracy == on_worker.accuracy
+    assert all(torch.equal(on_main.state[k], v) for k, v in on_worker.state.items())
+    start = initial_model(work.num_classes).state_dict()
+    assert not all(torch.equal(start[k], v) for k, v in on_main.state.items())  # the rounds trained something
+    with pytest.raises(ValueError, match="unknown mode"):
+        probe(work, 1, "process")
