@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,10 @@ def local_train(model: nn.Module, state: dict[str, torch.Tensor], x: torch.Tenso
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+#: ``local_train``'s signature: where a client's update is computed is the caller's choice.
+Train = Callable[..., dict[str, torch.Tensor]]
+
+
 def fedavg(states: list[dict[str, torch.Tensor]], sizes: list[int]) -> dict[str, torch.Tensor]:
     """Σ_k (n_k/n)·w_k over every entry (float64, clients in order), cast back; integer entries rounded."""
     total = sum(sizes)
@@ -145,22 +150,30 @@ def accuracy(model: nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor, 
     return correct / len(y)
 
 
-def run(work: Workload, rounds: int = ROUNDS) -> dict[str, object]:
-    """FedAvg, every client every round; per-round test accuracy and seconds."""
+def federate(work: Workload, rounds: int = ROUNDS, train: Train = local_train
+             ) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+    """FedAvg, every client every round, each client's update from ``train``; per-round test accuracy and seconds,
+    and the final global state."""
     model = initial_model(work.num_classes)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     accuracies, seconds = [], []
-    started = time.perf_counter()
     for server_round in range(1, rounds + 1):
         t0 = time.perf_counter()
         states, sizes = [], []
         for client, rows in enumerate(work.parts):
             index = torch.from_numpy(rows)
-            states.append(local_train(model, state, work.x_train[index], work.y_train[index], server_round, client))
+            states.append(train(model, state, work.x_train[index], work.y_train[index], server_round, client))
             sizes.append(len(rows))
         state = fedavg(states, sizes)
         accuracies.append(accuracy(model, state, work.x_test, work.y_test))
         seconds.append(time.perf_counter() - t0)
+    return accuracies, seconds, state
+
+
+def run(work: Workload, rounds: int = ROUNDS) -> dict[str, object]:
+    """FedAvg, every client every round; per-round test accuracy and seconds."""
+    started = time.perf_counter()
+    accuracies, seconds, _ = federate(work, rounds)
     total = time.perf_counter() - started
     return {"accuracy": accuracies, "round_seconds": seconds, "total_seconds": total,
             "final_accuracy": accuracies[-1], "best_accuracy": max(accuracies),

@@ -4,11 +4,11 @@
     python -m benchmarks.thread_probe thread --rounds 6
     python -m benchmarks.thread_probe prefect --rounds 6
 
-Each round trains the reference workload's ten clients one after the other on 2 torch intra-op threads, then
-aggregates and evaluates on the main thread, exactly as :mod:`benchmarks.bare_loop` does. Only where the clients
-run changes: on the main thread (``main``), on one plain ``ThreadPoolExecutor`` worker (``thread``), or as Prefect
-task runs on a one-worker ``ThreadPoolTaskRunner`` (``prefect``). Prints the median seconds per round and the last
-round's accuracy (the same in every mode: the arithmetic does not change). Needs
+Each round trains the reference workload's ten clients one after the other on ``--threads`` (2) torch intra-op
+threads, then aggregates and evaluates on the main thread (:func:`benchmarks.bare_loop.federate`). Only where
+the clients run changes: on the main thread (``main``), on one plain ``ThreadPoolExecutor`` worker (``thread``),
+or as Prefect task runs on a one-worker ``ThreadPoolTaskRunner`` (``prefect``). Prints the median seconds per
+round and the last round's accuracy (the same in every mode: the arithmetic does not change). Needs
 ``results/reference/workload.npz`` (``python -m benchmarks.reference --prepare-only``).
 """
 
@@ -16,20 +16,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from benchmarks.bare_loop import Workload, accuracy, fedavg, initial_model, load_workload, local_train
+from benchmarks.bare_loop import Train, Workload, federate, load_workload, local_train
 
 MODES = ("main", "thread", "prefect")
-
-
-State = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -38,34 +33,21 @@ class ProbeResult:
 
     seconds: list[float]
     accuracy: float
-    state: State
+    state: dict[str, torch.Tensor]
 
 
-def _rounds(work: Workload, rounds: int, train: Callable[[tuple], State]) -> ProbeResult:
-    model = initial_model(work.num_classes)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    seconds, acc = [], 0.0
-    for server_round in range(1, rounds + 1):
-        t0 = time.perf_counter()
-        states, sizes = [], []
-        for client, rows in enumerate(work.parts):
-            index = torch.from_numpy(rows)
-            states.append(train((model, state, work.x_train[index], work.y_train[index], server_round, client)))
-            sizes.append(len(rows))
-        state = fedavg(states, sizes)
-        acc = accuracy(model, state, work.x_test, work.y_test)
-        seconds.append(time.perf_counter() - t0)
-        print(f"round {server_round}: {seconds[-1]:.2f} s", flush=True)
-    return ProbeResult(seconds, acc, state)
+def _rounds(work: Workload, rounds: int, train: Train) -> ProbeResult:
+    accuracies, seconds, state = federate(work, rounds, train)
+    return ProbeResult(seconds, accuracies[-1], state)
 
 
 def probe(work: Workload, rounds: int, mode: str) -> ProbeResult:
     """``rounds`` bare-loop rounds with the clients trained in ``mode``; timings, accuracy, final state."""
     if mode == "main":
-        return _rounds(work, rounds, lambda a: local_train(*a))
+        return _rounds(work, rounds, local_train)
     if mode == "thread":
         with ThreadPoolExecutor(max_workers=1) as pool:
-            return _rounds(work, rounds, lambda a: pool.submit(local_train, *a).result())
+            return _rounds(work, rounds, lambda *a: pool.submit(local_train, *a).result())
     if mode != "prefect":
         raise ValueError(f"unknown mode {mode!r}: expected one of {MODES}")
     from prefect import flow, task
@@ -75,7 +57,7 @@ def probe(work: Workload, rounds: int, mode: str) -> ProbeResult:
 
     @flow(name="thread-probe", task_runner=ThreadPoolTaskRunner(max_workers=1), persist_result=False)
     def prefect_rounds() -> ProbeResult:
-        return _rounds(work, rounds, lambda a: train_task.submit(*a).result())
+        return _rounds(work, rounds, lambda *a: train_task.submit(*a).result())
 
     return prefect_rounds()
 
