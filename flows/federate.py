@@ -314,7 +314,7 @@ def _finish(params: Params, paths: FederatePaths, tracker: FederateTracker, stat
         plot_rounds(history, png)
     detection = paths.plots / "detection.json"
     write_json(detection, {"aggregator": aggregator_name(params), "attack": params.attack.name,
-                           "malicious_clients": sorted(malicious), "rounds": detections})
+                           "malicious_clients": sorted(malicious), "rounds": detections}, sort_keys=True)
     final = {k: v for k, v in metrics.items() if k.startswith("detect_") and v is not None}
     version = tracker.finish({**summary, **final}, int(history[-1]["round"]), [tsv, png, detection])
     metrics["registered_version"] = version

@@ -29,9 +29,13 @@ def read_params(path: str | Path = PARAMS_FILE) -> Params:
     return load_params(raw)
 
 
-def write_json(path: str | Path, data: Mapping[str, Any] | list[Any]) -> None:
-    """Write JSON atomically (temp file + rename), so a kill never leaves half a file."""
-    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+def write_json(path: str | Path, data: Mapping[str, Any] | list[Any], *, sort_keys: bool = False) -> None:
+    """Write JSON atomically (temp file + rename), so a kill never leaves half a file.
+
+    ``sort_keys`` for records that may come back from a checkpoint (stored with sorted keys) or from memory, so
+    that the file is the same either way.
+    """
+    write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -121,3 +121,6 @@ def test_killed_federate_resumes_to_the_same_metrics(project: Path, prefect_api:
     assert "resuming after round" in result.stdout + result.stderr
     resumed = json.loads((project / "metrics/federate.json").read_text())
     assert {k: resumed[k] for k in ACCURACY_KEYS} == {k: reference[k] for k in ACCURACY_KEYS}
+    # the per-round detection log is the same file, whether its rounds came from a checkpoint or from memory
+    detection = (project / "plots/federate/detection.json").read_text()
+    assert detection == (project / "ref/plots/detection.json").read_text()
