@@ -9,8 +9,11 @@ Exception tree::
     │   ├── ChecksumError    a file whose sha256 differs from the expected one
     │   ├── UnsafeArchiveError  an archive member that would land outside the target folder
     │   └── AudioError       one audio file that cannot be read (skipped and reported by ingest)
+    ├── CheckpointError      checkpoints from which no run can resume (none verifies)
+    │   └── ClientStateError  one client's stored state file that is damaged
     ├── PartitionError       a partition that cannot satisfy its constraints
     └── AggregationError     client updates that cannot be combined
+        └── QuorumError      too few accepted updates in a round (the round is not applied)
 """
 
 from __future__ import annotations
@@ -53,9 +56,54 @@ class AudioError(DataError):
     """One audio file that cannot be read."""
 
 
+class CheckpointError(FedcoreError):
+    """Checkpoints from which a run cannot resume; the message names the folder and the fix."""
+
+
+class ClientStateError(CheckpointError, ValueError):
+    """One client's stored state file that is damaged (truncated, bit-flipped, not a state file).
+
+    Attributes
+    ----------
+    client : int
+        The client whose state it is.
+    path : str
+        The damaged file.
+    server_round : int
+        The round the file was written at.
+    reason : str
+        What is wrong with it.
+    """
+
+    def __init__(self, message: str, *, client: int = -1, path: str = "", server_round: int = -1,
+                 reason: str = "") -> None:  # defaults: so that the error unpickles in another process
+        super().__init__(message)
+        self.client = client
+        self.path = path
+        self.server_round = server_round
+        self.reason = reason
+
+
 class PartitionError(FedcoreError, ValueError):
     """A partition that cannot satisfy its constraints."""
 
 
 class AggregationError(FedcoreError):
     """Client updates that cannot be combined."""
+
+
+class QuorumError(AggregationError):
+    """Too few clients of a round sent an acceptable update; the round is not applied.
+
+    Attributes
+    ----------
+    server_round : int
+        The round that failed its quorum.
+    rejected : dict of int to str
+        ``"client <id>: <reason>"`` per client left out.
+    """
+
+    def __init__(self, message: str, *, server_round: int = 0, rejected: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.server_round = server_round
+        self.rejected = dict(rejected or {})

@@ -7,8 +7,11 @@ Every rule shares one procedure (:meth:`Aggregator.aggregate`):
 
 1. **Screen.** An update whose keys, shapes or dtypes differ from the global state, or whose floating tensors hold
    NaN or Inf, or that lacks a metric the rule needs, is *rejected*: it is left out of the round, the reason is
-   logged (logger ``fedcore.aggregation``) and returned. If no update is left, :class:`AggregationError` lists
-   every reason. (A repeated client id or a ``num_examples`` that is not a positive int is a caller bug and raises.)
+   logged (logger ``fedcore.aggregation``) and returned. Clients whose training failed (``failed``: they raised)
+   are rejected alike. If fewer than ``min_accepted`` updates are left (the quorum; at least one),
+   :class:`QuorumError` lists every reason and the round is not applied. (A repeated client id or a
+   ``num_examples`` that is not a positive int is a caller bug and raises.) :func:`screen_updates` is the same
+   screening for callers that combine partial updates (modality-wise, depth-aware).
 2. **Combine.** The rule's :meth:`Aggregator.combine` computes the floating entries from the accepted updates and
    says how much each client counted. Non-floating entries (e.g. BatchNorm's ``num_batches_tracked``) get FedAvg's
    weighted mean rounded to the nearest integer, in every rule.
@@ -31,7 +34,7 @@ from typing import ClassVar
 import torch
 
 from fedcore.aggregation.state import StateDict
-from fedcore.errors import AggregationError
+from fedcore.errors import AggregationError, QuorumError
 from fedcore.registry import Registry
 
 LOGGER = logging.getLogger("fedcore.aggregation")
@@ -150,20 +153,39 @@ class Aggregator(ABC):
             The round being aggregated, starting at 1.
         """
 
-    def aggregate(self, global_state: StateDict, updates: Sequence[ClientUpdate], server_round: int) -> Aggregate:
+    def aggregate(self, global_state: StateDict, updates: Sequence[ClientUpdate], server_round: int, *,
+                  failed: Mapping[int, str] | None = None, min_accepted: int = 1) -> Aggregate:
         """Return w_{t+1} and the report of the round (see the module docstring).
+
+        Parameters
+        ----------
+        global_state : dict of str to Tensor
+            w_t (not modified).
+        updates : sequence of ClientUpdate
+            The updates that arrived (may be empty when every client of the round failed).
+        server_round : int
+            The round being aggregated, starting at 1.
+        failed : Mapping of int to str, optional
+            Clients of the round whose training raised, with the reason; rejected and flagged like a bad update.
+        min_accepted : int, default 1
+            The quorum: fewer accepted updates and the round is not applied (:class:`QuorumError`).
 
         Raises
         ------
+        QuorumError
+            If fewer than ``min_accepted`` updates (and always: none) pass screening; the message lists each
+            rejected client and its reason.
         AggregationError
-            If ``updates`` is empty, a client id repeats, a ``num_examples`` is not an int > 0, or every update
-            was rejected (the message lists each reason).
+            If a client id repeats (also between ``updates`` and ``failed``) or a ``num_examples`` is not an
+            int > 0.
         """
-        accepted, rejected = self.screen(global_state, updates)
-        if not accepted:
-            reasons = "; ".join(rejected.values())
-            raise AggregationError(f"{type(self).__name__}: every update of round {server_round} was rejected: "
-                                   f"{reasons}")
+        where = type(self).__name__
+        failed = {int(k): str(v) for k, v in (failed or {}).items()}
+        if both := sorted(failed.keys() & {u.client_id for u in updates}):
+            raise AggregationError(f"{where}: clients {both} must either fail or send an update. Got both.")
+        accepted, rejected = self.screen(global_state, updates) if updates else ([], {})
+        rejected = dict(sorted({**{c: f"client {c}: {r}" for c, r in failed.items()}, **rejected}.items()))
+        check_quorum(where, server_round, len(accepted), rejected, min_accepted)
         combination = self.combine(global_state, accepted, server_round)
         state: StateDict = {}
         integers = integer_average(global_state, accepted)
@@ -191,47 +213,103 @@ class Aggregator(ABC):
         AggregationError
             If ``updates`` is empty, a client id repeats or a ``num_examples`` is not an int > 0.
         """
-        where = type(self).__name__
-        if len(updates) == 0:
-            raise AggregationError(f"{where}: 'updates' must be a non-empty sequence. Got {list(updates)!r}.")
-        seen: set[int] = set()
-        accepted: list[ClientUpdate] = []
-        rejected: dict[int, str] = {}
-        for update in sorted(updates, key=lambda u: u.client_id):
-            client = update.client_id
-            if client in seen:
-                raise AggregationError(f"{where}: client {client} must report once per round. Got it twice.")
-            seen.add(client)
-            n_k = update.num_examples
-            if isinstance(n_k, bool) or not isinstance(n_k, int) or n_k <= 0:
-                raise AggregationError(f"{where}: client {client}: 'num_examples' must be an int > 0. Got {n_k!r}.")
-            reason = self._problem(global_state, update)
-            if reason is None:
-                accepted.append(update)
-            else:
-                rejected[client] = f"client {client}: {reason}"
-                LOGGER.warning("%s: rejected the update of client %d: %s", where, client, reason)
-        return accepted, rejected
+        return screen_updates(global_state, updates, required_metrics=self.required_metrics,
+                              where=type(self).__name__)
 
-    def _problem(self, global_state: StateDict, update: ClientUpdate) -> str | None:
-        """Why ``update`` cannot be combined, or None."""
-        missing = sorted(set(global_state) - set(update.state))
-        extra = sorted(set(update.state) - set(global_state))
-        if missing or extra:
-            return f"'state' must have the global keys; missing {missing!r}, extra {extra!r}"
-        for key, reference in global_state.items():
-            tensor = update.state[key]
-            if tensor.shape != reference.shape:
-                return f"key {key!r} must have shape {tuple(reference.shape)}; got {tuple(tensor.shape)!r}"
-            if tensor.dtype != reference.dtype:
-                return f"key {key!r} must have dtype {reference.dtype}; got {tensor.dtype}"
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                return f"key {key!r} must hold finite values; got {_count_nonfinite(tensor)}"
-        for name in self.required_metrics:
-            value = update.metrics.get(name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                return f"metric {name!r} must be a finite number; got {value!r}"
-        return None
+
+def screen_updates(
+    global_state: StateDict, updates: Sequence[ClientUpdate], *, partial: bool = False,
+    required_metrics: Sequence[str] = (), where: str = "screen_updates",
+) -> tuple[list[ClientUpdate], dict[int, str]]:
+    """Split ``updates`` into accepted ones (sorted by client id) and rejected ones with their reason.
+
+    Parameters
+    ----------
+    global_state : dict of str to Tensor
+        The reference: keys, shapes and dtypes an update must match.
+    updates : sequence of ClientUpdate
+        The round's updates (non-empty).
+    partial : bool, default False
+        Whether an update may carry a non-empty subset of the keys (modality-wise and depth-aware rules); every
+        entry it carries is still checked. Otherwise it must carry every key.
+    required_metrics : sequence of str
+        Metrics each update must report as finite numbers.
+    where : str
+        Name used in messages and the log.
+
+    Returns
+    -------
+    accepted : list of ClientUpdate
+        In increasing client id order.
+    rejected : dict of int to str
+        ``"client <id>: <reason>"`` per rejected client; each is also logged (logger ``fedcore.aggregation``).
+
+    Raises
+    ------
+    AggregationError
+        If ``updates`` is empty, a client id repeats or a ``num_examples`` is not an int > 0 (caller bugs).
+    """
+    if len(updates) == 0:
+        raise AggregationError(f"{where}: 'updates' must be a non-empty sequence. Got {list(updates)!r}.")
+    seen: set[int] = set()
+    accepted: list[ClientUpdate] = []
+    rejected: dict[int, str] = {}
+    for update in sorted(updates, key=lambda u: u.client_id):
+        client = update.client_id
+        if client in seen:
+            raise AggregationError(f"{where}: client {client} must report once per round. Got it twice.")
+        seen.add(client)
+        n_k = update.num_examples
+        if isinstance(n_k, bool) or not isinstance(n_k, int) or n_k <= 0:
+            raise AggregationError(f"{where}: client {client}: 'num_examples' must be an int > 0. Got {n_k!r}.")
+        reason = _problem(global_state, update, partial, required_metrics)
+        if reason is None:
+            accepted.append(update)
+        else:
+            rejected[client] = f"client {client}: {reason}"
+            LOGGER.warning("%s: rejected the update of client %d: %s", where, client, reason)
+    return accepted, rejected
+
+
+def check_quorum(where: str, server_round: int, num_accepted: int, rejected: Mapping[int, str],
+                 min_accepted: int) -> None:
+    """Raise :class:`QuorumError` if fewer than ``min_accepted`` (and at least one) updates were accepted.
+
+    ``rejected`` holds ``"client <id>: <reason>"`` per client left out (failed or screened out); the message
+    lists them all.
+    """
+    needed = max(1, int(min_accepted))
+    if num_accepted >= needed:
+        return
+    total = num_accepted + len(rejected)
+    reasons = "; ".join(rejected.values()) or "no client of the round sent an update"
+    raise QuorumError(f"{where}: round {server_round} needs at least {needed} accepted update"
+                      f"{'s' if needed != 1 else ''} (the quorum) of {total}. Got {num_accepted}. Rejected: "
+                      f"{reasons}.", server_round=server_round, rejected=dict(rejected))
+
+
+def _problem(global_state: StateDict, update: ClientUpdate, partial: bool,
+             required_metrics: Sequence[str]) -> str | None:
+    """Why ``update`` cannot be combined, or None."""
+    missing = sorted(set(global_state) - set(update.state))
+    extra = sorted(set(update.state) - set(global_state))
+    if extra or (missing and not partial) or not update.state:
+        return f"'state' must have the global keys; missing {missing[:5]!r}, extra {extra[:5]!r}"
+    for key, tensor in update.state.items():
+        reference = global_state[key]
+        if not isinstance(tensor, torch.Tensor):
+            return f"key {key!r} must be a tensor; got {type(tensor).__name__}"
+        if tensor.shape != reference.shape:
+            return f"key {key!r} must have shape {tuple(reference.shape)}; got {tuple(tensor.shape)!r}"
+        if tensor.dtype != reference.dtype:
+            return f"key {key!r} must have dtype {reference.dtype}; got {tensor.dtype}"
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"key {key!r} must hold finite values; got {_count_nonfinite(tensor)}"
+    for name in required_metrics:
+        value = update.metrics.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"metric {name!r} must be a finite number; got {value!r}"
+    return None
 
 
 def check_updates(aggregator: Aggregator, global_state: StateDict, updates: Sequence[ClientUpdate]) -> None:
@@ -306,10 +384,12 @@ __all__ = [
     "ClientUpdate",
     "Combination",
     "StateDict",
+    "check_quorum",
     "check_updates",
     "combine_weighted",
     "floating_keys",
     "integer_average",
     "nominal_weights",
+    "screen_updates",
     "stacked",
 ]

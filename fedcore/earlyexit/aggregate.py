@@ -10,16 +10,21 @@ the clients for whom layer l is near their exit). Entries outside the layers (th
 heads; ``layer_of(key) == 0``) are averaged over the clients that sent them with ω_c = n_c. An entry no client
 sent keeps its value. :func:`depth_aware_average` returns the averaged entries; a server optimiser (FedAdam)
 may then step from the old values towards them (:func:`server_step`).
+
+Updates are screened first (:func:`~fedcore.aggregation.base.screen_updates` with partial updates): a client whose
+update holds a non-finite value, a wrong shape or dtype, a key the global state lacks or a layer beyond its exit is
+left out with its reason, and so is a client whose training failed; fewer than ``min_accepted`` accepted clients
+raise :class:`~fedcore.errors.QuorumError` (the round is not applied).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from fedcore.aggregation.base import Aggregator, ClientUpdate
+from fedcore.aggregation.base import Aggregator, ClientUpdate, check_quorum, screen_updates
 from fedcore.aggregation.state import StateDict
 from fedcore.errors import AggregationError
 from fedcore.registry import Registry
@@ -36,6 +41,8 @@ class PartialAggregate:
 
     state: StateDict
     participants: dict[str, list[int]]
+    #: ``"client <id>: <reason>"`` of every client left out of the round (failed or screened out).
+    rejected: Mapping[int, str] = field(default_factory=dict)
 
     def full_state(self, global_state: StateDict) -> StateDict:
         """``global_state`` with the averaged entries replaced (entries nobody sent keep their value)."""
@@ -43,7 +50,8 @@ class PartialAggregate:
 
 
 def depth_aware_average(global_state: StateDict, updates: Sequence[ClientUpdate], depths: Mapping[int, int],
-                        layer_of: Callable[[str], int], weighting: str = "uniform") -> PartialAggregate:
+                        layer_of: Callable[[str], int], weighting: str = "uniform", *, server_round: int = 0,
+                        failed: Mapping[int, str] | None = None, min_accepted: int = 1) -> PartialAggregate:
     """Average every entry over the clients that sent it, weighted ``n_c · g(layer, d_c)``.
 
     Parameters
@@ -58,6 +66,12 @@ def depth_aware_average(global_state: StateDict, updates: Sequence[ClientUpdate]
         ``layer_of(key)``: the backbone layer (1-based) an entry belongs to, or 0 for entries outside the layers.
     weighting : str
         A :data:`DEPTH_WEIGHTS` name.
+    server_round : int, optional
+        The round (for messages).
+    failed : Mapping of int to str, optional
+        Clients whose training raised, with the reason (rejected).
+    min_accepted : int, default 1
+        The quorum of accepted clients.
 
     Returns
     -------
@@ -65,28 +79,33 @@ def depth_aware_average(global_state: StateDict, updates: Sequence[ClientUpdate]
 
     Raises
     ------
+    QuorumError
+        If fewer than ``min_accepted`` clients (and always: none) sent an acceptable update.
     AggregationError
-        If ``updates`` is empty, a client repeats, sends a key the global state lacks or a layer deeper than its
-        exit, or has no depth.
+        If a client repeats (also between ``updates`` and ``failed``) or has no depth (caller bugs).
     """
     g = DEPTH_WEIGHTS.build(weighting)
-    if not updates:
-        raise AggregationError("depth_aware_average: 'updates' must be non-empty. Got [].")
-    seen: set[int] = set()
+    failed = dict(failed or {})
+    if both := sorted(failed.keys() & {u.client_id for u in updates}):
+        raise AggregationError(f"depth_aware_average: clients {both} must either fail or send an update. Got both.")
     for update in updates:
         client = update.client_id
-        if client in seen:
-            raise AggregationError(f"depth_aware_average: client {client} must report once. Got it twice.")
-        seen.add(client)
         if client not in depths or depths[client] < 1:
             raise AggregationError(f"depth_aware_average: client {client} needs an exit depth >= 1 in 'depths'. "
                                    f"Got {depths.get(client)!r}.")
-        if extra := sorted(set(update.state) - set(global_state)):
-            raise AggregationError(f"depth_aware_average: client {client} sent keys the global state lacks: "
-                                   f"{extra[:5]!r}.")
+    accepted, rejected = (screen_updates(global_state, updates, partial=True, where="depth_aware_average")
+                          if updates else ([], {}))
+    within = []
+    for update in accepted:
+        client = update.client_id
         if deep := [k for k in update.state if layer_of(k) > depths[client]]:
-            raise AggregationError(f"depth_aware_average: client {client} (exit depth {depths[client]}) sent "
-                                   f"layers beyond its exit: {deep[:5]!r}.")
+            rejected[client] = f"client {client}: exit depth {depths[client]} but sent deeper layers {deep[:5]!r}"
+        else:
+            within.append(update)
+    rejected.update({c: f"client {c}: {reason}" for c, reason in failed.items()})
+    rejected = dict(sorted(rejected.items()))
+    check_quorum("depth_aware_average", server_round, len(within), rejected, min_accepted)
+    updates = within
     state: StateDict = {}
     participants: dict[str, list[int]] = {}
     for key, reference in global_state.items():
@@ -108,7 +127,7 @@ def depth_aware_average(global_state: StateDict, updates: Sequence[ClientUpdate]
             value = torch.round(acc / total)
         state[key] = value.to(device=reference.device, dtype=reference.dtype)
         participants[key] = [u.client_id for u in holders]
-    return PartialAggregate(state=state, participants=participants)
+    return PartialAggregate(state=state, participants=participants, rejected=rejected)
 
 
 def server_step(server: Aggregator, global_state: StateDict, averaged: StateDict, server_round: int) -> StateDict:

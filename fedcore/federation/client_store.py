@@ -8,14 +8,21 @@ A :class:`ClientStore` owns one folder, with one sub-folder per client that has 
 
 Client folders are named by the client id with at least 6 digits (``f"{client:06d}"``), round files by the round
 with at least 4 digits (:meth:`ClientStore.file_name`). Each file holds the client's flat dict of tensors and its
-string metadata in the safetensors header. Only client folders and round files in exactly these canonical forms
-belong to the store; anything else in ``folder`` is never read, listed as a client or removed.
+string metadata in the safetensors header, with a seal: a sha256 over the rest of the header and the tensor bytes
+(:func:`~fedcore.federation.checkpoint.sealed_chunks`), checked on every load, so a damaged file (truncated,
+bit-flipped) raises :class:`~fedcore.errors.ClientStateError` naming the client, the file and the round instead
+of handing back wrong tensors. Only client folders and round files in exactly these canonical forms belong to the
+store; anything else in ``folder`` is never read, listed as a client or removed.
 
 Versions are kept per round so that resuming is safe: the flow writes the client states of round ``r + 1`` before
 the checkpoint of round ``r + 1`` (see :mod:`fedcore.federation.checkpoint`), so after a crash between the two,
 resuming from the round-``r`` checkpoint calls :meth:`ClientStore.rollback` with ``r`` (dropping the round
 ``r + 1`` versions) and :meth:`ClientStore.load` with ``upto_round=r`` sees the state each client had then. Once a
-round's checkpoint is durable, :meth:`ClientStore.commit` drops the versions no resume can need any more.
+round's checkpoint is durable, :meth:`ClientStore.commit` drops the versions no resume can need any more: those
+older than each client's state as of the *oldest* checkpoint kept, so that a resume that falls back to it (the
+newest checkpoint being damaged) finds every client's state of that round. :meth:`ClientStore.verify` checks, for
+one round, every file a resume from it would read; pass it to
+:meth:`~fedcore.federation.checkpoint.Checkpointer.load_latest` as ``also_verify``.
 
 Each file is written to ``<name>.tmp``, flushed and fsynced, then moved over the final name with :func:`os.replace`
 (:func:`~fedcore.federation.checkpoint.atomic_write_bytes`), so a crash leaves a complete file or none; ``*.tmp``
@@ -35,11 +42,18 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import safetensors.torch
 import torch
-from safetensors import SafetensorError
 
-from fedcore.federation.checkpoint import _cpu_tensors, _read_safetensors, atomic_write_bytes
+from fedcore.errors import ClientStateError
+from fedcore.federation.checkpoint import (
+    SEAL_DIGEST_KEY,
+    SEAL_FORMAT_KEY,
+    DamagedFileError,
+    _atomic_write,
+    _cpu_tensors,
+    sealed_chunks,
+    unseal,
+)
 
 _CLIENT_FOLDER = re.compile(r"^(\d{6,})$")
 _ROUND_FILE = re.compile(r"^round_(\d{4,})\.safetensors$")
@@ -172,8 +186,8 @@ class ClientStore:
         Raises
         ------
         ValueError
-            If ``client`` or ``server_round`` is not an int >= 0, or a key is ``"__metadata__"`` (reserved by
-            safetensors).
+            If ``client`` or ``server_round`` is not an int >= 0, a key is ``"__metadata__"`` (reserved by
+            safetensors) or a metadata key is one of the seal's (``"fedcore.format"``, ``"fedcore.sha256"``).
         TypeError
             If ``tensors`` is not a mapping of str to tensors, or ``metadata`` not a mapping of str to str.
         """
@@ -195,11 +209,14 @@ class ClientStore:
         for key, value in header.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise TypeError(f"ClientStore.save: 'metadata' must map str to str. Got {key!r}: {value!r}.")
+            if key in (SEAL_FORMAT_KEY, SEAL_DIGEST_KEY):
+                raise ValueError(f"ClientStore.save: metadata key {key!r} is reserved for the file's seal. "
+                                 "Fix: rename it.")
         cpu = _cpu_tensors("", tensors, "ClientStore.save")
         folder = self.client_folder(client)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / self.file_name(server_round)
-        atomic_write_bytes(path, safetensors.torch.save(cpu, metadata=header or None))
+        _atomic_write(path, sealed_chunks(cpu, header))
         return path
 
     def load(self, client: int, upto_round: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
@@ -217,13 +234,16 @@ class ClientStore:
         Returns
         -------
         tuple or None
-            CPU tensors (owning their memory) and header metadata; ``None`` when the client has no such version.
+            CPU tensors (owning their memory) and header metadata (without the seal's entries); ``None`` when the
+            client has no such version.
 
         Raises
         ------
         ValueError
-            If ``client`` or ``upto_round`` is not an int >= 0, or the version file is not a valid safetensors
-            file (it is never unpickled).
+            If ``client`` or ``upto_round`` is not an int >= 0.
+        ClientStateError
+            If the version file is damaged: truncated, its seal differs from its content, or not a safetensors
+            file (it is never unpickled). A :class:`ValueError` too; it names the client, the file and the round.
         """
         _check_index(client, "client", "ClientStore.load")
         _check_index(upto_round, "upto_round", "ClientStore.load")
@@ -231,12 +251,62 @@ class ClientStore:
         eligible = [r for r in versions if r <= upto_round]
         if not eligible:
             return None
-        path = versions[eligible[-1]]
+        tensors, metadata = self._read(client, eligible[-1], versions[eligible[-1]], "ClientStore.load")
+        return tensors, metadata
+
+    @staticmethod
+    def _read(client: int, server_round: int, path: Path, where: str) -> tuple[dict[str, torch.Tensor],
+                                                                                   dict[str, str]]:
+        """Tensors and metadata of one version file, checked; :class:`ClientStateError` if it is damaged."""
         try:
-            return _read_safetensors(path)
-        except (ValueError, SafetensorError, AttributeError, TypeError) as error:
-            raise ValueError(f"ClientStore.load: {str(path)!r} (client {client}) is not a valid safetensors file: "
-                             f"{type(error).__name__}: {error}") from error
+            data = path.read_bytes()
+            tensors, metadata, _ = unseal(data)
+        except (OSError, DamagedFileError) as error:
+            reason = str(error) if isinstance(error, DamagedFileError) else f"it cannot be read ({error})"
+            raise ClientStateError(
+                f"{where}: {str(path)!r} (client {client}, round {server_round}) is not a valid client-state file: "
+                f"{reason}. Fix: restore the file, or delete it (the client then goes on from its newest older "
+                "version, or afresh).", client=client, path=str(path), server_round=server_round, reason=reason,
+            ) from error
+        return tensors, metadata
+
+    def verify(self, upto_round: int) -> list[str]:
+        """Check every file a resume from the checkpoint of ``upto_round`` would read; return the problems.
+
+        For each client, the version :meth:`load` with ``upto_round`` would pick is read and its seal checked;
+        older and newer versions are not read. Pass this method to
+        :meth:`~fedcore.federation.checkpoint.Checkpointer.load_latest` as ``also_verify``, so the resume picks the
+        newest round whose global checkpoint and client states all verify.
+
+        Parameters
+        ----------
+        upto_round : int
+            Round of the checkpoint a resume would start from (>= 0).
+
+        Returns
+        -------
+        list of str
+            One message per damaged file (naming the client, the file, the round and what is wrong); empty when
+            every file verifies. Files written before seals existed are read but cannot be checked.
+
+        Raises
+        ------
+        ValueError
+            If ``upto_round`` is not an int >= 0.
+        """
+        _check_index(upto_round, "upto_round", "ClientStore.verify")
+        problems = []
+        for client, folder in self._client_folders().items():
+            versions, _ = _scan(folder)
+            eligible = [r for r in versions if r <= upto_round]
+            if not eligible:
+                continue
+            try:
+                self._read(client, eligible[-1], versions[eligible[-1]], "ClientStore.verify")
+            except ClientStateError as error:
+                problems.append(f"client {client}'s state {str(error.path)!r} (round {error.server_round}) is "
+                                f"damaged: {error.reason}")
+        return problems
 
     # ------------------------------------------------------------------------------------------ listing
     def rounds(self, client: int) -> list[int]:
@@ -266,12 +336,13 @@ class ClientStore:
         return total
 
     # ------------------------------------------------------------------------------------------ housekeeping
-    def commit(self, server_round: int, clients: Iterable[int]) -> None:
-        """Drop the versions of ``clients`` that no resume from round ``server_round`` or later can need.
+    def commit(self, server_round: int, clients: Iterable[int], *, oldest_kept: int | None = None) -> None:
+        """Drop the versions of ``clients`` that no resume from a kept checkpoint can need.
 
         Call once the checkpoint of ``server_round`` is durable. For each listed client, its newest version written
-        at a round <= ``server_round`` is kept, together with any newer one; older versions and ``*.tmp`` leftovers
-        in its folder are removed. Other clients are not touched.
+        at a round <= ``oldest_kept`` is kept, together with every newer one, so that a resume from any kept
+        checkpoint (``oldest_kept`` to ``server_round``) finds the client's state of that round; older versions and
+        ``*.tmp`` leftovers in its folder are removed. Other clients are not touched.
 
         Parameters
         ----------
@@ -280,17 +351,27 @@ class ClientStore:
         clients : Iterable of int
             Clients whose versions to prune (e.g. those that trained this round); all ids are checked before
             anything is removed.
+        oldest_kept : int, optional
+            Round of the oldest checkpoint kept (``Checkpointer.kept_rounds()[0]``), <= ``server_round``. By
+            default ``server_round - 1`` (at least 0): what a checkpointer with ``keep=2`` saving every round keeps.
 
         Raises
         ------
         ValueError
-            If ``server_round`` or a client id is not an int >= 0.
+            If ``server_round``, ``oldest_kept`` or a client id is not an int >= 0, or ``oldest_kept`` is above
+            ``server_round``.
         """
         _check_index(server_round, "server_round", "ClientStore.commit")
+        if oldest_kept is None:
+            oldest_kept = max(0, server_round - 1)
+        _check_index(oldest_kept, "oldest_kept", "ClientStore.commit")
+        if oldest_kept > server_round:
+            raise ValueError(f"ClientStore.commit: 'oldest_kept' must be <= 'server_round' ({server_round}). "
+                             f"Got {oldest_kept!r}.")
         ids = [_check_index(client, "client", "ClientStore.commit") for client in clients]
         for client in dict.fromkeys(ids):
             versions, leftovers = _scan(self.client_folder(client))
-            eligible = [r for r in versions if r <= server_round]
+            eligible = [r for r in versions if r <= oldest_kept]
             for r in eligible[:-1]:
                 versions[r].unlink(missing_ok=True)
             for path in leftovers:

@@ -6,14 +6,20 @@ server runs the configured aggregator (FedAvg by default: Σ n_k w_k / Σ n_k) o
 group, restricted to its keys; a group no client sent this round keeps its global value. This is ModalityMirror's
 phase 1 ("audio encoder: FedAvg over every client with audio; video encoder and fusion: over the multimodal
 clients") and Harmony's modality-wise stage.
+
+Updates are screened whole first (:func:`~fedcore.aggregation.base.screen_updates` with partial updates): a client
+whose update is malformed or holds a non-finite value in any group is left out of every group, with its reason,
+and so is a client whose training failed; fewer than ``min_accepted`` accepted clients raise
+:class:`~fedcore.errors.QuorumError` (the round is not applied).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from fedcore.aggregation.base import Aggregator, ClientUpdate
+from fedcore.aggregation.base import Aggregator, ClientUpdate, check_quorum, screen_updates
 from fedcore.aggregation.state import StateDict
 from fedcore.errors import AggregationError
 from fedcore.multimodal.models import group_of
@@ -25,10 +31,13 @@ class ModalityAggregate:
 
     state: StateDict
     participants: dict[str, list[int]]
+    #: ``"client <id>: <reason>"`` of every client left out of the round (failed or screened out).
+    rejected: Mapping[int, str] = dataclasses.field(default_factory=dict)
 
 
 def modality_wise(aggregator: Aggregator, global_state: StateDict, updates: Sequence[ClientUpdate],
-                  server_round: int) -> ModalityAggregate:
+                  server_round: int, *, failed: Mapping[int, str] | None = None,
+                  min_accepted: int = 1) -> ModalityAggregate:
     """Aggregate each parameter group of ``global_state`` over the updates that carry it.
 
     Parameters
@@ -40,6 +49,10 @@ def modality_wise(aggregator: Aggregator, global_state: StateDict, updates: Sequ
     updates : sequence of ClientUpdate
         Each carries every key of the groups its client trained, and no other key.
     server_round : int
+    failed : Mapping of int to str, optional
+        Clients whose training raised, with the reason (rejected).
+    min_accepted : int, default 1
+        The quorum of accepted clients.
 
     Returns
     -------
@@ -47,25 +60,33 @@ def modality_wise(aggregator: Aggregator, global_state: StateDict, updates: Sequ
 
     Raises
     ------
+    QuorumError
+        If fewer than ``min_accepted`` clients (and always: none) sent an acceptable update.
     AggregationError
-        If an update carries a key the global state lacks, or only part of a group's keys, or ``updates`` is
-        empty.
+        If a client id repeats (also between ``updates`` and ``failed``).
     """
-    if not updates:
-        raise AggregationError(f"modality_wise: 'updates' must be non-empty in round {server_round}. Got [].")
+    failed = dict(failed or {})
+    if both := sorted(failed.keys() & {u.client_id for u in updates}):
+        raise AggregationError(f"modality_wise: clients {both} must either fail or send an update. Got both.")
     keys_of: dict[str, list[str]] = {}
     for key in global_state:
         keys_of.setdefault(group_of(key), []).append(key)
-    for update in updates:
-        extra = sorted(set(update.state) - set(global_state))
-        if extra:
-            raise AggregationError(f"modality_wise: client {update.client_id} sent keys the global state lacks: "
-                                   f"{extra[:5]!r}.")
-        for group in {group_of(key) for key in update.state}:
-            missing = [k for k in keys_of[group] if k not in update.state]
-            if missing:
-                raise AggregationError(f"modality_wise: client {update.client_id} must send all of group "
-                                       f"{group!r} or none of it. Missing {missing[:5]!r}.")
+    accepted, rejected = (screen_updates(global_state, updates, partial=True,
+                                         required_metrics=aggregator.required_metrics, where="modality_wise")
+                          if updates else ([], {}))
+    whole = []
+    for update in accepted:
+        groups = sorted({group_of(key) for key in update.state})
+        missing = [k for g in groups for k in keys_of[g] if k not in update.state]
+        if missing:
+            rejected[update.client_id] = (f"client {update.client_id}: must send all of a group or none of it; "
+                                          f"missing {missing[:5]!r}")
+        else:
+            whole.append(update)
+    rejected.update({c: f"client {c}: {reason}" for c, reason in failed.items()})
+    rejected = dict(sorted(rejected.items()))
+    check_quorum("modality_wise", server_round, len(whole), rejected, min_accepted)
+    updates = whole
     state = dict(global_state)
     participants: dict[str, list[int]] = {}
     for group, keys in keys_of.items():
@@ -78,4 +99,4 @@ def modality_wise(aggregator: Aggregator, global_state: StateDict, updates: Sequ
         result = aggregator.aggregate(sub_global, sub_updates, server_round)
         state.update(result.state)
         participants[group] = sorted(u.client_id for u in holders if u.client_id not in result.rejected)
-    return ModalityAggregate(state=state, participants=participants)
+    return ModalityAggregate(state=state, participants=participants, rejected=rejected)

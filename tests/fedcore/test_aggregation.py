@@ -21,7 +21,8 @@ from fedcore.aggregation import (
     state_nbytes,
     to_cpu_state,
 )
-from fedcore.errors import AggregationError
+from fedcore.errors import AggregationError, QuorumError
+from fedcore.federation.policy import required_updates
 
 
 def _state(weight: list[list[float]], bias: list[float], count: int) -> StateDict:
@@ -242,8 +243,43 @@ def test_fedavg_rejects_bad_update_and_aggregates_the_rest(
 def test_fedavg_raises_when_every_update_is_rejected() -> None:
     updates = [ClientUpdate(u.client_id, {**u.state, "layer.bias": torch.tensor([math.nan, 0.0])}, u.num_examples)
                for u in UPDATES]
-    with pytest.raises(AggregationError, match=r"every update of round 1 was rejected.*client 0.*client 2"):
+    with pytest.raises(QuorumError, match=r"round 1 needs at least 1 accepted update .* of 3\. Got 0.*client 0.*"
+                                          r"client 2"):
         FedAvg().aggregate(GLOBAL, updates, server_round=1)
+
+
+def test_failed_clients_are_rejected_and_the_round_goes_on_above_the_quorum() -> None:
+    """A client whose training raised is rejected (and flagged) with its reason; the others are averaged."""
+    nan = ClientUpdate(2, {**UPDATES[2].state, "layer.bias": torch.tensor([math.nan, 0.0])}, UPDATES[2].num_examples)
+    updates = [UPDATES[0], UPDATES[1], nan]
+    result = FedAvg().aggregate(GLOBAL, updates, server_round=1, failed={7: "training raised OSError: disk"},
+                                min_accepted=2)
+    expected = FedAvg().aggregate(GLOBAL, UPDATES[:2], server_round=1).state
+    assert all(torch.equal(result.state[k], expected[k]) for k in GLOBAL)
+    assert sorted(result.rejected) == [2, 7] and "disk" in result.rejected[7] and "finite" in result.rejected[2]
+    assert {2, 7} <= result.flagged
+    with pytest.raises(QuorumError, match=r"needs at least 3 accepted updates .* of 4\. Got 2.*client 2.*client 7: "
+                                          r"training raised OSError: disk") as caught:
+        FedAvg().aggregate(GLOBAL, updates, server_round=1, failed={7: "training raised OSError: disk"},
+                           min_accepted=3)
+    assert sorted(caught.value.rejected) == [2, 7] and caught.value.server_round == 1
+    with pytest.raises(QuorumError, match="no client of the round sent an update|client 7"):
+        FedAvg().aggregate(GLOBAL, [], server_round=4, failed={7: "training raised OSError: disk"})
+    with pytest.raises(AggregationError, match="either fail or send an update"):
+        FedAvg().aggregate(GLOBAL, updates, server_round=1, failed={2: "raised"})
+
+
+@pytest.mark.parametrize(("min_accepted", "jobs", "needed"), [
+    (0.5, 10, 5), (0.5, 5, 3), (0.5, 1, 1), (1.0, 4, 4), (0.01, 10, 1), (3, 10, 3), (3, 2, 2), (1, 0, 1),
+])
+def test_required_updates_reads_a_count_or_a_share(min_accepted: float, jobs: int, needed: int) -> None:
+    assert required_updates(min_accepted, jobs) == needed
+
+
+@pytest.mark.parametrize("bad", [0, -1, 0.0, 1.5, True, "half"])
+def test_required_updates_refuses_a_bad_quorum(bad: object) -> None:
+    with pytest.raises(ValueError, match="'min_accepted' must be an int >= 1 or a float in \\(0, 1\\]"):
+        required_updates(bad, 4)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -252,7 +288,7 @@ def test_fedavg_raises_when_every_update_is_rejected() -> None:
         (_with(1, num_examples=0), r"client 1: 'num_examples' must be an int > 0. Got 0"),
         (_with(0, num_examples=-3), r"client 0: 'num_examples' must be an int > 0. Got -3"),
         (_with(0, num_examples=2.0), r"client 0: 'num_examples' must be an int > 0. Got 2.0"),
-        ([], r"'updates' must be a non-empty sequence"),
+        ([], r"no client of the round sent an update"),
         ([UPDATES[0], UPDATES[0]], r"client 0 must report once"),
     ],
 )

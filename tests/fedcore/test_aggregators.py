@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 
 from fedcore.aggregation import AGGREGATORS, Aggregate, Aggregator, ClientUpdate, FedAvg, StateDict, clone_state
-from fedcore.errors import AggregationError
+from fedcore.errors import AggregationError, QuorumError
 
 ALL_RULES = (
     "fairavg", "fedadam", "fedavg", "fedyogi", "krum", "ldawa", "loss", "lpa", "median", "multikrum", "trimmed_mean",
@@ -787,8 +787,22 @@ def test_every_rule_rejects_mismatched_keys_and_dtypes(name: str, problem: str) 
 def test_every_rule_raises_when_every_update_is_rejected(name: str) -> None:
     glob, updates = _round(21, 6)
     broken = [_with_state(u, fc__bias=torch.full((3,), math.nan, dtype=torch.float64)) for u in updates]
-    with pytest.raises(AggregationError, match=r"every update of round 5 was rejected: client 2: .*client 17: "):
+    with pytest.raises(QuorumError, match=r"round 5 needs at least 1 accepted update .*Got 0\. Rejected: client 2: "
+                                          r".*client 17: "):
         _run(name, glob, broken)
+
+
+@pytest.mark.parametrize("name", AGGREGATORS.names())
+def test_every_rule_rejects_failed_clients_and_keeps_its_quorum(name: str) -> None:
+    """The failure policy is the shared procedure's: every rule rejects failed clients and honours the quorum."""
+    glob, updates = _round(25, 7)
+    failed = {90: "training raised RuntimeError: out of memory"}
+    result = _build(name).aggregate(glob, updates, ROUND, failed=failed, min_accepted=len(updates))
+    assert result.rejected == {90: "client 90: training raised RuntimeError: out of memory"}
+    assert 90 in result.flagged and 90 not in result.weights
+    _assert_states_equal(result.state, _run(name, glob, updates).state)
+    with pytest.raises(QuorumError, match=rf"needs at least {len(updates) + 1} accepted updates .*client 90"):
+        _build(name).aggregate(glob, updates, ROUND, failed=failed, min_accepted=len(updates) + 1)
 
 
 @pytest.mark.parametrize("name", AGGREGATORS.names())

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from fedcore.errors import ClientStateError
 from fedcore.federation.client_store import ClientStore
 
 
@@ -187,9 +188,9 @@ def test_rollback_after_kill_between_client_save_and_checkpoint(tmp_path: Path) 
     _save_rounds(store, 7, [3])  # first seen in round 3: its folder must go entirely
     assert _version(store, 0, 3) == "3"
 
-    # resume from the round-2 checkpoint
+    # resume from the round-2 checkpoint (round 1's versions stay: the checkpointer keeps rounds 1 and 2)
     assert store.rollback(2) == 3
-    assert store.rounds(0) == [2] and store.rounds(1) == [2]
+    assert store.rounds(0) == [1, 2] and store.rounds(1) == [1, 2]
     assert _version(store, 0, 3) == "2" and _version(store, 1, 99) == "2"
     assert store.load(7, 3) is None
     assert store.clients() == [0, 1]
@@ -218,7 +219,7 @@ def test_commit_keeps_newest_up_to_round_for_listed_clients_only(tmp_path: Path)
     (tmp_path / "000001" / "round_0006.safetensors.tmp").write_bytes(b"partial")
     (tmp_path / "000002" / "round_0006.safetensors.tmp").write_bytes(b"partial")
 
-    store.commit(3, iter([1, 3, 1, 42]))  # any iterable; duplicates and clients without folders are fine
+    store.commit(3, iter([1, 3, 1, 42]), oldest_kept=3)  # any iterable; duplicates, clients without folders
     assert store.rounds(1) == [3, 5]
     assert store.rounds(2) == [1, 2, 3, 5]
     assert store.rounds(3) == [4]
@@ -228,6 +229,32 @@ def test_commit_keeps_newest_up_to_round_for_listed_clients_only(tmp_path: Path)
     assert not (tmp_path / "000042").exists()
 
 
+@pytest.mark.parametrize(("oldest_kept", "kept"), [(None, [2, 3, 5]), (2, [2, 3, 5]), (1, [1, 2, 3, 5]),
+                                                   (0, [1, 2, 3, 5]), (3, [3, 5])])
+def test_commit_keeps_each_clients_state_as_of_the_oldest_kept_checkpoint(
+    tmp_path: Path, oldest_kept: int | None, kept: list[int]
+) -> None:
+    store = ClientStore(tmp_path)
+    _save_rounds(store, 1, [1, 2, 3, 5])
+    store.commit(3, [1], oldest_kept=oldest_kept)  # default: server_round - 1, as Checkpointer(keep=2) keeps
+    assert store.rounds(1) == kept
+    for resume_round in range(oldest_kept if oldest_kept is not None else 2, 4):  # every kept checkpoint round
+        expected = max((r for r in [1, 2, 3, 5] if r <= resume_round), default=None)
+        assert _version(store, 1, resume_round) == (None if expected is None else str(expected))
+
+
+def test_commit_rejects_oldest_kept_above_server_round(tmp_path: Path) -> None:
+    store = ClientStore(tmp_path)
+    _save_rounds(store, 1, [1, 2])
+    with pytest.raises(ValueError, match=re.escape("ClientStore.commit: 'oldest_kept' must be <= 'server_round' "
+                                                   "(2). Got 3.")):
+        store.commit(2, [1], oldest_kept=3)
+    with pytest.raises(ValueError, match=re.escape("ClientStore.commit: 'oldest_kept' must be an int >= 0. "
+                                                   "Got -1.")):
+        store.commit(2, [1], oldest_kept=-1)
+    assert store.rounds(1) == [1, 2]
+
+
 def test_tmp_leftover_is_never_loaded(tmp_path: Path) -> None:
     store = ClientStore(tmp_path)
     _save_rounds(store, 4, [1])
@@ -235,6 +262,7 @@ def test_tmp_leftover_is_never_loaded(tmp_path: Path) -> None:
     leftover.write_bytes(b"\x10\x00\x00partial")
     assert store.rounds(4) == [1]
     assert _version(store, 4, 2) == "1"
+    assert store.verify(2) == []
     store.commit(2, [4])
     assert not leftover.exists()
     assert store.rounds(4) == [1]
@@ -295,7 +323,7 @@ def test_pickle_with_a_version_name_is_rejected_without_running_it(tmp_path: Pat
     path.parent.mkdir(parents=True)
     path.write_bytes(data)
 
-    with pytest.raises(ValueError, match=r"ClientStore\.load: .*round_0001\.safetensors.*client 5"):
+    with pytest.raises(ClientStateError, match=r"ClientStore\.load: .*round_0001\.safetensors.*client 5, round 1"):
         store.load(5, 1)
     assert not marker.exists()
     # the payload is live: unpickling it does run code, so the check above could fail
@@ -321,6 +349,9 @@ def test_invalid_file_raises_clear_error(tmp_path: Path, content: bytes | str) -
     with pytest.raises(ValueError, match=r"ClientStore\.load: .*000000.*round_0002\.safetensors.* is not a valid"):
         store.load(0, 2)
     assert store.load(0, 1) is None  # an older bound does not touch the bad file
+    [problem] = store.verify(2)
+    assert problem.startswith("client 0's state ") and "round_0002.safetensors' (round 2) is damaged: " in problem
+    assert store.verify(1) == []
 
 
 # ------------------------------------------------------------------------------------------------ pickling
@@ -355,6 +386,7 @@ def test_store_pickles_and_holds_no_per_client_state(tmp_path: Path) -> None:
         ("commit", "server_round", lambda s, v: s.commit(v, [1])),
         ("commit", "client", lambda s, v: s.commit(1, [2, v])),
         ("rollback", "server_round", lambda s, v: s.rollback(v)),
+        ("verify", "upto_round", lambda s, v: s.verify(v)),
     ],
 )
 def test_invalid_indices_raise_value_error(tmp_path: Path, where: str, name: str, call: Any, bad: Any) -> None:
@@ -389,8 +421,11 @@ def test_commit_checks_every_id_before_removing_anything(tmp_path: Path) -> None
         ({"w": torch.zeros(1)}, {"round": 3}, TypeError, r"ClientStore\.save: 'metadata' must map str to str"),
         ({"w": torch.zeros(1)}, {3: "x"}, TypeError, r"ClientStore\.save: 'metadata' must map str to str"),
         ({"w": torch.zeros(1)}, [("a", "b")], TypeError, r"ClientStore\.save: 'metadata' must be a Mapping"),
+        ({"w": torch.zeros(1)}, {"fedcore.sha256": "0"}, ValueError,
+         r"ClientStore\.save: metadata key 'fedcore\.sha256' is reserved for the file's seal"),
     ],
-    ids=["not-a-tensor", "not-a-mapping", "int-key", "reserved-key", "int-value", "int-meta-key", "meta-list"],
+    ids=["not-a-tensor", "not-a-mapping", "int-key", "reserved-key", "int-value", "int-meta-key", "meta-list",
+         "seal-key"],
 )
 def test_invalid_tensors_or_metadata_are_rejected(
     tmp_path: Path, tensors: Any, metadata: Any, error: type[Exception], pattern: str

@@ -8,7 +8,7 @@ import torch
 from fedcore.aggregation import AGGREGATORS
 from fedcore.aggregation.base import ClientUpdate
 from fedcore.earlyexit.aggregate import depth_aware_average, server_step
-from fedcore.errors import AggregationError
+from fedcore.errors import AggregationError, QuorumError
 
 KEYS = ("embed.w", "blocks.0.w", "blocks.1.w", "blocks.2.w", "exits.1.w", "exits.2.w", "exits.3.w")
 
@@ -62,10 +62,19 @@ def test_depth_weighting_scales_each_layer_by_l_over_d() -> None:
     assert torch.allclose(result.state["embed.w"], torch.full((2,), (2 * 10 + 20 + 3 * 30) / 6))
 
 
-def test_a_client_cannot_send_layers_beyond_its_exit_or_lack_a_depth() -> None:
+def test_a_client_beyond_its_exit_or_with_a_bad_update_is_rejected_and_a_depth_is_required() -> None:
     updates, depths = _case()
-    with pytest.raises(AggregationError, match="beyond its exit"):
-        depth_aware_average(_global(), updates, {**depths, 0: 0 + 1, 1: 1}, layer_of)
+    result = depth_aware_average(_global(), updates, {**depths, 1: 1}, layer_of)
+    assert list(result.rejected) == [1] and "deeper layers ['blocks.1.w']" in result.rejected[1]
+    assert result.participants["blocks.1.w"] == [2]
+    nan = ClientUpdate(2, {**updates[2].state, "blocks.1.w": torch.tensor([1.0, float("nan")])}, 3, {})
+    result = depth_aware_average(_global(), [*updates[:2], nan], depths, layer_of, server_round=4,
+                                 failed={5: "training raised ValueError: bad batch"})
+    assert sorted(result.rejected) == [2, 5] and "finite" in result.rejected[2]
+    assert torch.equal(result.state["blocks.1.w"], torch.full((2,), 22.0))  # client 1 alone: no NaN in the mean
+    with pytest.raises(QuorumError, match=r"round 4 needs at least 3 accepted updates .*client 2.*client 5"):
+        depth_aware_average(_global(), [*updates[:2], nan], depths, layer_of, server_round=4,
+                            failed={5: "training raised ValueError: bad batch"}, min_accepted=3)
     with pytest.raises(AggregationError, match="exit depth"):
         depth_aware_average(_global(), updates, {0: 1, 1: 2}, layer_of)
     with pytest.raises(ValueError, match="depth_weight"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -131,7 +132,10 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert state["bn.num_batches_tracked"].dtype == torch.int64
     assert torch.equal(extra_loaded["m_t"], extra["m_t"]) and extra_loaded["m_t"].dtype == torch.float64
     latest = json.loads((tmp_path / "ckpt" / "latest.json").read_text())
-    assert latest == {"fingerprint": "abc", "round": 1, "file": "round_0001.safetensors", "meta": meta}
+    sha = hashlib.sha256((tmp_path / "ckpt" / "round_0001.safetensors").read_bytes()).hexdigest()
+    assert {k: v for k, v in latest.items() if k != "index_sha256"} == {
+        "format": 2, "fingerprint": "abc", "round": 1, "file": "round_0001.safetensors", "sha256": sha,
+        "rounds": [{"round": 1, "file": "round_0001.safetensors", "sha256": sha}], "meta": meta}
 
 
 def test_checkpoint_keeps_last_two(tmp_path: Path) -> None:
@@ -164,12 +168,15 @@ def test_checkpoint_partial_tmp_file_is_ignored(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_checkpoint_corrupt_latest_is_ignored(tmp_path: Path) -> None:
+def test_checkpoint_corrupt_latest_falls_back_to_the_round_files_headers(tmp_path: Path) -> None:
     ckpt = Checkpointer(tmp_path, "abc")
-    ckpt.save(1, _state(1.0), None, {})
+    ckpt.save(1, _state(1.0), None, {"history": [1]})
     (tmp_path / "latest.json").write_text("{not json")
-    assert ckpt.load_latest() is None
-    assert not list(tmp_path.iterdir())
+    messages: list[str] = []
+    loaded = ckpt.load_latest(report=messages.append)
+    assert loaded is not None and loaded[0] == 1 and loaded[3] == {"history": [1]}
+    assert len(messages) == 1 and "latest.json is damaged (it is not valid JSON" in messages[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "round_0001.safetensors"]  # nothing gone
 
 
 def test_checkpoint_rejects_bad_meta_and_round(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from fedcore.aggregation import AGGREGATORS
 from fedcore.aggregation.base import ClientUpdate
 from fedcore.algorithms.base import LocalSettings
 from fedcore.config import ModelConfig
-from fedcore.errors import AggregationError
+from fedcore.errors import QuorumError
 from fedcore.multimodal import (
     AV_METHODS,
     AudioBranch,
@@ -72,13 +72,30 @@ def test_each_group_is_averaged_over_the_clients_that_hold_its_modality_only() -
 
 def test_a_client_must_send_all_of_a_group_or_none_of_it() -> None:
     global_state = {"audio.a": torch.zeros(1), "audio.b": torch.zeros(1)}
-    with pytest.raises(AggregationError, match="all of group 'audio'"):
-        modality_wise(AGGREGATORS.build("fedavg"), global_state,
-                      [ClientUpdate(0, {"audio.a": torch.ones(1)}, 1, {})], 1)
-    with pytest.raises(AggregationError, match="lacks"):
-        modality_wise(AGGREGATORS.build("fedavg"), global_state,
-                      [ClientUpdate(0, {"audio.a": torch.ones(1), "audio.b": torch.ones(1), "x.c": torch.ones(1)},
-                                    1, {})], 1)
+    good = ClientUpdate(1, {"audio.a": torch.full((1,), 2.0), "audio.b": torch.full((1,), 4.0)}, 1, {})
+    partial = ClientUpdate(0, {"audio.a": torch.ones(1)}, 1, {})
+    stray = ClientUpdate(2, {"audio.a": torch.ones(1), "audio.b": torch.ones(1), "x.c": torch.ones(1)}, 1, {})
+    result = modality_wise(AGGREGATORS.build("fedavg"), global_state, [partial, good, stray], 1)
+    assert torch.equal(result.state["audio.a"], torch.full((1,), 2.0))  # the good client alone
+    assert result.participants == {"audio": [1]}
+    assert "all of a group or none" in result.rejected[0] and "extra ['x.c']" in result.rejected[2]
+    with pytest.raises(QuorumError, match="all of a group or none"):
+        modality_wise(AGGREGATORS.build("fedavg"), global_state, [partial], 1)
+
+
+def test_a_non_finite_group_leaves_its_client_out_of_every_group() -> None:
+    global_state = {"audio.w": torch.zeros(2), "visual.w": torch.zeros(2)}
+    clean = ClientUpdate(0, {"audio.w": torch.full((2,), 1.0), "visual.w": torch.full((2,), 3.0)}, 1, {})
+    poisoned = ClientUpdate(1, {"audio.w": torch.full((2,), 5.0),
+                                "visual.w": torch.tensor([1.0, float("nan")])}, 1, {})
+    result = modality_wise(AGGREGATORS.build("fedavg"), global_state, [clean, poisoned], 1,
+                           failed={2: "training raised RuntimeError: boom"})
+    assert torch.equal(result.state["audio.w"], torch.full((2,), 1.0))  # not averaged with the NaN client's audio
+    assert result.participants == {"audio": [0], "visual": [0]}
+    assert sorted(result.rejected) == [1, 2]
+    assert "finite" in result.rejected[1] and "boom" in result.rejected[2]
+    with pytest.raises(QuorumError, match="needs at least 2 accepted updates"):
+        modality_wise(AGGREGATORS.build("fedavg"), global_state, [clean, poisoned], 1, min_accepted=2)
 
 
 # ------------------------------------------------------------------------------------------ KD loss
