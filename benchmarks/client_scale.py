@@ -34,6 +34,7 @@ import psutil
 import yaml
 
 from benchmarks.procs import run_measured
+from tasks.rounds import read_run_record
 
 
 def run_federate(params_file: Path, scratch: Path, name: str) -> dict[str, Any]:
@@ -48,6 +49,7 @@ def run_federate(params_file: Path, scratch: Path, name: str) -> dict[str, Any]:
         raise SystemExit(f"client_scale: the federate run {name} failed (exit {run.returncode}):\n"
                          f"{run.stderr[-3000:]}")
     metrics = json.loads((scratch / name / "metrics.json").read_text())
+    metrics.update(read_run_record(scratch / name / "metrics.json"))  # timings live in the run record
     store = scratch / name / "ckpt" / "clients"
     store_bytes = sum(p.stat().st_size for p in store.rglob("*.safetensors")) if store.is_dir() else 0
     return {"peak_rss_mib": round(run.peak_rss_mib, 1), "peak_rss_tree_mib": round(run.peak_rss_tree_mib, 1),

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.common import read_json, read_params
     from tasks.data import featurise
     from tasks.federate import aggregator_name
+    from tasks.rounds import read_run_record
 
     params = read_params(args.params)
     if args.rounds is not None:
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         federate(params, paths)
         federate_seconds = time.perf_counter() - started
-        metrics = read_json(paths.metrics)
+        metrics = {**read_json(paths.metrics), **read_run_record(paths.metrics)}
         rounds_tsv = (paths.plots / "rounds.tsv").read_text().splitlines()
     own, children = _peak_rss_mib()
     result = {

@@ -48,6 +48,7 @@ import yaml
 
 from benchmarks.bare_loop import save_workload, spec_partition
 from benchmarks.procs import run_measured
+from tasks.rounds import read_run_record
 
 PARAMS = Path("benchmarks/reference/params.yaml")
 FLOWER_PYTHON = Path(".venv-flower/bin/python")
@@ -149,14 +150,15 @@ def run_fedaudio(params_file: Path, work: Path, variant: str, rounds: int) -> di
                         "--plots", str(folder / "plots")], env=env)
     if run.returncode:
         raise _failed(f"the federate flow ({variant})", run.returncode, run.stderr)
-    metrics = json.loads((folder / "metrics.json").read_text())
+    record = read_run_record(folder / "metrics.json")  # timings live in the run record, not the DVC outputs
     with (folder / "plots/rounds.tsv").open() as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     import torch
 
     result = {"accuracy": [float(r["global_accuracy"]) for r in rows],
-              "round_seconds": [float(r["round_wall_seconds"]) for r in rows],
-              "total_seconds": metrics["seconds_total"],
+              "round_seconds": [float(r.get("round_wall_seconds", r["round_seconds"]))
+                                for r in record["round_timings"]],
+              "total_seconds": record["seconds_total"],
               "framework": f"prefect {version('prefect')}, mlflow {version('mlflow')}",
               "torch": torch.__version__}
     return _row(result, run)

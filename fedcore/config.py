@@ -12,6 +12,7 @@ reported with one template: ``"<section>: '<name>' must be <constraint>. Got <va
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import types
 import typing
@@ -57,12 +58,19 @@ class DownloadConfig:
     sha256: str | None = _opt(None, "expected sha256 of the archive; overrides the registry's")
     mirror: str | None = _opt(None, "folder consulted before the URL; env FEDAUDIO_MIRROR overrides")
     manifest: str | None = _opt(None, "dataset=manifest: CSV 'path,label,speaker[,split]'")
+    manifest_root: str | None = _opt(None, "dataset=manifest: a folder whose files the CSV may also list (None: "
+                                           "only files under the CSV's own folder); symlinks are refused anyway")
     test_fold: int = _opt(5, "esc50: fold held out as the test split", ge=1)
     esc10_only: bool = _opt(False, "esc50: keep only the ESC-10 rows of the csv")
     test_fraction: float = _opt(0.2, "manifest without a split column: fraction sent to test", ge=0.0, lt=1.0)
     max_per_class: int | None = _opt(None, "keep at most this many files per label and split (quick runs)", ge=1)
     timeout_s: float = _opt(60.0, "network timeout per request, seconds", gt=0.0)
     retries: int = _opt(3, "download attempts, each resuming the partial file", ge=1)
+    max_audio_seconds: float = _opt(600.0, "refuse (skip and report) audio files longer than this, seconds", gt=0.0)
+    max_extract_bytes: int = _opt(8 * 2**30, "refuse archives that expand to more than this many bytes", ge=1)
+    max_compression_ratio: float = _opt(100.0, "refuse archives, or zip members, over 1 MiB that expand more than "
+                                               "this many times (zip bombs); real audio archives stay below 20",
+                                        ge=1.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +180,18 @@ class FederationConfig:
     max_workers: int | None = _opt(None, "parallel clients (None: number of cores)", ge=1)
     address: str | None = _opt(None, "dask/ray: address of a running cluster (None: start a local one)")
     seed: int = _opt(0, "seed of model init, client sampling and shuffling", ge=0)
+    min_accepted: int | float = _opt(0.5, "quorum of a round: accepted updates needed, as a count (int >= 1) or a "
+                                          "share of the round's clients (float in (0, 1]); below it the round is "
+                                          "not applied and the run stops, keeping its checkpoint [A]", gt=0)
+    client_threads: int = _opt(1, "torch intra-op threads of each client's training, whatever the parallel clients "
+                                  "(the arithmetic depends on it, so it is part of the run's identity)", ge=1)
+
+    def check(self) -> list[str]:
+        """A share quorum lies in (0, 1]."""
+        if isinstance(self.min_accepted, float) and self.min_accepted > 1.0:
+            return [f"federation: 'min_accepted' must be an int >= 1 (a count) or a float in (0, 1] (a share). "
+                    f"Got {self.min_accepted!r}. Fix: write a count without a decimal point, e.g. 3."]
+        return []
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -406,8 +426,8 @@ class DistillConfig:
     """Federated distillation of a teacher into a student (ModalityMirror phase 2; any teacher → student)."""
 
     teacher: str = _opt("models:/fedaudio-av@final", "MLflow URI of the frozen teacher")
-    student: str = _opt("models:/fedaudio-av-audio@final", "MLflow URI of the student's starting model (pickled "
-                                                           "nn.Module mapping log-mel to logits)")
+    student: str = _opt("models:/fedaudio-av-audio@final", "MLflow URI of the student's starting model (rebuilt "
+                                                           "from its model_spec.json: log-mel to logits)")
     lambd: float = _opt(1.0, "weight λ of the T²-scaled KL term [A: PAPERS.md §2]", ge=0.0)
     temperature: float = _opt(1.0, "softmax temperature T [A]", gt=0.0)
     rounds: int = _opt(10, "distillation rounds", ge=1)
@@ -442,8 +462,9 @@ class EarlyExitConfig:
                           registry="depth_weight")
     server: str = _opt("fedavg", "server step on the partial average: fedavg | fedadam (aggregation options)",
                        registry="aggregator")
-    init: str = _opt("random", "random | a .safetensors/.pt file of backbone weights (e.g. torchaudio wav2vec2, "
-                               "or this project's FASSL encoder, models/...) | models:/<name>@<alias> (MLflow)")
+    init: str = _opt("random", "random | a .safetensors file of backbone weights (e.g. torchaudio wav2vec2, "
+                               "or this project's FASSL encoder, models/...; .pt only with mlflow.trust_pickle) | "
+                               "models:/<name>@<alias> (MLflow)")
     seed: int = _opt(0, "seed of the tier assignment", ge=0)
     registered_model: str = _opt("fedaudio-early-exit", "registry name of the final model")
 
@@ -478,6 +499,8 @@ class MlflowConfig:
     tracking_uri: str = _opt("sqlite:///mlflow.db", "tracking URI (relative sqlite paths are under the project)")
     experiment: str = _opt("fedaudio", "experiment name")
     registered_model: str = _opt("fedaudio-global", "registry name of the final global model")
+    trust_pickle: bool = _opt(False, "load MLflow models that lack this project's architecture spec (pickled) and "
+                                     ".pt/.pth weights: runs any code they hold; only for stores only you can write")
 
 
 SECTIONS: dict[str, type] = {
@@ -561,7 +584,25 @@ def _type_name(annotation: Any) -> str:
     return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
+def _non_finite_problems(section: str, name: str, value: Any) -> list[str]:
+    """A problem for every NaN or infinite float in ``value``, looking inside lists and mappings.
+
+    YAML reads ``.inf``, ``-.inf`` and ``.nan`` as floats, which pass every range check that ``inf`` satisfies
+    (``lr: .inf`` is ``> 0``) and then wreck the run. Strings such as ``"nan"`` are not numbers and pass.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{section}: '{name}' must be a finite number. Got {value!r}. Fix: write a finite value (YAML "
+                f"reads .inf, -.inf and .nan as infinities and NaN)."]
+    if isinstance(value, Mapping):
+        return [p for key, item in value.items() for p in _non_finite_problems(section, f"{name}.{key}", item)]
+    if isinstance(value, (list, tuple)):
+        return [p for i, item in enumerate(value) for p in _non_finite_problems(section, f"{name}[{i}]", item)]
+    return []
+
+
 def _constraint_problems(section: str, name: str, value: Any, meta: Mapping[str, Any]) -> list[str]:
+    if non_finite := _non_finite_problems(section, name, value):
+        return non_finite  # the range checks below would only repeat it (nan fails them all, inf passes ge/gt)
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float, str)):
         return []
     checks: list[tuple[str, str, Callable[[Any, Any], bool]]] = [

@@ -20,25 +20,28 @@ from tasks.data import ingest_dataset
 def download(cfg: DownloadConfig, out_dir: Path, downloads_dir: Path) -> dict[str, Any]:
     """Ingest ``cfg.dataset`` into ``out_dir`` (``manifest.csv``, ``report.json``, audio)."""
     report = ingest_dataset(cfg, out_dir, downloads_dir)
-    skipped = report.get("skipped", [])
     lines = [
         f"# download: {report.get('dataset')}",
         f"- source: `{report.get('source')}`",
-        f"- clips kept: **{report.get('num_ok')}**, skipped: **{report.get('num_skipped')}**",
+        f"- clips kept: **{report.get('num_ok')}**, skipped: **{report.get('num_skipped')}**, "
+        f"refused: **{report.get('num_refused')}**",
         f"- total audio: {report.get('total_seconds', 0):.1f} s; speakers/groups: {report.get('speakers')}",
         f"- splits: {report.get('splits')}",
     ]
-    if skipped:
-        lines += ["", "| skipped file | reason |", "| --- | --- |"]
-        lines += [f"| `{s['path']}` | {s['reason']} |" for s in skipped[:50]]
+    for kind in ("refused", "skipped"):
+        if entries := report.get(kind, []):
+            lines += ["", f"| {kind} file | reason |", "| --- | --- |"]
+            lines += [f"| `{s['path']}` | {s['reason']} |" for s in entries[:50]]
     create_markdown_artifact("\n".join(lines), key="download-report", description="ingest report")
-    print(f"download: {report.get('num_ok')} clips kept, {report.get('num_skipped')} skipped -> {out_dir}")
+    print(f"download: {report.get('num_ok')} clips kept, {report.get('num_skipped')} skipped, "
+          f"{report.get('num_refused')} refused -> {out_dir}")
     return report
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("data/raw"), help="audio + manifest folder (DVC out)")
-    p.add_argument("--downloads", type=Path, default=Path("data/downloads"), help="archive cache (resumable)")
+    p.add_argument("--downloads", type=Path, default=Path("data/downloads"),
+                   help="archive cache (resumable), extraction and <dataset>.source.json; not a DVC output")
 
 
 def _main(args: argparse.Namespace) -> None:

@@ -17,10 +17,15 @@ from tasks.data import featurise
 
 @flow(name="features", log_prints=True)
 def features(cfg: FeaturesConfig, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Featurise ``raw_dir/manifest.csv`` into ``out_dir`` (features.npy, index.csv, meta.json)."""
+    """Featurise ``raw_dir/manifest.csv`` into ``out_dir`` (features.npy, index.csv, meta.json).
+
+    Files that cannot be used (unreadable, NaN/Inf samples, overflowing) are skipped and listed with their reason
+    in ``meta.json``; the same manifest and params give the same bytes whatever the thread count.
+    """
     summary = featurise(cfg, raw_dir, out_dir)
+    skipped = f" (listed in {out_dir}/meta.json)" if summary["num_skipped"] else ""
     print(f"features: {summary['num_samples']} clips -> {summary['shape']} log-mel, "
-          f"{summary['num_skipped']} skipped; train mean {summary['mean']:.3f}, std {summary['std']:.3f}")
+          f"{summary['num_skipped']} skipped{skipped}; train mean {summary['mean']:.3f}, std {summary['std']:.3f}")
     return summary
 
 

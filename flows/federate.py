@@ -32,10 +32,12 @@ from fedcore.aggregation.base import ClientUpdate
 from fedcore.aggregation.state import to_cpu_state
 from fedcore.attacks import choose_malicious
 from fedcore.config import MlflowConfig, Params, flatten
+from fedcore.errors import QuorumError
 from fedcore.federation.checkpoint import Checkpointer, save_state
 from fedcore.federation.client_store import ClientStore
 from fedcore.federation.sampling import num_sampled, round_rng, sample_clients
 from fedcore.federation.schedules import learning_rate
+from fedcore.models.spec import federate_model_spec
 from flows import stage
 from flows.runners import task_runner
 from tasks.common import read_params, write_json, write_text
@@ -64,6 +66,16 @@ from tasks.federate import (
     train_client_task,
 )
 from tasks.progress import Progress
+from tasks.rounds import (
+    gather_updates,
+    quorum_of,
+    rejection_record,
+    resume_from,
+    split_timings,
+    stop_on_quorum,
+    timing_summary,
+    write_run_record,
+)
 from tasks.tracking import FederateTracker
 
 SUMMARY_KEYS = ("global_accuracy", "global_loss", "personalised_accuracy_mean", "personalised_accuracy_worst10")
@@ -94,8 +106,12 @@ def parallel_workers(params: Params) -> int:
 
 
 def intra_op_threads(params: Params) -> int:
-    """Torch threads per client, so that parallel clients do not oversubscribe the cores."""
-    return max(1, (os.cpu_count() or 1) // parallel_workers(params))
+    """Torch threads per client: ``federation.client_threads``, whatever the parallel clients.
+
+    A client's arithmetic depends on its thread count (the reductions split differently), so it is a param of the
+    run, not derived from the cores or ``max_workers``: the metrics are then the same at any ``max_workers``.
+    """
+    return params.federation.client_threads
 
 
 def federate(params: Params, paths: FederatePaths) -> dict[str, Any]:
@@ -128,7 +144,9 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
     history: list[dict[str, float]] = []
     detections: list[dict[str, Any]] = []
     start_round, run_id = 0, None
-    resumed = checkpointer.load_latest()
+    resumed, resume_reports = resume_from(checkpointer, "federate",
+                                          reference=to_cpu_state(fresh_model(spec, fed.seed)),
+                                          also_verify=store.verify if store is not None else None)
     if resumed is not None:
         start_round, global_state, extra, meta = resumed
         history, run_id = list(meta["history"]), meta.get("mlflow_run_id")
@@ -148,7 +166,8 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
             store.reset()
 
     downstream = load_downstream(paths.downstream, params.downstream) if spec.ssl.self_supervised else None
-    tracker = FederateTracker(registry_config(params), paths.root)
+    model_spec = federate_model_spec(spec.model, spec.ssl, spec.num_classes, spec.input_shape)
+    tracker = FederateTracker(registry_config(params), paths.root, model_spec=model_spec)
     run_id = tracker.start({**flatten(params), "attack.malicious_clients": sorted(malicious)}, resume_run_id=run_id)
     log_model = fresh_model(spec, fed.seed)
     # One-time set-up, like starting the MLflow run: trace the architecture now, so that each round's logging
@@ -164,6 +183,9 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
         initial = floor
     else:
         initial = dict(resumed[3].get("initial", {})) if resumed is not None else {}
+    tracker.backfill([{"round": 0.0, **initial}, *history] if initial else history)  # rounds the run lacks
+    if resume_reports:  # what the resume had to skip (damaged or mismatching files), also printed above
+        tracker.log_record(f"resume/after_round_{start_round:04d}.json", {"reports": resume_reports})
     primary = primary_metric(params)
     try:
         with Progress(fed.rounds, "federate rounds", key="federate-progress") as bar, \
@@ -174,15 +196,19 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
                 clients = sample_clients(data.num_clients, fed.client_fraction, fed.min_clients,
                                          round_rng(fed.seed, server_round))
                 torch.set_num_threads(intra)  # clients in parallel, each on its share of the cores
-                futures = [train_client_task.submit(spec, c, server_round, global_state, data.train[c], store)
+                futures = [(c, train_client_task.submit(spec, c, server_round, global_state, data.train[c], store))
                            for c in clients]
-                updates = sorted((f.result() for f in futures), key=lambda u: u.client_id)
+                updates, failed = gather_updates(futures)
                 torch.set_num_threads(os.cpu_count() or 1)  # no client trains now: the server's work gets them all
                 sent_global = {k: global_state[k] for k in keys}
-                if malicious:
+                if malicious and updates:
                     updates = attack_task(attack, sent_global, updates, malicious, forged_keys,
                                           params.attack.seed, server_round)
-                result = aggregate_task(aggregator, sent_global, updates, server_round)
+                try:
+                    result = aggregate_task(aggregator, sent_global, updates, server_round, failed,
+                                            quorum_of(fed, len(clients)))
+                except QuorumError as error:
+                    raise stop_on_quorum(error, "federate", paths.checkpoints, server_round - 1) from None
                 new_state = {**global_state, **result.state}
                 scored = evaluated_round(params, server_round)
                 if downstream is None:
@@ -190,13 +216,18 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
                 else:
                     metrics = downstream_task(spec, new_state, downstream, params.downstream) if scored else {}
                 metrics.update(_client_means(updates))
+                metrics["num_failed"] = float(len(failed))
                 metrics.update(summarise_updates(updates, sent_global),
                                **detection_metrics(result, malicious, clients), lr=learning_rate(fed, server_round),
                                round_seconds=time.perf_counter() - started)
                 detections.append({"round": server_round, "sampled": clients, "flagged": sorted(result.flagged),
+                                   "failed": sorted(failed),
                                    "rejected": {str(k): v for k, v in result.rejected.items()},
                                    "excluded_per_layer": {k: list(v) for k, v in result.excluded_per_layer.items()},
                                    "weights": {str(k): round(v, 6) for k, v in result.weights.items()}})
+                if result.rejected:
+                    tracker.log_record(f"rejections/round_{server_round:04d}.json",
+                                       rejection_record(server_round, failed, result.rejected))
                 model = None
                 weights = None
                 if scored and (server_round % fed.log_model_every == 0 or server_round == fed.rounds
@@ -212,8 +243,8 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
                 checkpointer.save(server_round, new_state, extra or None,
                                   {"history": history, "mlflow_run_id": run_id, "detections": detections,
                                    "initial": initial})
-                if store is not None:  # the checkpoint is durable: older versions of this round's clients go
-                    store.commit(server_round, clients)
+                if store is not None:  # the checkpoint is durable: versions no kept checkpoint needs go
+                    store.commit(server_round, clients, oldest_kept=checkpointer.kept_rounds()[0])
                 # The whole round, logging and checkpoint included (a resumed run's last row before the kill
                 # keeps round_seconds only).
                 history[-1]["round_wall_seconds"] = time.perf_counter() - started
@@ -264,11 +295,6 @@ def _client_means(updates: Sequence[ClientUpdate]) -> dict[str, float]:
             for name in names if updates and all(name in u.metrics for u in updates)}
 
 
-def _wall(row: dict[str, float]) -> float:
-    """Seconds of a round, logging and checkpoint included when measured."""
-    return row.get("round_wall_seconds", row["round_seconds"])
-
-
 def _detection_summary(history: list[dict[str, float]], malicious: frozenset[int]) -> dict[str, Any]:
     """Detection over the whole run: pooled precision/recall of the flagged clients against the attacked ones."""
     tp, fp, fn = (sum(row.get(f"detect_{k}", 0.0) for row in history) for k in ("tp", "fp", "fn"))
@@ -292,21 +318,19 @@ def _finish(params: Params, paths: FederatePaths, tracker: FederateTracker, stat
         summary = {key: value for key, value in last.items() if "/" in key}
     else:
         summary = {key: last[key] for key in SUMMARY_KEYS if key in last}
+    rows, timings = split_timings(history)
     metrics = {
         **{key: round(value, 6) for key, value in summary.items()},
         f"best_{primary.replace('/', '_')}": round(best[primary], 6),
         "best_round": int(best["round"]),
         "rounds": int(history[-1]["round"]),
-        "seconds_total": round(sum(_wall(row) for row in history), 3),
-        "seconds_per_round_median": round(sorted(_wall(row) for row in history)[len(history) // 2], 4),
         **_detection_summary(history, malicious),
-        "mlflow_run_id": tracker.run_id,
     }
     if initial:
         metrics["floor"] = {key: round(value, 6) for key, value in initial.items()}
     tsv = paths.plots / "rounds.tsv"
-    columns = round_columns(params, history)
-    write_text(tsv, rounds_tsv(history, columns))
+    columns = round_columns(params, rows)
+    write_text(tsv, rounds_tsv(rows, columns))
     png = paths.plots / "rounds.png"
     if params.ssl.self_supervised:
         plot_downstream(history, initial or {}, params.downstream, png)
@@ -317,9 +341,12 @@ def _finish(params: Params, paths: FederatePaths, tracker: FederateTracker, stat
                            "malicious_clients": sorted(malicious), "rounds": detections}, sort_keys=True)
     final = {k: v for k, v in metrics.items() if k.startswith("detect_") and v is not None}
     version = tracker.finish({**summary, **final}, int(history[-1]["round"]), [tsv, png, detection])
-    metrics["registered_version"] = version
+    # What differs between two runs of the same inputs stays out of the DVC outputs (see tasks.rounds).
+    record = {"stage": "federate", "mlflow_run_id": tracker.run_id, "registered_version": version,
+              **timing_summary(timings), "round_timings": timings}
+    write_run_record(paths.metrics, record)
     write_json(paths.metrics, metrics)
-    create_table_artifact([{c: round(row.get(c, float("nan")), 4) for c in columns} for row in history],
+    create_table_artifact([{c: round(row.get(c, float("nan")), 4) for c in columns} for row in rows],
                           key="federate-rounds", description="per-round metrics")
     create_markdown_artifact(
         f"# federate\nfinal {primary} **{last[primary]:.4f}** after {metrics['rounds']} rounds "
@@ -329,7 +356,7 @@ def _finish(params: Params, paths: FederatePaths, tracker: FederateTracker, stat
     )
     print(f"federate: final {primary} {last[primary]:.4f} (best {best[primary]:.4f} at round "
           f"{metrics['best_round']}); metrics {paths.metrics}, plot {png}, MLflow run {tracker.run_id}")
-    return metrics
+    return {**metrics, **record}
 
 
 def round_columns(params: Params, history: Sequence[dict[str, float]]) -> list[str]:
@@ -338,7 +365,7 @@ def round_columns(params: Params, history: Sequence[dict[str, float]]) -> list[s
         return list(ROUND_COLUMNS)
     scores = sorted({key for row in history for key in row if "/" in key})
     return ["round", *scores, "train_loss_mean", "train_loss_min", "train_loss_max", "lr", "num_clients",
-            "bytes_up", "bytes_down", "num_flagged", "num_rejected", "round_seconds", "round_wall_seconds"]
+            "bytes_up", "bytes_down", "num_flagged", "num_rejected", "num_failed"]
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

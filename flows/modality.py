@@ -33,9 +33,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from fedcore.aggregation.state import to_cpu_state
 from fedcore.config import ModalityConfig, Params, flatten, to_dict
+from fedcore.errors import QuorumError
 from fedcore.federation.checkpoint import Checkpointer, fingerprint, save_state
 from fedcore.federation.sampling import round_rng, sample_clients
 from fedcore.federation.schedules import learning_rate
+from fedcore.models.spec import audio_branch_spec
 from fedcore.multimodal import AVModel, ModalityAggregate, audio_branch, modality_wise
 from flows import stage
 from flows.runners import task_runner
@@ -46,11 +48,22 @@ from tasks.modality import (
     load_av_data,
     method_of,
     new_model,
+    new_model_spec,
     plot_av_rounds,
     train_av_task,
     write_visual_store,
 )
 from tasks.progress import Progress
+from tasks.rounds import (
+    gather_updates,
+    quorum_of,
+    rejection_record,
+    resume_from,
+    split_timings,
+    stop_on_quorum,
+    timing_summary,
+    write_run_record,
+)
 from tasks.tracking import FederateTracker
 
 #: The inputs of the audio-visual model and of its audio branch, in call order (MLflow tag).
@@ -60,7 +73,7 @@ AUDIO_INPUTS = ("audio",)
 BRANCH_TAG = "fedaudio.audio_branch_of_round"
 ROUND_COLUMNS = ("round", "phase", "audio_accuracy", "audio_branch_accuracy", "av_accuracy", "zero_video_accuracy",
                  "val_audio_accuracy", "val_av_accuracy", "train_loss_mean", "num_clients", "num_audio_clients",
-                 "num_visual_clients", "lr", "round_seconds")
+                 "num_visual_clients", "num_rejected", "num_failed", "lr")
 
 
 @dataclass(frozen=True)
@@ -87,10 +100,14 @@ def pair_av(cfg: ModalityConfig, features_dir: Path, out_dir: Path, manifest: Pa
 
 
 def client_threads(params: Params) -> tuple[int, int]:
-    """(parallel clients, torch threads per client) for the machine's cores."""
+    """(parallel clients, torch threads per client): the cores or ``max_workers``, and ``client_threads``.
+
+    A client's thread count changes its arithmetic, so it is a param (``federation.client_threads``), not derived
+    from the cores: the metrics are the same at any ``max_workers``.
+    """
     cores = os.cpu_count() or 1
     workers = max(1, min(params.federation.max_workers or cores, params.partition.num_clients))
-    return workers, max(1, cores // workers)
+    return workers, params.federation.client_threads
 
 
 def modality(params: Params, paths: ModalityPaths) -> dict[str, Any]:
@@ -125,18 +142,23 @@ def modality_training(params: Params, paths: ModalityPaths) -> dict[str, Any]:
     aggregator = build_aggregator(params)
     model = new_model(params, data, fed.seed)
     history: list[dict[str, float]] = []
+    rejections: list[dict[str, Any]] = []
     start_round, run_id = 0, None
-    resumed = checkpointer.load_latest()
+    resumed, resume_reports = resume_from(checkpointer, "modality", reference=to_cpu_state(model))
     if resumed is not None:
         start_round, global_state, _, meta = resumed
         history, run_id = list(meta["history"]), meta.get("mlflow_run_id")
+        rejections = list(meta.get("rejections", []))
         sys.stderr.write(f"modality: resuming after round {start_round} of {fed.rounds} from {paths.checkpoints}\n")
     else:
         global_state = to_cpu_state(model)
     registry = dataclasses.replace(params.mlflow, registered_model=cfg.registered_model)
-    tracker = FederateTracker(registry, paths.root, model_inputs=AV_INPUTS)
+    tracker = FederateTracker(registry, paths.root, model_inputs=AV_INPUTS, model_spec=new_model_spec(params, data))
     run_id = tracker.start({**flatten(params), "modality.video_clients": sorted(video)}, resume_run_id=run_id,
                            run_name=f"modality-{cfg.method}")
+    tracker.backfill(history)  # rounds of the checkpoint the MLflow run lacks
+    if resume_reports:  # what the resume had to skip (damaged or mismatching files), also printed above
+        tracker.log_record(f"resume/after_round_{start_round:04d}.json", {"reports": resume_reports})
     print(f"modality: {cfg.method}, {data.num_clients} clients, {len(video)} with video "
           f"(missing rate {cfg.missing_rate}): {sorted(video)}")
     try:
@@ -148,13 +170,20 @@ def modality_training(params: Params, paths: ModalityPaths) -> dict[str, Any]:
                 number, phase = schedule[server_round - 1]
                 sampled = sample_clients(data.num_clients, fed.client_fraction, fed.min_clients,
                                          round_rng(fed.seed, server_round))
-                jobs = [(c, phase.plan(c in video)) for c in sampled]
-                futures = [train_av_task.submit(params, data, c, server_round, global_state, tasks,
-                                                method.zero_fill, threads) for c, tasks in jobs if tasks]
-                updates = sorted((f.result() for f in futures), key=lambda u: u.client_id)
+                jobs = [(c, tasks) for c in sampled if (tasks := phase.plan(c in video))]
+                futures = [(c, train_av_task.submit(params, data, c, server_round, global_state, tasks,
+                                                    method.zero_fill, threads)) for c, tasks in jobs]
+                updates, failed = gather_updates(futures)
                 # a round whose sampled clients have nothing to train in this phase leaves the model as it is
-                result = (modality_wise(aggregator, global_state, updates, server_round) if updates
-                          else ModalityAggregate(global_state, {}))
+                try:
+                    result = (modality_wise(aggregator, global_state, updates, server_round, failed=failed,
+                                            min_accepted=quorum_of(fed, len(jobs)))
+                              if jobs else ModalityAggregate(global_state, {}))
+                except QuorumError as error:
+                    raise stop_on_quorum(error, "modality", paths.checkpoints, server_round - 1) from None
+                rejections.append(rejection_record(server_round, failed, result.rejected))
+                if rejections[-1]["rejected"]:
+                    tracker.log_record(f"rejections/round_{server_round:04d}.json", rejections[-1])
                 global_state = result.state
                 model.load_state_dict(global_state)
                 metrics = evaluate_av(model, method, data.test, fed.eval_batch_size)
@@ -164,7 +193,8 @@ def modality_training(params: Params, paths: ModalityPaths) -> dict[str, Any]:
                 metrics.update(
                     phase=float(number),
                     train_loss_mean=sum(u.metrics["train_loss"] for u in updates) / max(1, len(updates)),
-                    num_clients=float(len(updates)),
+                    num_clients=float(len(jobs) - len(result.rejected)),
+                    num_rejected=float(len(result.rejected)), num_failed=float(len(failed)),
                     num_audio_clients=float(len(result.participants.get("audio", []))),
                     num_visual_clients=float(len(result.participants.get("visual", []))),
                     lr=learning_rate(fed, server_round), round_seconds=time.perf_counter() - started)
@@ -175,46 +205,54 @@ def modality_training(params: Params, paths: ModalityPaths) -> dict[str, Any]:
                     save_state(weights, global_state)
                 tracker.log_round(server_round, metrics, model if log_now else None, data.audio_shape, weights)
                 history.append({"round": float(server_round), **metrics})
-                checkpointer.save(server_round, global_state, None, {"history": history, "mlflow_run_id": run_id})
+                checkpointer.save(server_round, global_state, None, {"history": history, "mlflow_run_id": run_id,
+                                                                     "rejections": rejections})
                 bar.update(1, {"audio": f"{metrics['audio_accuracy']:.3f}", "phase": phase.name})
     except BaseException:
         tracker.fail()
         raise
     model.load_state_dict(global_state)
-    return _finish(params, paths, tracker, model, history, sorted(video))
+    return _finish(params, paths, tracker, model, history, sorted(video), rejections)
 
 
 def _finish(params: Params, paths: ModalityPaths, tracker: FederateTracker, model: AVModel,
-            history: list[dict[str, float]], video: list[int]) -> dict[str, Any]:
+            history: list[dict[str, float]], video: list[int],
+            rejections: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Model, metrics JSON, per-round TSV and plot; register the AV model and its audio branch (alias final)."""
     cfg = params.modality
     save_state(paths.model, to_cpu_state(model))
     last = history[-1]
     best = max(history, key=lambda row: row["audio_accuracy"])
+    rows, timings = split_timings(history)
     tsv, png = paths.plots / "rounds.tsv", paths.plots / "rounds.png"
-    write_text(tsv, rounds_tsv(history, [c for c in ROUND_COLUMNS if any(c in row for row in history)]))
-    plot_av_rounds(history, png, f"{cfg.method}, missing video {cfg.missing_rate:g}")
+    write_text(tsv, rounds_tsv(rows, [c for c in ROUND_COLUMNS if any(c in row for row in rows)]))
+    plot_av_rounds(rows, png, f"{cfg.method}, missing video {cfg.missing_rate:g}")
     final_round = int(last["round"])
     names = ("audio_accuracy", "audio_branch_accuracy", "av_accuracy", "zero_video_accuracy", "val_audio_accuracy",
              "val_av_accuracy")
     summary: dict[str, float] = {k: last[k] for k in names if k in last}
     teacher = tracker.finish(summary, final_round, [tsv, png])
     tag = {BRANCH_TAG: str(final_round)}
-    branch_id = tracker.find_logged(BRANCH_TAG, str(final_round)) or tracker.log_pickled(
-        audio_branch(model), f"audio-branch-round-{final_round:04d}", final_round, AUDIO_INPUTS, tags=tag)
+    branch_id = tracker.find_logged(BRANCH_TAG, str(final_round)) or tracker.log_model(
+        audio_branch(model), f"audio-branch-round-{final_round:04d}", final_round, AUDIO_INPUTS, tags=tag,
+        spec=audio_branch_spec(tracker.model_spec))
     student = tracker.register(branch_id, cfg.registered_audio)
     metrics = {
         "method": cfg.method, "missing_rate": cfg.missing_rate, "video_clients": video,
         **{k: round(v, 6) for k, v in summary.items()},
         "best_audio_accuracy": round(best["audio_accuracy"], 6), "best_round": int(best["round"]),
         "rounds": final_round,
-        "seconds_total": round(sum(row["round_seconds"] for row in history), 3),
-        "mlflow_run_id": tracker.run_id,
-        "registered": {"teacher": f"models:/{cfg.registered_model}@final", "teacher_version": teacher,
-                       "audio_branch": f"models:/{cfg.registered_audio}@final", "audio_branch_version": student},
+        "rejected_updates": int(sum(row.get("num_rejected", 0.0) for row in rows)),
+        "registered": {"teacher": f"models:/{cfg.registered_model}@final",
+                       "audio_branch": f"models:/{cfg.registered_audio}@final"},
     }
+    # What differs between two runs of the same inputs stays out of the DVC outputs (see tasks.rounds).
+    record = {"stage": "modality", "mlflow_run_id": tracker.run_id, "teacher_version": teacher,
+              "audio_branch_version": student, **timing_summary(timings), "round_timings": timings,
+              "rejections": [r for r in rejections or [] if r["rejected"]]}
+    write_run_record(paths.metrics, record)
     write_json(paths.metrics, metrics)
-    create_table_artifact([{c: round(row.get(c, float("nan")), 4) for c in ROUND_COLUMNS} for row in history],
+    create_table_artifact([{c: round(row.get(c, float("nan")), 4) for c in ROUND_COLUMNS} for row in rows],
                           key="modality-rounds", description="per-round test accuracies")
     create_markdown_artifact(
         f"# modality ({cfg.method}, missing video {cfg.missing_rate:g})\naudio-only test accuracy "
@@ -223,7 +261,7 @@ def _finish(params: Params, paths: ModalityPaths, tracker: FederateTracker, mode
     print(f"modality: {cfg.method} audio-only test accuracy {last['audio_accuracy']:.4f}"
           + (f", audio-visual {last['av_accuracy']:.4f}" if "av_accuracy" in last else "")
           + f"; metrics {paths.metrics}, plot {png}, MLflow run {tracker.run_id}")
-    return metrics
+    return {**metrics, **record}
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,8 @@
-"""partition stage: split the training split over clients (IID, Dirichlet, shards, quantity, speaker)."""
+"""partition stage: split the training split over clients (IID, Dirichlet, shards, quantity, speaker, cross-device).
+
+Sizes that cannot fit (more clients than rows or speakers, num_clients × min_samples above the rows, a partition
+larger than the memory or disk at hand) are refused before the first draw.
+"""
 
 from __future__ import annotations
 

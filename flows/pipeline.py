@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from fedcore.config import flatten
 from flows import stage
 from tasks.common import read_json, read_params
-from tasks.tracking import PARENT_ENV, end_run, start_parent_run, tracking_uri
+from tasks.tracking import PARENT_ENV, end_run, run_status, start_parent_run, tracking_uri
 
 
 def dvc_stages(dvc_file: Path = Path("dvc.yaml")) -> list[str]:
@@ -45,14 +45,12 @@ def _child_env(parent_run_id: str) -> dict[str, str]:
     env = dict(os.environ)
     env[PARENT_ENV] = parent_run_id
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    if "PREFECT_API_URL" not in env:
-        # No server configured: this flow runs on Prefect's temporary server. Hand it to the stages, so each
-        # stage's flow shows up in the same place and none pays ~10 s to start a temporary server of its own.
-        from prefect.server.api.server import SubprocessASGIServer
-
-        server = SubprocessASGIServer()
-        if server.running and server.port is not None:
-            env["PREFECT_API_URL"] = server.api_url
+    # Without a configured server this flow runs on Prefect's temporary server: hand it to the stages, so each
+    # stage's flow shows up in the same place and none pays ~10 s to start a temporary server of its own. The
+    # server stays this process's: a stage that dies (kill -9 included) ends only what it started itself.
+    url = stage.prefect_api_url()
+    if url:
+        env["PREFECT_API_URL"] = url
     return env
 
 
@@ -65,13 +63,13 @@ def pipeline(
     root = Path.cwd()
     parent = start_parent_run(params.mlflow, root, flatten(params))
     env = _child_env(parent)
-    status = "FAILED"
     try:
         for name in stages or dvc_stages():
             repro_stage(name, env, force)
-        status = "FINISHED"
-    finally:
-        end_run(parent, status)
+    except BaseException as error:  # FAILED, or KILLED when interrupted (Ctrl-C, SIGTERM)
+        end_run(parent, run_status(error), error)
+        raise
+    end_run(parent, "FINISHED")
     metrics_file = root / "metrics" / "federate.json"
     metrics = read_json(metrics_file) if metrics_file.exists() else {}
     uri = tracking_uri(params.mlflow, root)

@@ -1,7 +1,15 @@
-"""Task runners for the client fan-out, by name (``federation.runner``): threads, processes, dask or ray."""
+"""Task runners for the client fan-out, by name (``federation.runner``): threads, processes, dask or ray.
+
+A local Dask or Ray cluster (no ``federation.address``) listens on the loopback interface only (127.0.0.1), so
+no other machine can reach it; its processes end with the stage (``flows.stage`` reaps them after a kill -9).
+A cluster at ``federation.address`` is used as it is: secure it by its own means (README, "Runners").
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
@@ -12,6 +20,9 @@ from fedcore.registry import Registry
 
 RUNNERS: Registry[TaskRunner[Any]] = Registry("runner")
 register_names_lookup("runner", RUNNERS.names)
+
+LOOPBACK = "127.0.0.1"
+"""The only interface a local cluster listens on."""
 
 
 def task_runner(fed: FederationConfig, max_workers: int) -> TaskRunner[Any]:
@@ -44,23 +55,84 @@ def processes(*, max_workers: int, address: str | None = None) -> TaskRunner[Any
 
 @RUNNERS.register("dask")
 def dask(*, max_workers: int, address: str | None = None) -> TaskRunner[Any]:
-    """A local Dask cluster of ``max_workers`` single-threaded processes, or an existing one at ``address``."""
+    """A local Dask cluster of ``max_workers`` single-threaded processes, or an existing one at ``address``.
+
+    The local cluster's scheduler and workers listen on 127.0.0.1 only, with no dashboard, and talk over TLS
+    with certificates made for this cluster alone (``security=True``), so another local user cannot submit work.
+    """
     from prefect_dask import DaskTaskRunner
 
     if address:
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(
         cluster_kwargs={"n_workers": max_workers, "threads_per_worker": 1, "processes": True,
-                        "dashboard_address": None}
+                        "host": LOOPBACK, "dashboard_address": None, "security": True}
     )
 
 
 @RUNNERS.register("ray")
 def ray(*, max_workers: int, address: str | None = None) -> TaskRunner[Any]:
-    """A local Ray instance with ``max_workers`` CPUs, or an existing cluster at ``address``."""
+    """A local Ray instance with ``max_workers`` CPUs, or an existing cluster at ``address``.
+
+    The local instance takes 127.0.0.1 as its node address, so every one of its servers (GCS, raylet, object
+    manager, agents, workers, metrics) listens on the loopback interface only; no dashboard.
+    """
     from prefect_ray import RayTaskRunner
 
     if address:
         return RayTaskRunner(address=address)
-    return RayTaskRunner(init_kwargs={"num_cpus": max_workers, "include_dashboard": False,
-                                      "log_to_driver": False})
+    return _loopback_ray_runner()(init_kwargs={"num_cpus": max_workers, "include_dashboard": False,
+                                               "dashboard_host": LOOPBACK, "log_to_driver": False})
+
+
+@cache
+def _loopback_ray_runner() -> type[Any]:
+    """The RayTaskRunner class whose local instance listens on 127.0.0.1 only (checked once it is up).
+
+    Defined on first use: prefect_ray is imported only when the ray runner is.
+    """
+    from prefect_ray import RayTaskRunner
+
+    class LoopbackRayTaskRunner(RayTaskRunner):
+        def __enter__(self) -> LoopbackRayTaskRunner:
+            with _ray_node_on_loopback():
+                super().__enter__()
+            _check_ray_node_on_loopback(self)
+            return self
+
+    LoopbackRayTaskRunner.__qualname__ = LoopbackRayTaskRunner.__name__
+    LoopbackRayTaskRunner.__module__ = __name__
+    return LoopbackRayTaskRunner
+
+
+@contextmanager
+def _ray_node_on_loopback() -> Iterator[None]:
+    """While a local Ray instance starts: make it take 127.0.0.1 as its node address.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` does not do it: Ray swaps a loopback address for the machine's
+    routable one, unless clusters are off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read once at import, or the
+    constant it sets), as on macOS and Windows. Ray's servers then bind the node address instead of 0.0.0.0.
+    """
+    import ray
+
+    ray.init  # noqa: B018 (prefect_ray imports ray lazily: load the package before one of its modules)
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def _check_ray_node_on_loopback(runner: TaskRunner[Any]) -> None:
+    """Refuse a Ray instance this runner started whose node address is not the loopback one (then stop it)."""
+    import ray
+
+    node_ip = ray.util.get_node_ip_address()
+    if getattr(runner, "_owns_ray", True) and node_ip != LOOPBACK:
+        runner.__exit__(None, None, None)
+        raise RuntimeError(f"runner ray: the local Ray instance must listen on {LOOPBACK} only. Got node address "
+                           f"{node_ip!r} (this Ray version no longer honours the loopback setting). Fix: start a "
+                           "cluster yourself, secured as the README says, and set federation.address.")

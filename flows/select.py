@@ -27,6 +27,7 @@ from fedcore.evaluation.downstream import score_encoder
 from flows import stage
 from tasks.common import read_json, read_params, write_json, write_text
 from tasks.downstream import load_downstream
+from tasks.rounds import read_run_record, run_record_path
 from tasks.selection import TaskSelection, load_selected, register_selection, select_rounds, selection_markdown
 from tasks.tracking import setup
 
@@ -59,6 +60,8 @@ def select(params: Params, run_id: str, out: Path, root: Path = Path("."), metri
 
 def _verify(params: Params, selections: Sequence[TaskSelection], name: str, root: Path) -> list[TaskSelection]:
     """Reload every alias, score it on its task again and check the logged test score is reproduced."""
+    # The models first (before any data): rebuilt from their specs, no code from their files runs.
+    models = {sel.task: load_selected(name, sel.task, params.mlflow.trust_pickle) for sel in selections}
     data = load_downstream(root, params.downstream)
     by_name = {t.name: t for t in data.tasks}
     checked = []
@@ -66,7 +69,7 @@ def _verify(params: Params, selections: Sequence[TaskSelection], name: str, root
         if sel.task not in by_name:
             raise ConfigError(f"select: --verify needs task {sel.task!r} in downstream.tasks of the params. "
                               f"Got {sorted(by_name)}.")
-        model = load_selected(name, sel.task)
+        model = models[sel.task]
         scores = score_encoder(model, [by_name[sel.task]], data.features, params.downstream,
                                params.federation.eval_batch_size)
         value = scores[f"{sel.task}/{sel.metric}_test"]
@@ -95,9 +98,11 @@ def _main(args: argparse.Namespace) -> None:
     params = read_params(args.params)
     run_id = args.run_id
     if run_id is None:
-        run_id = read_json(args.metrics).get("mlflow_run_id")
+        # the run id lives in the run record beside the metrics (older runs wrote it into the metrics)
+        run_id = read_run_record(args.metrics).get("mlflow_run_id") or read_json(args.metrics).get("mlflow_run_id")
         if not run_id:
-            raise ConfigError(f"select: {str(args.metrics)!r} has no 'mlflow_run_id'. Got none.")
+            raise ConfigError(f"select: {str(args.metrics)!r} has no run record with an 'mlflow_run_id' beside it "
+                              f"({run_record_path(args.metrics).name}). Fix: pass --run-id, or rerun the stage.")
     select(params, run_id, args.out, Path.cwd(), args.metric, args.registered_model, args.verify, args.downstream)
 
 

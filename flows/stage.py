@@ -1,13 +1,25 @@
-"""Entry-point plumbing shared by every stage: argv, params check, quiet Prefect settings, exit codes."""
+"""Entry-point plumbing shared by every stage: argv, params check, quiet Prefect settings, exit codes.
+
+Every stage also leaves nothing running behind it. A watchdog process (:func:`watch`) follows the stage and, if
+the stage dies without exiting normally (kill -9 included), ends every process the stage started and left:
+Prefect's temporary API server, the processes of a local Dask or Ray cluster, runner workers. And once Prefect
+starts its temporary server in a stage, the stage's child processes use that server (``PREFECT_API_URL``)
+instead of starting one each.
+"""
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
+import select
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import IO, Any
 
 from fedcore.errors import ConfigError, FedcoreError
 
@@ -28,10 +40,23 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+WATCH_INTERVAL_S = 1.0
+"""How often the watchdog checks its stage and lists the stage's descendants."""
+REAP_GRACE_S = 3.0
+"""How long a left process has to end after SIGTERM before it gets SIGKILL."""
+_DONE = b"done\n"
+_watchdog: subprocess.Popen[bytes] | None = None
+
+
 def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
-    """Run a stage: heartbeat off (saves ~1 s per flow), clear one-line errors for bad input, exit code."""
+    """Run a stage: heartbeat off (saves ~1 s per flow), clear one-line errors for bad input, exit code.
+
+    Also starts the stage's watchdog (once per process) and shares Prefect's temporary server with children.
+    """
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    start_watchdog()
+    share_temporary_server()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
@@ -57,3 +82,154 @@ def entry(description: str, add_arguments: Callable[[argparse.ArgumentParser], N
     p = parser(description)
     add_arguments(p)
     return run(main, p.parse_args(argv))
+
+
+def start_watchdog() -> None:
+    """Start this process's watchdog (:func:`watch`), once; it stops quietly when this process exits normally.
+
+    The watchdog runs in its own session (no Ctrl-C or hang-up from the terminal reaches it) and reads a pipe
+    from this process: ``done`` at exit (an :mod:`atexit` handler registered before Prefect's, so it runs after
+    Prefect has stopped its server) means nothing to clean; the end of the pipe, or this process gone, means
+    this process died, and the watchdog ends what it left.
+    """
+    global _watchdog
+    if _watchdog is not None and _watchdog.poll() is None:
+        return
+    _watchdog = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from flows.stage import watch; watch(int(sys.argv[1]))",
+         str(os.getpid())],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True,
+    )
+    atexit.register(_stop_watchdog, _watchdog)
+
+
+def _stop_watchdog(watchdog: subprocess.Popen[bytes]) -> None:
+    stdin: IO[bytes] | None = watchdog.stdin
+    try:
+        if stdin is not None:
+            stdin.write(_DONE)
+            stdin.close()
+        watchdog.wait(timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        watchdog.kill()
+
+
+def watch(parent: int, interval_s: float = WATCH_INTERVAL_S, grace_s: float = REAP_GRACE_S) -> int:
+    """Follow process ``parent`` (this watchdog's parent); when it dies, end every descendant it left.
+
+    While ``parent`` lives, its descendants are listed every ``interval_s`` (a process that starts and is
+    orphaned within one interval can be missed). When ``parent`` is gone (its pipe closed without ``done``, or
+    this process re-parented), each listed process still running, and its own descendants, gets SIGTERM, then
+    SIGKILL after ``grace_s``. Processes the parent did not start (a server it was handed) are never touched.
+    Returns the number of processes ended.
+    """
+    import psutil
+
+    for number in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)
+    stdin, reading, me = sys.stdin.fileno(), True, os.getpid()
+    known: dict[int, psutil.Process] = {}
+    try:
+        watched = psutil.Process(parent)
+    except psutil.NoSuchProcess:
+        return 0
+    while os.getppid() == parent:
+        if reading and select.select([stdin], [], [], interval_s)[0]:
+            data = os.read(stdin, 64)
+            if data.startswith(_DONE):
+                return 0
+            if not data:
+                reading = False  # the parent is gone, or exiting: one last look at its descendants
+        elif not reading:
+            time.sleep(interval_s)
+        try:
+            for child in watched.children(recursive=True):
+                if child.pid != me:
+                    known.setdefault(child.pid, child)
+        except psutil.NoSuchProcess:
+            break
+        known = {pid: p for pid, p in known.items() if p.is_running()}
+    left = _still_running(known.values())
+    names = ", ".join(f"{_name(p)} ({p.pid})" for p in left)
+    for process in left:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(left, timeout=grace_s)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+    if left:
+        try:
+            print(f"stage watchdog: process {parent} ended without cleaning up; ended the {len(left)} processes "
+                  f"it left: {names}", file=sys.stderr, flush=True)
+        except OSError:
+            pass  # nobody reads the stage's stderr any more
+    return len(left)
+
+
+def _still_running(processes: Any) -> list[Any]:
+    """``processes`` still running (not zombies), with their own descendants, each once."""
+    import psutil
+
+    found: dict[int, psutil.Process] = {}
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                found.setdefault(process.pid, process)
+                for child in process.children(recursive=True):
+                    found.setdefault(child.pid, child)
+        except psutil.NoSuchProcess:
+            continue
+    return list(found.values())
+
+
+def _name(process: Any) -> str:
+    try:
+        return str(process.name())
+    except Exception:  # noqa: BLE001 - gone meanwhile
+        return "?"
+
+
+def share_temporary_server() -> None:
+    """Once Prefect starts its temporary API server in this process, export its URL as ``PREFECT_API_URL``.
+
+    Child processes then report to that server: the client workers of the processes, dask and ray runners (each
+    of which would otherwise start a temporary server of its own, ~230 MB and seconds each) and the stages
+    the pipeline flow runs. The variable is removed when the server stops. Nothing changes when
+    ``PREFECT_API_URL`` is set already (a server this process did not start).
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+
+    start, stop = SubprocessASGIServer.start, SubprocessASGIServer.stop
+    if getattr(start, "_shares_url", False):
+        return
+
+    def start_and_share(self: SubprocessASGIServer, timeout: int | None = None) -> None:
+        start(self, timeout)
+        if self.running and self.port is not None and not os.environ.get("PREFECT_API_URL"):
+            os.environ["PREFECT_API_URL"] = self.api_url
+
+    def stop_and_unshare(self: SubprocessASGIServer) -> None:
+        if self.port is not None and os.environ.get("PREFECT_API_URL") == self.api_url:
+            del os.environ["PREFECT_API_URL"]
+        stop(self)
+
+    start_and_share._shares_url = True  # type: ignore[attr-defined]
+    SubprocessASGIServer.start = start_and_share  # type: ignore[method-assign]
+    SubprocessASGIServer.stop = stop_and_unshare  # type: ignore[method-assign]
+
+
+def prefect_api_url() -> str | None:
+    """URL of the Prefect server this process uses: ``PREFECT_API_URL``, else its running temporary server."""
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        return url
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    return server.api_url if server.running and server.port is not None else None

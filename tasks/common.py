@@ -1,10 +1,15 @@
-"""Shared I/O of the task layer: params loading, atomic writes, project paths."""
+"""Shared I/O of the task layer: params loading, atomic writes, project paths.
+
+Every writer here creates files and folders with the permissions a plain ``open()`` or ``mkdir`` gives under the
+process's umask (0644 and 0755 under the usual umask 022), like every other writer of the project, so that an
+output's mode does not depend on which helper wrote it.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,13 +44,26 @@ def write_json(path: str | Path, data: Mapping[str, Any] | list[Any], *, sort_ke
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Write text atomically."""
+    """Write UTF-8 text atomically: a temporary file beside ``path``, then a rename over it.
+
+    The file gets the mode ``open()`` gives (0666 less the umask), not the 0600 of :mod:`tempfile`'s files; on
+    any failure the temporary file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-        tmp = Path(handle.name)
-    os.replace(tmp, path)
+    tmp = _temporary_name(path)
+    try:
+        with open(tmp, "x", encoding="utf-8") as handle:  # "x": a new file, never one that exists
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _temporary_name(path: Path) -> Path:
+    """A hidden name beside ``path``, unique to this process and call (concurrent writers never share one)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
 def read_json(path: str | Path) -> Any:
@@ -64,11 +82,16 @@ def pyplot() -> Any:
 
 
 def save_figure(fig: Any, path: str | Path) -> None:
-    """Save a matplotlib figure atomically as PNG and close it."""
+    """Save a matplotlib figure atomically as PNG (mode as :func:`write_text`) and close it."""
     path = Path(path)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    pyplot().close(fig)
-    os.replace(tmp, path)
+    tmp = _temporary_name(path)
+    try:
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        pyplot().close(fig)

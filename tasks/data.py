@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from fedcore.data.download import resolve_mirror
 from fedcore.data.features import (
     FeatureStore,
     LogMelExtractor,
-    extract_features,
+    extract_clips,
     label_index,
     normalisation_stats,
     write_feature_store,
@@ -27,18 +29,21 @@ from fedcore.data.features import (
 from fedcore.data.manifest import read_manifest
 from fedcore.data.partition import client_class_counts, make_partition
 from fedcore.data.poison import noisy_features, plan_poison
-from fedcore.errors import AudioError, DataError
+from fedcore.errors import DataError
 from tasks.common import pyplot, read_json, save_figure, write_json, write_text
 from tasks.progress import Progress
 
 log = logging.getLogger(__name__)
 
-FEATURE_CHUNK = 512  # clips read and featurised per chunk: bounds memory on large datasets
-
 
 @task(name="ingest-dataset", cache_policy=NO_CACHE)  # fetch() retries network errors itself, resuming
 def ingest_dataset(cfg: DownloadConfig, out_dir: Path, downloads_dir: Path) -> dict[str, Any]:
-    """Fetch (mirror first), extract safely, probe every clip and write ``manifest.csv`` + ``report.json``."""
+    """Fetch (mirror first), extract safely, check every clip and write ``manifest.csv`` + ``report.json``.
+
+    A mirror that is set (``download.mirror`` or env ``FEDAUDIO_MIRROR``) but missing is an error, not a silent
+    fallback to the internet. Files refused (outside the dataset's folder, links, special files) or skipped (bad
+    audio) are listed in ``report.json``; the returned summary also holds the run-specific ``url`` and ``source``.
+    """
     mirror = resolve_mirror(cfg.mirror)
     bars: dict[str, Progress] = {}
 
@@ -57,50 +62,105 @@ def ingest_dataset(cfg: DownloadConfig, out_dir: Path, downloads_dir: Path) -> d
         log.warning(
             "Skipped %d unreadable audio files (listed in %s/report.json).", summary["num_skipped"], out_dir
         )
+    if summary.get("num_refused"):
+        log.warning(
+            "Refused %d listed paths outside the dataset's folder, links or special files, never read (listed in "
+            "%s/report.json).", summary["num_refused"], out_dir
+        )
     return summary
 
 
 @task(name="extract-features", cache_policy=NO_CACHE)
 def featurise(cfg: FeaturesConfig, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Log-mel of every manifest row, stored compactly with an index; stats from the train split only."""
+    """Log-mel of every manifest row, stored compactly with an index; stats from the train split only.
+
+    One file is decoded at a time and reduced to its log-mel at once, so memory holds one decoded file (a
+    10-minute file as much as a 1-second one only while it is read) plus the feature array. A file that cannot be
+    read, holds NaN/Inf samples or overflows (e.g. a float WAV at 1e30) is skipped: its manifest path and reason go
+    to ``meta.json``'s ``skipped`` list and to a warning. The store is byte-identical for the same manifest and
+    settings, whatever the thread count; it holds no absolute path, time or run id.
+
+    Raises
+    ------
+    DataError
+        When the kept rows lack a train split, a test split or a second class; the message names the fix.
+    """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     rows = read_manifest(raw_dir / "manifest.csv")
     if not rows:
         raise DataError(f"features: {raw_dir / 'manifest.csv'} lists no audio. Re-run the download stage.")
+    _check_featurised(rows, [], len(rows))  # the manifest itself, before any file is read
     extractor = LogMelExtractor(cfg)
-    kept: list[Any] = []
-    skipped: list[dict[str, str]] = []
-    chunks: list[np.ndarray] = []
-    dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    need = len(rows) * int(np.prod(extractor.output_shape)) * np.dtype(cfg.dtype).itemsize
+    if (memory := _memory_at_hand()) is not None and need > memory:
+        raise DataError(f"features: the feature array must fit in the memory at hand ({memory / 2**30:.3g} GiB). "
+                        f"Got {len(rows)} clips × {extractor.output_shape} × {cfg.dtype} = {need / 2**30:.3g} GiB. "
+                        "Fix: lower features.clip_seconds or n_mels, keep features.dtype: float16, or ingest fewer "
+                        "clips (download.max_per_class).")
+
+    def load(i: int) -> tuple[np.ndarray, int]:
+        return read_audio(raw_dir / rows[i].path)
+
     with Progress(len(rows), "features", key="features-progress") as bar:
-        for start in range(0, len(rows), FEATURE_CHUNK):
-            waves: list[tuple[np.ndarray, int]] = []
-            for row in rows[start : start + FEATURE_CHUNK]:
-                try:
-                    waves.append(read_audio(raw_dir / row.path))
-                    kept.append(row)
-                except AudioError as error:  # probed at ingest; a file changed since is skipped, not fatal
-                    skipped.append({"path": row.path, "reason": str(error)})
-            if waves:
-                chunk = extract_features(waves.__getitem__, len(waves), extractor)
-                chunks.append(chunk.astype(dtype))
-            bar.update(min(FEATURE_CHUNK, len(rows) - start))
-    features = np.concatenate(chunks) if chunks else np.zeros((0, *extractor.output_shape), dtype)
+        result = extract_clips(load, len(rows), extractor, dtype=cfg.dtype,
+                               progress=lambda done, _total: bar.update(done - bar.done))
+    kept = [rows[int(i)] for i in result.kept]
+    skipped = [{"path": rows[i].path, "reason": _without_folder(reason, raw_dir)} for i, reason in result.skipped]
+    _warn_skipped(skipped, out_dir)
+    _check_featurised(kept, skipped, len(rows))
     names = label_index([row.label for row in kept])
     splits = np.array([row.split for row in kept])
-    train_rows = np.flatnonzero(splits == "train")
-    if train_rows.size == 0:
-        raise DataError("features: no 'train' rows in the manifest; normalisation needs a training split.")
-    mean, std = normalisation_stats(features, train_rows)
+    mean, std = normalisation_stats(result.features, np.flatnonzero(splits == "train"))
     lookup = {name: i for i, name in enumerate(names)}
     index_rows = [
         {"row": i, "id": r.id, "label": r.label, "label_idx": lookup[r.label], "speaker": r.speaker, "split": r.split}
         for i, r in enumerate(kept)
     ]
-    write_feature_store(out_dir, features, index_rows, names, mean, std, to_dict(cfg), cfg.dtype, skipped)
+    write_feature_store(out_dir, result.features, index_rows, names, mean, std, to_dict(cfg), cfg.dtype, skipped)
     seconds = float(sum(r.duration for r in kept))
     return {"num_samples": len(kept), "num_skipped": len(skipped), "audio_seconds": seconds,
             "shape": list(extractor.output_shape), "mean": mean, "std": std, "labels": names}
+
+
+def _without_folder(reason: str, folder: Path) -> str:
+    """``reason`` with the raw folder's absolute and given spellings taken out, so meta.json holds no local path."""
+    for prefix in sorted({str(folder.resolve()), str(folder.absolute()), str(folder)}, key=len, reverse=True):
+        if prefix not in ("", "."):
+            reason = reason.replace(prefix + "/", "")
+    return reason
+
+
+_WARN_AT_MOST = 10  # skipped files named one by one in the log; meta.json lists them all
+
+
+def _warn_skipped(skipped: list[dict[str, str]], out_dir: Path) -> None:
+    for entry in skipped[:_WARN_AT_MOST]:
+        log.warning("features: skipped %s: %s", entry["path"], entry["reason"])
+    if len(skipped) > _WARN_AT_MOST:
+        log.warning("features: skipped %d more files (all listed in %s).", len(skipped) - _WARN_AT_MOST,
+                    out_dir / "meta.json")
+
+
+def _check_featurised(kept: list[Any], skipped: list[dict[str, str]], num_rows: int) -> None:
+    """Refuse a store that no later stage can use: no train rows, no test rows, or fewer than two classes."""
+    after = (f" after skipping {len(skipped)} of {num_rows} files (first: {skipped[0]['path']}: "
+             f"{skipped[0]['reason']})" if skipped else "")
+    train = [row for row in kept if row.split == "train"]
+    test = [row for row in kept if row.split == "test"]
+    classes = sorted({row.label for row in train})
+    if not train:
+        raise DataError(f"features: the dataset must have rows of split 'train'. Got none{after}. Fix: give the "
+                        "manifest a 'train' split (download.test_fraction < 1, or a split column), or repair the "
+                        "skipped files and re-run the download stage.")
+    if not test:
+        raise DataError(f"features: the dataset must have rows of split 'test'. Got none{after}. Fix: set "
+                        "download.test_fraction > 0 (or a 'test' split in the manifest, download.test_fold for "
+                        "esc50), or repair the skipped files, and re-run the download stage.")
+    if len(classes) < 2:
+        raise DataError(f"features: the training rows must hold at least two classes. Got {len(classes)} "
+                        f"({', '.join(repr(c) for c in classes)}){after}. Fix: ingest a dataset with two or more "
+                        "labels (download.dataset, download.manifest; download.max_per_class keeps every label), "
+                        "or repair the skipped files and re-run the download stage.")
 
 
 @task(name="partition-clients", cache_policy=NO_CACHE)
@@ -114,7 +174,9 @@ def partition_clients(cfg: PartitionConfig, features_dir: Path, out_dir: Path) -
     train_rows = np.flatnonzero(splits == "train")
     test_rows = np.flatnonzero(splits == "test")
     num_classes = len(meta["labels"])
-    partition = make_partition(labels, groups, train_rows, test_rows, cfg, num_classes)
+    # Sizes that cannot fit (rows, speakers, memory, disk) are refused here, before the first draw.
+    partition = make_partition(labels, groups, train_rows, test_rows, cfg, num_classes,
+                               memory_bytes=_memory_at_hand(), disk_bytes=_disk_at_hand(Path(out_dir)))
     out_dir = Path(out_dir)
     write_json(out_dir / "partition.json", partition)
     parts = [np.asarray(c["train"], dtype=np.int64) for c in partition["clients"]]
@@ -164,6 +226,42 @@ def poison_clients(
     write_json(out_dir / "ground_truth.json", truth)
     return {"attack": cfg.attack, "attacked_clients": list(plan.attacked_clients),
             "num_attacked_samples": int(truth.get("num_attacked_samples", 0))}
+
+
+def _memory_at_hand() -> int | None:
+    """Memory this process may still take, bytes: MemAvailable, capped by a cgroup v2 limit; None if unknown."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        available = None
+    if available is None and hasattr(os, "sysconf"):
+        try:
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (ValueError, OSError):
+            available = None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            left = max(int(limit) - used, 0)
+            available = left if available is None else min(available, left)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def _disk_at_hand(folder: Path) -> int | None:
+    """Free bytes on the disk that will hold ``folder`` (its nearest existing parent); None if unknown."""
+    target = folder.absolute()
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    try:
+        return shutil.disk_usage(target).free
+    except OSError:
+        return None
 
 
 def _read_index(path: Path) -> list[dict[str, str]]:

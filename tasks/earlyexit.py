@@ -18,10 +18,12 @@ from fedcore.config import Params, to_dict
 from fedcore.earlyexit.models import EarlyExitModel, build_exit_model
 from fedcore.earlyexit.tiers import EXIT_PLANS, assign_exits
 from fedcore.earlyexit.train import train_exit_client
-from fedcore.federation.checkpoint import fingerprint, load_state
+from fedcore.federation.checkpoint import fingerprint
 from fedcore.federation.sampling import client_generator
+from fedcore.models.spec import ModelSpec, check_finite, exit_model_spec, read_state
 from tasks.common import pyplot, save_figure
 from tasks.modality import local_settings
+from tasks.tracking import MAX_WEIGHTS_BYTES, load_model
 
 
 def new_model(params: Params, num_classes: int, input_shape: tuple[int, int, int], seed: int) -> EarlyExitModel:
@@ -32,39 +34,52 @@ def new_model(params: Params, num_classes: int, input_shape: tuple[int, int, int
                             generator=torch.Generator().manual_seed(seed))
 
 
-def read_weights(spec: str, root: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint named by ``earlyexit.init``.
+def new_model_spec(params: Params, num_classes: int, input_shape: tuple[int, int, int]) -> ModelSpec:
+    """The architecture spec of :func:`new_model`'s model (what the stage's logged models carry)."""
+    return exit_model_spec(params.model, params.earlyexit, input_shape, num_classes)
 
-    A ``.safetensors`` or ``.pt`` file (relative to ``root``), or an MLflow model URI whose run logged its weights
-    (this project's stages log ``weights.safetensors`` with every model).
+
+def read_weights(spec: str, root: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint named by ``earlyexit.init``, read without running code from it.
+
+    A ``.safetensors`` file (relative to ``root``; checked: complete, finite), an MLflow model URI (loaded by
+    :func:`tasks.tracking.load_model`: rebuilt from its architecture spec; its state dict is returned), or, only
+    with ``trust_pickle`` (``mlflow.trust_pickle``), a ``.pt``/``.pth`` file (``torch.load(weights_only=True)``)
+    or an MLflow model without a spec.
 
     Raises
     ------
     ValueError
-        If the file does not exist or holds no state dict.
+        If the file does not exist, is too large, damaged or of another kind, or holds no state dict of tensors.
     """
     if spec.startswith("models:/"):
-        import mlflow
-
-        try:
-            folder = Path(mlflow.artifacts.download_artifacts(spec))
-        except Exception as error:
-            raise ValueError(f"earlyexit: cannot download {spec!r} from MLflow: {error}") from None
-        found = sorted(folder.rglob("weights.safetensors"))
-        if not found:
-            raise ValueError(f"earlyexit: the MLflow model {spec!r} has no weights.safetensors (models logged by "
-                             "this project's federate stage have one).")
-        return load_state(found[0])
+        model = load_model(spec, trust_pickle=trust_pickle).model
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"earlyexit: 'init' {spec!r} must be a torch model. Got {type(model).__name__}.")
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
     path = Path(spec) if Path(spec).is_absolute() else root / spec
     if not path.is_file():
         raise ValueError(f"earlyexit: 'init' must be random, a weights file or a models:/ URI. "
                          f"No file {str(path)!r}.")
+    if path.stat().st_size > MAX_WEIGHTS_BYTES:
+        raise ValueError(f"earlyexit: 'init' {str(path)!r} must be at most {MAX_WEIGHTS_BYTES} bytes. "
+                         f"Got {path.stat().st_size}.")
     if path.suffix == ".safetensors":
-        return load_state(path)
+        return read_state(path.read_bytes(), f"earlyexit: 'init' {str(path)!r}")
+    if path.suffix not in (".pt", ".pth"):
+        raise ValueError(f"earlyexit: 'init' must be a .safetensors (or, trusted, .pt/.pth) file. Got {path.name!r}.")
+    if not trust_pickle:
+        raise ValueError(
+            f"earlyexit: 'init' {str(path)!r} is a torch pickle (.pt/.pth), which this project loads only when "
+            "'mlflow.trust_pickle: true'. Fix: convert it to safetensors once, where you trust it: python -c "
+            "\"import sys, torch, safetensors.torch as st; s = torch.load(sys.argv[1], map_location='cpu', "
+            "weights_only=True); s = s.get('state_dict', s); st.save_file({k: v.contiguous() for k, v in s.items()}, "
+            "sys.argv[2])\" model.pt model.safetensors, and set earlyexit.init to the .safetensors file.")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"earlyexit: {str(path)!r} must hold a state dict of tensors.")
+    check_finite(state, f"earlyexit: 'init' {str(path)!r}")
     return state
 
 
@@ -77,7 +92,7 @@ def initial_state(params: Params, num_classes: int, input_shape: tuple[int, int,
     model = new_model(params, num_classes, input_shape, params.federation.seed)
     left: list[str] = []
     if params.earlyexit.init != "random":
-        left = model.backbone.load_pretrained(read_weights(params.earlyexit.init, root))
+        left = model.backbone.load_pretrained(read_weights(params.earlyexit.init, root, params.mlflow.trust_pickle))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, left
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -51,7 +51,7 @@ from tasks.common import pyplot, read_json, save_figure
 ALGORITHM_SECTIONS = {"fedprox": "fedprox", "fedu": "fedu", "fml": "mutual", "fedmlac": "mutual"}
 
 # Federation fields that do not change the arithmetic, so they do not invalidate checkpoints.
-NOT_IN_FINGERPRINT = {"runner", "max_workers", "address", "log_model_every", "eval_batch_size"}
+NOT_IN_FINGERPRINT = {"runner", "max_workers", "address", "log_model_every", "eval_batch_size", "min_accepted"}
 
 
 @dataclass(frozen=True)
@@ -255,10 +255,15 @@ def attack_task(
 
 @task(name="aggregate-updates", cache_policy=NO_CACHE)
 def aggregate_task(
-    aggregator: Aggregator, global_state: StateDict, updates: Sequence[ClientUpdate], server_round: int
+    aggregator: Aggregator, global_state: StateDict, updates: Sequence[ClientUpdate], server_round: int,
+    failed: Mapping[int, str] | None = None, min_accepted: int = 1,
 ) -> Aggregate:
-    """Server step of the round: the next global state and whom the rule rejected, excluded or down-weighted."""
-    return aggregator.aggregate(global_state, updates, server_round)
+    """Server step of the round: the next global state and whom the rule rejected, excluded or down-weighted.
+
+    ``failed`` clients (their training raised) are rejected with their reason; fewer than ``min_accepted``
+    accepted updates raise :class:`~fedcore.errors.QuorumError` (the round is not applied).
+    """
+    return aggregator.aggregate(global_state, updates, server_round, failed=failed, min_accepted=min_accepted)
 
 
 def detection_metrics(result: Aggregate, malicious: frozenset[int], sampled: Sequence[int]) -> dict[str, float]:
@@ -387,7 +392,7 @@ def run_fingerprint(spec: TrainSpec, data_digest: str, params: Params | None = N
 ROUND_COLUMNS = (
     "round", "global_accuracy", "global_loss", "personalised_accuracy_mean", "personalised_accuracy_worst10",
     "train_loss_mean", "train_loss_min", "train_loss_max", "lr", "num_clients", "bytes_up", "bytes_down",
-    "num_flagged", "num_rejected", "detect_precision", "detect_recall", "round_seconds", "round_wall_seconds",
+    "num_flagged", "num_rejected", "num_failed", "detect_precision", "detect_recall",
 )
 
 

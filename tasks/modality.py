@@ -33,6 +33,7 @@ from fedcore.data.features import FeatureStore
 from fedcore.federation.checkpoint import fingerprint
 from fedcore.federation.sampling import client_generator
 from fedcore.federation.schedules import learning_rate
+from fedcore.models.spec import ModelSpec, av_model_spec
 from fedcore.multimodal import AV_METHODS, AVClientData, AVMethod, AVModel, build_av_model, train_av_client
 from fedcore.multimodal.data import (
     digit_images,
@@ -166,6 +167,11 @@ def new_model(params: Params, data: AVData, seed: int) -> AVModel:
                           num_classes=data.num_classes, fusion=cfg.fusion, embed_dim=cfg.embed_dim,
                           hidden_dim=cfg.hidden_dim, visual_width=cfg.visual_width, dropout=cfg.dropout,
                           generator=torch.Generator().manual_seed(seed))
+
+
+def new_model_spec(params: Params, data: AVData) -> ModelSpec:
+    """The architecture spec of :func:`new_model`'s model (what the stage's logged models carry)."""
+    return av_model_spec(params.model, params.modality, data.audio_shape, data.visual_shape, data.num_classes)
 
 
 def method_of(params: Params) -> AVMethod:

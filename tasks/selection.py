@@ -179,9 +179,9 @@ def register_selection(selections: Sequence[TaskSelection], run_id: str,
 
 
 class _Loaded(nn.Module):
-    """A model loaded from MLflow, callable by :func:`~fedcore.evaluation.retrieval.embed`.
+    """A trusted model MLflow loaded (no spec), callable by :func:`~fedcore.evaluation.retrieval.embed`.
 
-    The exported (``pt2``) program was saved in eval mode and refuses ``train()``/``eval()``, which ``embed``
+    An exported (``pt2``) program was saved in eval mode and refuses ``train()``/``eval()``, which ``embed``
     calls; the wrapper holds it as a plain attribute, so mode switches stop at the wrapper.
     """
 
@@ -197,14 +197,23 @@ class _Loaded(nn.Module):
         return output
 
 
-def load_selected(registered_model: str, alias: str) -> nn.Module:
-    """The encoder registered under ``registered_model@alias``, loaded by MLflow as a user would."""
-    import mlflow
+def load_selected(registered_model: str, alias: str, trust_pickle: bool = False) -> nn.Module:
+    """The encoder registered under ``registered_model@alias``, rebuilt from its spec and weights (eval mode).
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = mlflow.pytorch.load_model(f"models:/{registered_model}@{alias}", map_location="cpu")
-    return _Loaded(model)
+    Loaded by :func:`tasks.tracking.load_model`: no code from the model's files runs; a model without a spec is
+    refused unless ``trust_pickle`` (``mlflow.trust_pickle``).
+
+    Raises
+    ------
+    ValueError
+        If the alias cannot be resolved or the model cannot be loaded safely (the message names the fix).
+    """
+    from tasks.tracking import load_model
+
+    loaded = load_model(f"models:/{registered_model}@{alias}", trust_pickle=trust_pickle)
+    if loaded.spec is not None and isinstance(loaded.model, nn.Module):
+        return loaded.model.eval()
+    return _Loaded(loaded.model)
 
 
 def _fmt(value: float | None) -> str:

@@ -1,36 +1,83 @@
-"""MLflow: one parent run per pipeline execution, one child run per federate stage, every round's model.
+"""MLflow: one parent run per pipeline execution, one child run per stage, every round's model, safe loading.
 
 Layout in MLflow
 ----------------
-- parent run ``pipeline`` (created by ``flows.pipeline``, or by the federate stage when DVC runs it directly): every
+- parent run ``pipeline`` (created by ``flows.pipeline``, or by the stage when DVC runs it directly): every
   param of params.yaml.
-- child run ``federate``: every param, per-round metrics with ``step=round``, each round's global model as an
-  MLflow 3 LoggedModel (``name=global-round-NNNN``, ``step=round``, metrics linked to it), the final model
-  registered under ``mlflow.registered_model`` with alias ``final``.
+- child run ``federate`` (or ``modality-*``, ``distill``, ``earlyexit-*``): every param, per-round metrics with
+  ``step=round``, each round's global model as an MLflow 3 LoggedModel (``name=global-round-NNNN``,
+  ``step=round``, metrics linked to it), the final model registered under ``mlflow.registered_model`` with alias
+  ``final``.
+
+Models
+------
+Every logged model carries the MLmodel flavour ``fedaudio`` (:data:`FLAVOR`): ``model_spec.json`` (the
+architecture, :class:`fedcore.models.spec.ModelSpec`), ``weights.safetensors`` and the inputs it takes in call
+order (``audio`` or ``audio,visual``; also the LoggedModel tag ``fedaudio.inputs``). The federate stage's models
+also hold MLflow's ``pytorch`` flavour as a ``torch.export`` program (pt2), for ``mlflow.pyfunc``. Nothing is
+pickled. :func:`load_model` copies a model's files (no deserialisation), reads ``MLmodel`` with
+``yaml.safe_load``, checks the flavour, then rebuilds the model from its spec and loads the weights strictly
+(:func:`fedcore.models.spec.rebuild`). A model without the flavour (e.g. pickled by ``mlflow.pytorch``) is refused
+unless ``mlflow.trust_pickle`` is set, and then loaded by MLflow (which runs any code it holds).
+
+Run state
+---------
+A run is RUNNING while its stage runs, FINISHED at its end (:meth:`FederateTracker.finish`), FAILED when the
+stage fails and KILLED when it is interrupted (KeyboardInterrupt, SIGTERM: :meth:`FederateTracker.fail`). Every
+run records its owner process (tags ``fedaudio.owner.*``: host, pid, process start time); a process killed
+without a word (``kill -9``) leaves its run RUNNING, and the next stage started against the store (:func:`setup`)
+marks such runs KILLED when their owner is gone. A resumed run is reopened as RUNNING and
+:meth:`FederateTracker.backfill` logs the checkpoint's rounds that the run lacks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
+import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedcore.config import MlflowConfig
+from fedcore.models.spec import ModelSpec, rebuild, spec_of
 
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "FEDAUDIO_PARENT_RUN_ID"
 FINAL_ALIAS = "final"
-#: LoggedModel tag naming the inputs a pickled model takes, in call order (``audio`` or ``audio,visual``).
+#: LoggedModel tag naming the inputs a model takes, in call order (``audio`` or ``audio,visual``).
 INPUTS_TAG = "fedaudio.inputs"
+#: MLmodel flavour of this project's models: ``{spec, weights, inputs, architecture, format_version}``.
+FLAVOR = "fedaudio"
+FLAVOR_VERSION = 1
+SPEC_FILE = "model_spec.json"
+WEIGHTS_FILE = "weights.safetensors"
+#: Largest MLmodel file read; largest weights file read (a wav2vec 2.0 large is 1.3 GB).
+MAX_MLMODEL_BYTES = 1 << 20
+MAX_WEIGHTS_BYTES = 4 << 30
+#: The inputs a model may take.
+INPUTS = ("audio", "visual")
+#: Run tags: the process that owns a RUNNING run, and why a run ended.
+OWNER_HOST, OWNER_PID, OWNER_STARTED = "fedaudio.owner.host", "fedaudio.owner.pid", "fedaudio.owner.started"
+END_REASON = "fedaudio.end_reason"
+#: Tag of a parent run that a stage opened itself (DVC ran it without the pipeline flow): it ends with the stage.
+STAGE_PARENT = "fedaudio.stage_parent"
+#: Tags of a run whose rounds were logged again from a checkpoint's history.
+BACKFILLED, RESTORED_FROM = "fedaudio.backfilled_rounds", "fedaudio.restored_from_run"
+MODELS_NOT_RESTORED = "fedaudio.models_not_restored"
+TRUST_FIX = ("Fix: log the model with this project's stages (they write model_spec.json + weights.safetensors), "
+             "or, only if nobody else can write to this MLflow store, set 'mlflow.trust_pickle: true' in "
+             "params.yaml.")
 
 
 def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
@@ -45,7 +92,8 @@ def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
 def setup(cfg: MlflowConfig, root: Path) -> str:
     """Point MLflow at the store and make sure the experiment exists (artifacts under ``root/mlartifacts``).
 
-    Returns the experiment id.
+    Also marks the experiment's runs whose owner process is gone KILLED (:func:`reap_orphans`). Returns the
+    experiment id.
     """
     import mlflow
 
@@ -54,37 +102,136 @@ def setup(cfg: MlflowConfig, root: Path) -> str:
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
-        return str(experiment.experiment_id)
-    location = (root / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+        experiment_id = str(experiment.experiment_id)
+    else:
+        location = (root / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+        try:
+            experiment_id = str(mlflow.create_experiment(cfg.experiment, artifact_location=location))
+        except Exception:  # another process created it first
+            experiment = mlflow.get_experiment_by_name(cfg.experiment)
+            if experiment is None:
+                raise
+            experiment_id = str(experiment.experiment_id)
+    reap_orphans(experiment_id)
+    return experiment_id
+
+
+# --------------------------------------------------------------------------------------------------- run state
+def _process_started(pid: int) -> float:
+    import psutil
+
+    return round(float(psutil.Process(pid).create_time()), 2)
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags naming this process as a run's owner: host, pid and the process's start time (pids are reused)."""
+    return {OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid()),
+            OWNER_STARTED: f"{_process_started(os.getpid()):.2f}"}
+
+
+def owner_alive(tags: Mapping[str, str]) -> bool | None:
+    """Whether the process named by a run's owner tags still runs.
+
+    None when it cannot be told: no owner tags, or another host.
+    """
+    import psutil
+
+    if tags.get(OWNER_HOST) != socket.gethostname() or OWNER_PID not in tags:
+        return None
     try:
-        return str(mlflow.create_experiment(cfg.experiment, artifact_location=location))
-    except Exception:  # another process created it first
-        experiment = mlflow.get_experiment_by_name(cfg.experiment)
-        if experiment is None:
-            raise
-        return str(experiment.experiment_id)
+        pid, started = int(tags[OWNER_PID]), float(tags.get(OWNER_STARTED, "nan"))
+    except ValueError:
+        return None
+    try:
+        return abs(_process_started(pid) - started) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # exists, not ours to inspect
+        return True
+
+
+def reap_orphans(experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of ``experiment_id`` whose owner process (on this host) is gone.
+
+    A process killed with SIGKILL (or a machine that lost power) cannot close its run; this is how such a run
+    stops showing RUNNING. Runs of other hosts and runs without owner tags are left alone. Returns the ids marked.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        runs = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+    except Exception as error:  # a store that cannot be searched must not stop the stage
+        log.warning("MLflow: cannot look for runs left RUNNING by killed processes: %s", error)
+        return []
+    reaped = []
+    for run in runs:
+        tags = run.data.tags
+        if owner_alive(tags) is False:
+            reason = (f"owner process {tags.get(OWNER_PID)} on {tags.get(OWNER_HOST)} ended without closing the "
+                      "run (killed); marked KILLED by the next stage started against this store")
+            client.set_tag(run.info.run_id, END_REASON, reason)
+            client.set_terminated(run.info.run_id, status="KILLED")
+            reaped.append(str(run.info.run_id))
+            log.warning("MLflow: run %s (%s) was left RUNNING by a killed process; marked KILLED.",
+                        run.info.run_id, run.info.run_name)
+    return reaped
+
+
+def run_status(error: BaseException | None) -> str:
+    """The MLflow status a run ends with after ``error``.
+
+    FINISHED without error, KILLED when interrupted (Ctrl-C, SIGTERM, ``SystemExit``), FAILED otherwise.
+    """
+    if error is None:
+        return "FINISHED"
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        return "KILLED"
+    try:
+        from prefect.exceptions import ExternalSignal  # Prefect turns SIGTERM into TerminationSignal
+
+        if isinstance(error, ExternalSignal):
+            return "KILLED"
+    except ImportError:  # pragma: no cover
+        pass
+    return "FAILED"
+
+
+def _end_reason(error: BaseException | None) -> str:
+    if error is None:
+        return "finished"
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return text[:500]
 
 
 def _param_values(params: Mapping[str, Any]) -> dict[str, str]:
     return {key: ("null" if value is None else str(value))[:6000] for key, value in params.items()}
 
 
-def start_parent_run(cfg: MlflowConfig, root: Path, params: Mapping[str, Any], run_name: str = "pipeline") -> str:
-    """Create the parent run of one pipeline execution and return its id (the run stays open)."""
+def start_parent_run(cfg: MlflowConfig, root: Path, params: Mapping[str, Any], run_name: str = "pipeline",
+                     tags: Mapping[str, str] | None = None) -> str:
+    """Create the parent run of one pipeline execution and return its id.
+
+    The run stays open (RUNNING), owned by this process (:func:`owner_tags`).
+    """
     import mlflow
 
     experiment_id = setup(cfg, root)
     client = mlflow.MlflowClient()
-    run = client.create_run(experiment_id, run_name=run_name, tags={"fedaudio.kind": "pipeline"})
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={"fedaudio.kind": "pipeline", **owner_tags(), **(tags or {})})
     _log_params(client, run.info.run_id, params)
     return str(run.info.run_id)
 
 
-def end_run(run_id: str, status: str = "FINISHED") -> None:
-    """Close a run created with :func:`start_parent_run`."""
+def end_run(run_id: str, status: str = "FINISHED", error: BaseException | None = None) -> None:
+    """Close a run created with :func:`start_parent_run` (``status``: see :func:`run_status`)."""
     import mlflow
 
-    mlflow.MlflowClient().set_terminated(run_id, status=status)
+    client = mlflow.MlflowClient()
+    if status != "FINISHED":
+        client.set_tag(run_id, END_REASON, _end_reason(error) if error is not None else status.lower())
+    client.set_terminated(run_id, status=status)
 
 
 def _log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
@@ -93,6 +240,17 @@ def _log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
     items = [Param(k, v) for k, v in _param_values(params).items()]
     for start in range(0, len(items), 100):
         client.log_batch(run_id, params=items[start : start + 100])
+
+
+def _ranges(rounds: Sequence[int]) -> str:
+    """``[1, 2, 3, 5]`` as ``1-3,5``."""
+    spans: list[list[int]] = []
+    for r in sorted(set(rounds)):
+        if spans and spans[-1][1] == r - 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 class ExportOnce:
@@ -181,57 +339,162 @@ class ExportOnce:
         mlflow_model.save(str(target / "MLmodel"))
 
 
+
+class SpecFlavour:
+    """A ``flavor`` for :meth:`mlflow.models.Model.log`: this project's model format, nothing pickled.
+
+    Writes ``model_spec.json`` (the architecture), ``weights.safetensors`` (the model's state dict) and the
+    MLmodel flavour :data:`FLAVOR` naming them and the inputs the model takes. With ``export`` (an
+    :class:`ExportOnce`), the model is first saved as MLflow's ``pytorch`` pt2 program, whose attached
+    ``extra_files/weights.safetensors`` then serves as the weights.
+    """
+
+    def __init__(self, export: ExportOnce | None = None) -> None:
+        self.export = export
+
+    def save_model(self, path: str, mlflow_model: Any, pytorch_model: Any, model_spec: ModelSpec,
+                   model_inputs: Sequence[str], **kwargs: Any) -> None:
+        """Write the model into ``path`` (called by ``Model.log``)."""
+        from fedcore.federation.checkpoint import save_state
+
+        target = Path(path)
+        if self.export is not None:
+            self.export.save_model(path, mlflow_model, pytorch_model, **kwargs)
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+        (target / SPEC_FILE).write_text(model_spec.to_json())
+        weights = f"extra_files/{WEIGHTS_FILE}"
+        if not (target / weights).is_file():
+            weights = WEIGHTS_FILE
+            save_state(target / weights, {k: v.detach() for k, v in pytorch_model.state_dict().items()})
+        mlflow_model.add_flavor(FLAVOR, spec=SPEC_FILE, weights=weights, inputs=list(model_inputs),
+                                architecture=model_spec.architecture, format_version=FLAVOR_VERSION)
+        mlflow_model.save(str(target / "MLmodel"))
+
+
 class FederateTracker:
-    """The MLflow child run of a federate stage; resumable (the run id is kept in the checkpoint).
+    """The MLflow child run of a training stage; resumable (the run id is kept in the checkpoint).
 
     Parameters
     ----------
     cfg : MlflowConfig
     root : Path
         Project root (relative SQLite URIs and the artifact folder live there).
+    model_inputs : tuple of str, optional
+        The inputs the logged models take, in call order (``("audio", "visual")`` for the audio-visual model).
+        None: the federate stage's models, which take log-mel audio and are also exported as a pt2 program.
+    model_spec : ModelSpec, optional
+        Architecture of the models the rounds log (else each model's own, :func:`fedcore.models.spec.spec_of`).
     """
 
-    def __init__(self, cfg: MlflowConfig, root: Path, model_inputs: tuple[str, ...] | None = None) -> None:
+    def __init__(self, cfg: MlflowConfig, root: Path, model_inputs: tuple[str, ...] | None = None,
+                 model_spec: ModelSpec | None = None) -> None:
         import mlflow
 
         self.cfg = cfg
-        #: None: models are exported (pt2) with a log-mel input example; else pickled, tagged with these inputs
-        #: (``fedaudio.inputs``, e.g. ``audio,visual``) so that a later stage knows what to feed them.
-        self.model_inputs = model_inputs
+        self.export = model_inputs is None
+        self.model_inputs: tuple[str, ...] = tuple(model_inputs) if model_inputs is not None else ("audio",)
+        self.model_spec = model_spec
         self.root = root
         self.experiment_id = setup(cfg, root)
         self.client = mlflow.MlflowClient()
         self.run_id: str | None = None
+        #: The run of the checkpoint, when it was not in the store any more (a new run took its place).
+        self.restored_from: str | None = None
         self.logged_steps: set[int] = set()
         self.model_steps: dict[int, str] = {}
         self._validated = False  # whether a logged model's input example was checked by reloading it
         self._export = ExportOnce()
+        self._own_parent: str | None = None  # a parent run this stage opened (and closes)
 
     def start(self, params: Mapping[str, Any], resume_run_id: str | None = None, run_name: str = "federate") -> str:
-        """Open the child run, or reopen ``resume_run_id`` and read which rounds it already holds."""
+        """Open the child run, or reopen ``resume_run_id`` (RUNNING again) and read which rounds it holds.
+
+        If ``resume_run_id`` is not in the store any more (deleted), a new run is opened, tagged with the id it
+        replaces; :meth:`backfill` then logs every round of the checkpoint's history into it.
+        """
         if resume_run_id is not None:
-            try:
-                run = self.client.get_run(resume_run_id)
-            except Exception:  # deleted or another store: start afresh
-                run = None
+            run = self._existing(resume_run_id)
             if run is not None:
                 self.run_id = resume_run_id
-                self.client.update_run(resume_run_id, status="RUNNING")
+                self._reopen(run)
                 # A round's metrics are logged in one batch: a step any metric has is a logged round.
                 self.logged_steps = {int(m.step) for key in run.data.metrics
                                      for m in self.client.get_metric_history(resume_run_id, key)}
                 self.model_steps = self._logged_models()
                 log.info("Resuming MLflow run %s (%d rounds logged).", resume_run_id, len(self.logged_steps))
                 return resume_run_id
+            self.restored_from = resume_run_id
+            log.warning("MLflow: run %s of the checkpoint is not in the store (deleted?); a new run takes its place "
+                        "and the checkpoint's rounds are logged into it again.", resume_run_id)
         parent = os.environ.get(PARENT_ENV)
-        if parent is None:
-            parent = start_parent_run(self.cfg, self.root, params, run_name="pipeline (dvc repro)")
-            end_run(parent)
-        tags = {"fedaudio.kind": "federate", "mlflow.parentRunId": parent}
+        if parent is None:  # DVC ran the stage without the pipeline flow: a parent of its own, closed with it
+            parent = start_parent_run(self.cfg, self.root, params, run_name="pipeline (dvc repro)",
+                                      tags={STAGE_PARENT: "true"})
+            self._own_parent = parent
+        tags = {"fedaudio.kind": "federate", "mlflow.parentRunId": parent, **owner_tags()}
+        if self.restored_from is not None:
+            tags[RESTORED_FROM] = self.restored_from
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = str(run.info.run_id)
+        self.logged_steps, self.model_steps = set(), {}
         _log_params(self.client, self.run_id, params)
         return self.run_id
+
+    def _existing(self, run_id: str) -> Any | None:
+        """The run ``run_id`` if the store holds it (and it is not deleted), else None."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # deleted for good, or another store
+            return None
+        return None if run.info.lifecycle_stage == "deleted" else run
+
+    def _reopen(self, run: Any) -> None:
+        """Set ``run`` (and a parent this stage had opened) RUNNING again, owned by this process."""
+        targets = [run]
+        parent_id = run.data.tags.get("mlflow.parentRunId")
+        parent = self._existing(parent_id) if parent_id else None
+        if parent is not None and parent.data.tags.get(STAGE_PARENT) == "true":
+            targets.append(parent)
+            self._own_parent = str(parent.info.run_id)
+        for target in targets:
+            run_id = str(target.info.run_id)
+            for key, value in owner_tags().items():
+                self.client.set_tag(run_id, key, value)
+            if END_REASON in target.data.tags:
+                self.client.delete_tag(run_id, END_REASON)
+            self.client.update_run(run_id, status="RUNNING")
+
+    def backfill(self, history: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Log every row of ``history`` (a checkpoint's per-round rows, each with ``round``) that the run lacks.
+
+        Each row's numbers are logged as metrics with ``step=round``: after a resume, the run holds every round
+        the checkpoint holds, even if the store lost some (or the run, :meth:`start`). The models of those rounds
+        cannot be logged again (a checkpoint keeps only its latest state): a tag and the log say so. Returns the
+        rounds logged.
+        """
+        from mlflow.entities import Metric
+
+        if self.run_id is None:
+            raise RuntimeError("FederateTracker.backfill: call start() first.")
+        missing = {int(row["round"]): row for row in history if int(row["round"]) not in self.logged_steps}
+        if not missing:
+            return []
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, server_round)
+                   for server_round, row in sorted(missing.items()) for key, value in row.items()
+                   if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool)]
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+        self.logged_steps.update(missing)
+        rounds = _ranges(list(missing))
+        self.client.set_tag(self.run_id, BACKFILLED, rounds)
+        self.client.set_tag(self.run_id, MODELS_NOT_RESTORED,
+                            f"rounds {rounds} were logged again from the checkpoint's history (metrics only): "
+                            "their models are not in this run, as a checkpoint keeps only its latest state")
+        log.warning("MLflow: run %s lacked rounds %s; logged them from the checkpoint's history (metrics only: the "
+                    "models of past rounds are not restored).", self.run_id, rounds)
+        return sorted(missing)
 
     def _logged_models(self) -> dict[int, str]:
         import mlflow
@@ -242,63 +505,74 @@ class FederateTracker:
         )
         return {int(m.tags.get("fedaudio.round", -1)): m.model_id for m in models if "fedaudio.round" in m.tags}
 
-    @contextlib.contextmanager
-    def _active(self) -> Iterator[None]:
-        import mlflow
-
-        active = mlflow.active_run()
-        if active is not None and active.info.run_id == self.run_id:
-            yield
-            return
-        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
-            yield
-
     def log_round(
         self, server_round: int, metrics: Mapping[str, float], model: Any | None, input_shape: tuple[int, ...],
         weights_file: Path | None = None,
     ) -> str | None:
         """Log one round's metrics (``step=round``) and, if given, its global model as a LoggedModel.
 
-        Rounds already in the run (a resumed run) are skipped, so a resume never duplicates entries.
-        Returns the LoggedModel id of this round, if any.
+        Rounds already in the run (a resumed run) are skipped, so a resume never duplicates entries. The run
+        stays RUNNING. Returns the LoggedModel id of this round, if any.
         """
         import mlflow
 
-        assert self.run_id is not None, "start() first"
+        if self.run_id is None:
+            raise RuntimeError("FederateTracker.log_round: call start() first.")
         model_id = self.model_steps.get(server_round)
-        with self._active():
-            if model is not None and model_id is None:
-                model_id = self._log_model(model, server_round, input_shape, weights_file)
-                self.model_steps[server_round] = model_id
-            if server_round not in self.logged_steps:
-                values = {k: float(v) for k, v in metrics.items()}
-                mlflow.log_metrics(values, step=server_round, model_id=model_id)
-                self.logged_steps.add(server_round)
+        if model is not None and model_id is None:
+            model_id = self.log_model(model, f"global-round-{server_round:04d}", server_round,
+                                      weights_file=weights_file, input_shape=input_shape)
+            self.model_steps[server_round] = model_id
+        if server_round not in self.logged_steps:
+            values = {k: float(v) for k, v in metrics.items()}
+            mlflow.log_metrics(values, step=server_round, model_id=model_id, run_id=self.run_id)
+            self.logged_steps.add(server_round)
         return model_id
 
-    def _log_model(
-        self, model: Any, server_round: int, input_shape: tuple[int, ...], weights_file: Path | None
-    ) -> str:
+    def log_model(self, model: Any, name: str, step: int, inputs: Sequence[str] | None = None, *,
+                  spec: ModelSpec | None = None, weights_file: Path | None = None,
+                  tags: Mapping[str, str] | None = None, input_shape: tuple[int, ...] | None = None) -> str:
+        """Log ``model`` as a LoggedModel of the run: architecture spec + safetensors (never pickled).
+
+        ``inputs`` default to the tracker's; ``spec`` to the model's own spec, then the tracker's; ``tags`` to
+        ``{"fedaudio.round": step}`` (the run's round models, which a resume finds again). A federate tracker
+        given ``input_shape`` also exports the model as a pt2 program (``weights_file`` attached). Returns the
+        LoggedModel id.
+
+        Raises
+        ------
+        ValueError
+            If no architecture spec is known for ``model``.
+        """
         import mlflow
 
-        if self.model_inputs is not None:
-            return self.log_pickled(model, f"global-round-{server_round:04d}", server_round, self.model_inputs,
-                                    weights_file)
+        if self.run_id is None:
+            raise RuntimeError("FederateTracker.log_model: call start() first.")
+        spec = spec or spec_of(model) or self.model_spec
+        if spec is None:
+            raise ValueError(f"tracking: the model {name!r} ({type(model).__name__}) must have an architecture spec "
+                             "to be logged. Got none. Fix: pass model_spec= to FederateTracker (fedcore.models.spec "
+                             "makes one), or build the model with fedcore.models.spec.build.")
+        inputs = tuple(inputs) if inputs is not None else self.model_inputs
+        export = self._export if self.export and input_shape is not None else None
+        options = _pt2_options(input_shape, weights_file) if export is not None and input_shape is not None else {}
+        tags = {**(tags if tags is not None else {"fedaudio.round": str(step)}), INPUTS_TAG: ",".join(inputs),
+                "fedaudio.architecture": spec.architecture}
+        # Created here, in the run's experiment (Model.log alone would file it under the active experiment).
+        logged = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id, tags=tags)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             info = mlflow.models.Model.log(
-                artifact_path=None,
-                name=f"global-round-{server_round:04d}",
-                flavor=self._export,
-                pytorch_model=model.eval(),
-                step=server_round,
-                tags={"fedaudio.round": str(server_round)},
-                # MLflow reloads the saved model and runs the example through it: once per run is enough (every
-                # round has the same architecture), and it costs as much as the export.
-                validate_serving_input=not self._validated,
-                **_pt2_options(input_shape, weights_file),
+                artifact_path=None, name=name, flavor=SpecFlavour(export), run_id=self.run_id,
+                model_id=logged.model_id, pytorch_model=model.eval(), model_spec=spec, model_inputs=inputs,
+                step=step, flavor_name=FLAVOR,
+                # MLflow reloads a pt2 model and runs the example through it: once per run is enough (every round
+                # has the same architecture), and it costs as much as the export.
+                validate_serving_input=export is not None and not self._validated,
+                **options,
             )
-        self._validated = True
+        if export is not None:
+            self._validated = True
         return str(info.model_id)
 
     def prepare_export(self, model: Any, input_shape: tuple[int, ...], weights_name: str | None = None) -> None:
@@ -306,9 +580,9 @@ class FederateTracker:
 
         ``model``: any model of the architecture the rounds log (e.g. the initial one); ``weights_name``: the
         name of the weights file the rounds attach. Checks the exported program against the model (which then
-        stands for MLflow's own serving-input check). Models logged pickled are left alone.
+        stands for MLflow's own serving-input check). Trackers that do not export (``model_inputs`` given) skip it.
         """
-        if self.model_inputs is not None:
+        if not self.export:
             return
         with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -321,31 +595,11 @@ class FederateTracker:
             self._export.prepare(model.eval(), **_pt2_options(input_shape, weights))
         self._validated = True
 
-    def log_pickled(self, model: Any, name: str, step: int, inputs: tuple[str, ...],
-                    weights_file: Path | None = None, tags: Mapping[str, str] | None = None) -> str:
-        """Log ``model`` pickled (loadable as a trainable ``nn.Module``), tagged with the inputs it takes.
-
-        ``tags`` default to ``{"fedaudio.round": step}`` (the run's round models, which a resume finds again).
-        """
-        import mlflow
-        import torch
-
-        quiet = logging.getLogger("mlflow.pytorch")  # its pickle warning, once per model: we chose pickle
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
-        try:
-            with self._active(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                info = mlflow.pytorch.log_model(
-                    model.eval(), name=name, step=step, serialization_format="pickle",
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                    extra_files=[str(weights_file)] if weights_file is not None else None,
-                    tags={**(tags if tags is not None else {"fedaudio.round": str(step)}),
-                          INPUTS_TAG: ",".join(inputs)},
-                )
-        finally:
-            quiet.setLevel(level)
-        return str(info.model_id)
+    def log_record(self, artifact_file: str, record: Mapping[str, Any]) -> None:
+        """Attach a JSON record to the run: a round's rejected clients with their reasons, what a resume skipped."""
+        if self.run_id is None:
+            raise RuntimeError("FederateTracker.log_record: start() the run first.")
+        self.client.log_dict(self.run_id, dict(record), artifact_file)
 
     def find_logged(self, tag: str, value: str) -> str | None:
         """Id of a LoggedModel of this run whose ``tag`` equals ``value`` (e.g. after a resume), or None."""
@@ -370,18 +624,18 @@ class FederateTracker:
         return version
 
     def finish(self, summary: Mapping[str, float], final_round: int, artifacts: list[Path]) -> int | None:
-        """Log the summary, attach artifacts, register the final round's model (alias ``final``), close the run.
+        """Log the summary, attach artifacts, register the final round's model (alias ``final``), end FINISHED.
 
         Returns the registered model version.
         """
         import mlflow
 
-        assert self.run_id is not None
-        with self._active():
-            mlflow.log_metrics({f"final_{k}": float(v) for k, v in summary.items()})
-            for path in artifacts:
-                if path.exists():
-                    mlflow.log_artifact(str(path))
+        if self.run_id is None:
+            raise RuntimeError("FederateTracker.finish: call start() first.")
+        mlflow.log_metrics({f"final_{k}": float(v) for k, v in summary.items()}, run_id=self.run_id)
+        for path in artifacts:
+            if path.exists():
+                self.client.log_artifact(self.run_id, str(path))
         version = None
         model_id = self.model_steps.get(final_round)
         if model_id is not None and self.cfg.registered_model:
@@ -393,6 +647,8 @@ class FederateTracker:
                 version = int(registered.version)
             self.client.set_registered_model_alias(self.cfg.registered_model, FINAL_ALIAS, str(version))
         self.client.set_terminated(self.run_id, status="FINISHED")
+        if self._own_parent is not None:
+            end_run(self._own_parent, "FINISHED")
         return version
 
     def _registered_version(self, model_id: str, name: str | None = None) -> int | None:
@@ -409,10 +665,26 @@ class FederateTracker:
                 return int(version.version)
         return None
 
-    def fail(self) -> None:
-        """Mark the run failed (a resume reopens it)."""
-        if self.run_id is not None:
-            self.client.set_terminated(self.run_id, status="FAILED")
+    def fail(self, error: BaseException | None = None) -> str | None:
+        """Close the run KILLED (interrupted: Ctrl-C, SIGTERM) or FAILED (any other error); a resume reopens it.
+
+        ``error`` defaults to the exception being handled (call it in an ``except`` block). The reason is kept in
+        the tag ``fedaudio.end_reason``. Never raises (it runs while another error propagates): a store that
+        cannot be reached is logged. Returns the status set (None without a run).
+        """
+        if self.run_id is None:
+            return None
+        if error is None:
+            error = sys.exc_info()[1]
+        status = "FAILED" if error is None else run_status(error)
+        try:
+            self.client.set_tag(self.run_id, END_REASON, _end_reason(error) if error is not None else "failed")
+            self.client.set_terminated(self.run_id, status=status)
+            if self._own_parent is not None:
+                end_run(self._own_parent, status, error)
+        except Exception as problem:  # the stage's own error matters more
+            log.warning("MLflow: cannot mark run %s %s: %s", self.run_id, status, problem)
+        return status
 
 
 def _pt2_options(input_shape: tuple[int, ...], weights_file: Path | None) -> dict[str, Any]:
@@ -425,45 +697,220 @@ def _pt2_options(input_shape: tuple[int, ...], weights_file: Path | None) -> dic
             "serialization_format": "pt2"}
 
 
-def _logged_model_id(uri: str) -> str | None:
-    """The LoggedModel id behind ``models:/<id>``, ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
-    import mlflow
+# --------------------------------------------------------------------------------------------------- loading
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model loaded by :func:`load_model`.
 
-    if not uri.startswith("models:/"):
-        return None
-    ref = uri[len("models:/"):]
-    client = mlflow.MlflowClient()
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias)
-    elif "/" in ref:
-        name, number = ref.rsplit("/", 1)
-        version = client.get_model_version(name, number)
-    else:
-        return ref
-    source = str(version.source)
-    return getattr(version, "model_id", None) or (source[len("models:/"):] if source.startswith("models:/")
-                                                  else None)
+    ``model``: an ``nn.Module`` rebuilt from ``spec`` (eval mode, trainable), or whatever MLflow returned for a
+    trusted model without a spec (``spec`` None); ``inputs``: what it is called with, in order.
+    """
+
+    model: Any
+    inputs: tuple[str, ...]
+    spec: ModelSpec | None
+    uri: str
 
 
-def load_logged_model(uri: str) -> tuple[Any, tuple[str, ...]]:
-    """Load a model from MLflow by URI, with the inputs it takes (its ``fedaudio.inputs`` tag; default audio).
+def _safe(value: Any) -> str:
+    """``repr`` of a value read from a file, for a message: scalars only (a YAML alias can nest without bound)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        text = repr(value)
+        return text if len(text) <= 80 else text[:80] + "..."
+    return f"a {type(value).__name__}"
+
+
+_RELATIVE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
+
+
+def _relative(value: Any, where: str, name: str) -> str:
+    """A file name inside a model folder: relative, no ``..``, plain characters."""
+    if not isinstance(value, str) or len(value) > 200 or not _RELATIVE.match(value) or ".." in value.split("/"):
+        raise ValueError(f"{where}: the MLmodel flavour {FLAVOR!r}'s '{name}' must be a relative file name inside "
+                         f"the model folder. Got {_safe(value)}.")
+    return value
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a model's files are: a local folder, or an artifact URI (MLflow copies the files, no more)."""
+
+    uri: str
+    folder: Path | None
+    artifacts: str | None
+    model_id: str | None
+
+    def fetch(self, name: str, limit: int, scratch: Path, where: str) -> bytes:
+        """The bytes of file ``name`` of the model (at most ``limit``; no symlinks, nothing outside the folder)."""
+        if self.folder is not None:
+            path = self.folder / name
+            try:
+                info = path.lstat()
+            except OSError:
+                raise ValueError(f"{where}: the model folder must hold {name!r}. Got no such file.") from None
+            import stat
+
+            if not stat.S_ISREG(info.st_mode) or not path.resolve().is_relative_to(self.folder.resolve()):
+                raise ValueError(f"{where}: {name!r} must be a regular file inside the model folder (no symlink). "
+                                 "Got another kind of file.")
+        else:
+            import mlflow
+
+            parent, _, leaf = name.rpartition("/")
+            base = self.artifacts.rstrip("/") if self.artifacts else ""
+            try:
+                listed = mlflow.artifacts.list_artifacts(artifact_uri=f"{base}/{parent}" if parent else base)
+            except Exception as error:
+                raise ValueError(f"{where}: cannot list the model's files: {error}. Fix: check that "
+                                 "MLFLOW_TRACKING_URI points at the model's store.") from None
+            entry = next((f for f in listed if f.path.rsplit("/", 1)[-1] == leaf and not f.is_dir), None)
+            if entry is None:
+                raise ValueError(f"{where}: the model must hold {name!r}. Got files "
+                                 f"{sorted(f.path.rsplit('/', 1)[-1] for f in listed)[:10]}.")
+            if entry.file_size is not None and entry.file_size > limit:
+                raise ValueError(f"{where}: {name!r} must be at most {limit} bytes. Got {entry.file_size}.")
+            target = scratch / f"{len(list(scratch.iterdir()))}"
+            target.mkdir()
+            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{name}", dst_path=str(target)))
+            info = path.lstat()
+        if info.st_size > limit:
+            raise ValueError(f"{where}: {name!r} must be at most {limit} bytes. Got {info.st_size}.")
+        return path.read_bytes()
+
+
+def _source(uri: str, where: str) -> _Source:
+    """Resolve a model URI or folder (see :func:`load_model`); nothing is read yet."""
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"{where}: must be a models:/ URI or a model folder. Got {uri!r}.")
+    if uri.startswith("models:/"):
+        import mlflow
+        from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+        client = mlflow.MlflowClient()
+        try:
+            ref = get_model_name_and_version(client, uri)
+            if len(ref) == 1:
+                model_id: str | None = str(ref[0])
+                artifacts = str(client.get_logged_model(ref[0]).artifact_location)
+            else:
+                name, version = ref
+                found = client.get_model_version(name, version)
+                source = str(found.source)
+                model_id = getattr(found, "model_id", None) or (source[len("models:/"):]
+                                                                if source.startswith("models:/") else None)
+                artifacts = str(client.get_model_version_download_uri(name, version))
+        except Exception as error:  # MlflowException: no such name, alias, version or model
+            raise ValueError(f"{where}: cannot be resolved ({error}). Fix: check the name and alias in the MLflow UI "
+                             "(Models tab), and that MLFLOW_TRACKING_URI points at the run's store.") from None
+        return _Source(uri, None, artifacts, model_id)
+    path = Path(uri[len("file://"):]) if uri.startswith("file://") else Path(uri)
+    if "://" not in uri and ":/" not in uri:
+        if not path.is_dir():
+            raise ValueError(f"{where}: must be a models:/ URI or a model folder. Got no folder {uri!r}.")
+        return _Source(uri, path, None, None)
+    if uri.startswith("file://"):
+        if not path.is_dir():
+            raise ValueError(f"{where}: must be a models:/ URI or a model folder. Got no folder {uri!r}.")
+        return _Source(uri, path, None, None)
+    return _Source(uri, None, uri, None)
+
+
+def _mlmodel(data: bytes, where: str) -> dict[str, Any]:
+    """``MLmodel``'s flavours, read with ``yaml.safe_load`` (no object construction)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(data)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{where}: its MLmodel must be YAML. Got an unreadable file ({error}).") from None
+    flavors = raw.get("flavors") if isinstance(raw, dict) else None
+    if not isinstance(flavors, dict) or not all(isinstance(k, str) for k in flavors):
+        raise ValueError(f"{where}: its MLmodel must have a 'flavors' mapping. Got {type(raw).__name__}.")
+    return flavors
+
+
+def _inputs(value: Any, where: str) -> tuple[str, ...]:
+    names = value.split(",") if isinstance(value, str) else value
+    if (not isinstance(names, list) or not names or not all(isinstance(n, str) and n in INPUTS for n in names)
+            or len(set(names)) != len(names)):
+        raise ValueError(f"{where}: the model's 'inputs' must name {' and/or '.join(INPUTS)}, each once. "
+                         f"Got {_safe(value) if not isinstance(value, list) else [_safe(v) for v in value[:4]]}.")
+    return tuple(names)
+
+
+def _describe(flavors: Mapping[str, Any]) -> str:
+    """The flavours of an MLmodel and how they are serialised (for messages)."""
+    configs = [c for c in flavors.values() if isinstance(c, dict)]
+    formats = {_safe(c["serialization_format"]) for c in configs if c.get("serialization_format")}
+    if any("pickle_module_name" in c for c in configs):
+        formats.add("pickle")
+    return f"flavours {sorted(flavors)}" + (f", serialised as {sorted(formats)}" if formats else "")
+
+
+def load_model(uri: str, *, trust_pickle: bool = False) -> LoadedModel:
+    """Load a model by URI or from a local folder, without running code from its files.
+
+    ``uri``: ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``models:/<model id>``, ``runs:/...`` or a
+    folder holding ``MLmodel``. The model's files are copied (MLflow's artifact download: no deserialisation);
+    ``MLmodel`` is read with ``yaml.safe_load``; its flavour must be :data:`FLAVOR`; then the architecture is
+    rebuilt from ``model_spec.json`` and the weights loaded strictly from ``weights.safetensors``
+    (:func:`fedcore.models.spec.rebuild`). A model without that flavour (e.g. pickled by ``mlflow.pytorch``) is
+    refused, unless ``trust_pickle`` (``mlflow.trust_pickle``): then ``mlflow.pytorch.load_model`` loads it, which
+    runs any code it holds.
 
     Raises
     ------
     ValueError
-        If MLflow cannot resolve or load ``uri`` (the message says which URI and why).
+        If the URI cannot be resolved, the model has no spec (and ``trust_pickle`` is off), or its spec, weights
+        or flavour are not valid (the message says which, and the fix).
     """
+    where = f"load_model: {uri!r}"
+    source = _source(uri, where)
+    with tempfile.TemporaryDirectory(prefix="fedaudio-model-") as scratch:
+        flavors = _mlmodel(source.fetch("MLmodel", MAX_MLMODEL_BYTES, Path(scratch), where), where)
+        config = flavors.get(FLAVOR)
+        if config is not None:
+            if not isinstance(config, dict) or config.get("format_version") != FLAVOR_VERSION:
+                version = config.get("format_version") if isinstance(config, dict) else config
+                raise ValueError(f"{where}: the MLmodel flavour {FLAVOR!r} must have format_version "
+                                 f"{FLAVOR_VERSION}. Got {_safe(version)}. Fix: load it with the version of this "
+                                 "project that logged it.")
+            spec_name = _relative(config.get("spec"), where, "spec")
+            weights_name = _relative(config.get("weights"), where, "weights")
+            inputs = _inputs(config.get("inputs"), where)
+            from fedcore.models.spec import MAX_SPEC_BYTES
+
+            spec = ModelSpec.from_json(source.fetch(spec_name, MAX_SPEC_BYTES, Path(scratch), where),
+                                       f"{where}: {spec_name}")
+            weights = source.fetch(weights_name, MAX_WEIGHTS_BYTES, Path(scratch), where)
+            return LoadedModel(rebuild(spec, weights, where), inputs, spec, uri)
+    if not trust_pickle:
+        raise ValueError(f"{where}: must be a model with an architecture spec (MLmodel flavour {FLAVOR!r}). Got "
+                         f"{_describe(flavors)}: loading it would deserialise it with MLflow, and a pickled model "
+                         f"runs any code it holds. {TRUST_FIX}")
     import mlflow
 
+    log.warning("%s has no architecture spec; loading it with mlflow.pytorch because mlflow.trust_pickle is set "
+                "(any code it holds runs).", uri)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = mlflow.pytorch.load_model(uri, map_location="cpu")
-        model_id = _logged_model_id(uri)
-        tags = mlflow.get_logged_model(model_id).tags if model_id else {}
+            model = mlflow.pytorch.load_model(str(source.folder) if source.folder is not None else uri,
+                                              map_location="cpu")
+        tags = mlflow.get_logged_model(source.model_id).tags if source.model_id else {}
     except Exception as error:  # MlflowException, missing files, unpickling errors
-        raise ValueError(f"cannot load the MLflow model {uri!r}: {error}. Fix: check the name and alias in the "
-                         "MLflow UI (Models tab), and that MLFLOW_TRACKING_URI points at the run's store.") from None
-    inputs = tuple(str(tags.get(INPUTS_TAG, "audio")).split(","))
-    return model, inputs
+        raise ValueError(f"{where}: MLflow cannot load it: {error}. Fix: check the name and alias in the MLflow UI "
+                         "(Models tab), and that MLFLOW_TRACKING_URI points at the run's store.") from None
+    return LoadedModel(model, _inputs(str(tags.get(INPUTS_TAG, "audio")), where), None, uri)
+
+
+def load_logged_model(uri: str, trust_pickle: bool = False) -> tuple[Any, tuple[str, ...]]:
+    """The model at ``uri`` and the inputs it takes (:func:`load_model`).
+
+    Raises
+    ------
+    ValueError
+        As :func:`load_model`.
+    """
+    loaded = load_model(uri, trust_pickle=trust_pickle)
+    return loaded.model, loaded.inputs

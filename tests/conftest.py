@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import flows  # noqa: F401  (pins torch's CPU code paths before torch loads, as every stage process does)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Quiet, offline-safe settings for every test (and every subprocess a test starts).

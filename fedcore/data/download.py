@@ -10,9 +10,15 @@ Fetching
 
 Extracting
     :func:`extract_archive` checks every member of a zip or tar before writing anything (no absolute paths,
-    no ``..`` escapes, no links pointing outside, no device files), extracts into a hidden sibling folder,
-    writes a ``.extracted`` marker and renames the folder into place, so an interrupted extraction never
-    leaves a folder that looks complete. A matching marker makes the next call a no-op.
+    no ``..`` escapes, no links pointing outside, no device files, a cap on the total size and on the
+    compression ratio), writes the files itself (stopping each at its declared size and at the caps; links are
+    left out), extracts into a hidden sibling folder, writes a ``.extracted`` marker and renames the folder
+    into place, so an interrupted extraction never leaves a folder that looks complete. A matching marker
+    makes the next call a no-op.
+
+Mirror
+    A mirror that is set (``download.mirror`` or env ``FEDAUDIO_MIRROR``) must exist: :func:`resolve_mirror`
+    and :func:`fetch` refuse a missing folder instead of silently going to the internet.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ import re
 import shutil
 import stat
 import tarfile
-import tempfile
 import time
 import zipfile
 import zlib
@@ -40,13 +45,20 @@ import requests
 from fedcore.errors import ChecksumError, DataError, DownloadError, UnsafeArchiveError
 
 __all__ = [
+    "DEFAULT_MAX_COMPRESSION_RATIO",
+    "DEFAULT_MAX_EXTRACT_BYTES",
     "EXTRACTED_MARKER",
     "MIRROR_ENV",
+    "RATIO_FLOOR_BYTES",
+    "ExtractResult",
     "FetchResult",
     "ProgressFn",
+    "check_mirror",
     "extract_archive",
+    "extract_archive_detailed",
     "fetch",
     "fetch_detailed",
+    "make_partial_dir",
     "read_sha256_sidecar",
     "resolve_mirror",
     "sha256_file",
@@ -122,6 +134,9 @@ def _check_sha256(sha256: str | None) -> str | None:
 def resolve_mirror(configured: str | Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
     """Return the mirror folder: env ``FEDAUDIO_MIRROR`` when set and non-empty, else ``configured``.
 
+    A mirror that is set must be an existing folder: a typo in the path would otherwise fall back to the
+    internet without a word. (A mirror that exists but lacks an archive still falls back to the URL.)
+
     Parameters
     ----------
     configured : str or Path or None
@@ -133,13 +148,43 @@ def resolve_mirror(configured: str | Path | None, environ: Mapping[str, str] | N
     -------
     Path or None
         The folder, or None when neither is set.
+
+    Raises
+    ------
+    DownloadError
+        The mirror is set but is not an existing folder; the message names the folder and where it was set.
     """
     env = (os.environ if environ is None else environ).get(MIRROR_ENV, "").strip()
     if env:
-        return Path(env).expanduser()
+        return check_mirror(Path(env).expanduser(), f"env {MIRROR_ENV}")
     if configured is None or str(configured).strip() == "":
         return None
-    return Path(configured).expanduser()
+    return check_mirror(Path(configured).expanduser(), "download.mirror")
+
+
+def check_mirror(mirror: Path, where: str = "download.mirror or env " + MIRROR_ENV) -> Path:
+    """Return ``mirror`` if it is an existing folder, else raise a :class:`DownloadError` naming it.
+
+    Parameters
+    ----------
+    mirror : Path
+        The mirror folder.
+    where : str
+        Where it was set, for the message.
+
+    Returns
+    -------
+    Path
+        ``mirror``.
+    """
+    if not mirror.is_dir():
+        state = "a file, not a folder" if mirror.exists() else "no such folder"
+        raise DownloadError(
+            f"fetch: the mirror ({where}) must be an existing folder. Got '{mirror}' ({state}). "
+            f"Fix: correct the path, create it with the archives laid out as <mirror>/<dataset>/<archive>, "
+            f"or unset {where} to download from the URL."
+        )
+    return mirror
 
 
 def _mirror_folders(mirror: Path | None, subdir: str | None) -> list[Path]:
@@ -371,6 +416,8 @@ def fetch_detailed(
     _, local = _parse_source(url)
     name = filename or _url_basename(url, local)
     names = [name, *(n for n in mirror_names if n != name)]
+    if mirror is not None:
+        check_mirror(Path(mirror))
     folders = _mirror_folders(Path(mirror) if mirror is not None else None, mirror_subdir)
     mirror_file = _find_in_mirror(folders, names)
     if mirror_file is not None:
@@ -441,7 +488,8 @@ def fetch(
         Expected hex sha256. When None, a mirror file's ``<file>.sha256`` sidecar is used if present;
         otherwise the file is not checked.
     mirror : str or Path, optional
-        Folder consulted before the URL: ``mirror/mirror_subdir/filename``, then ``mirror/filename``.
+        Folder consulted before the URL: ``mirror/mirror_subdir/filename``, then ``mirror/filename``. It must
+        exist (:class:`DownloadError` otherwise); when it lacks the file, the URL is fetched.
     mirror_subdir : str, optional
         Dataset folder inside the mirror.
     timeout_s : float
@@ -460,6 +508,7 @@ def fetch(
     ------
     DownloadError
         URL unreachable (after ``retries`` attempts) or file missing; names the URL and the mirror folders.
+        A mirror folder that does not exist.
     ChecksumError
         The bytes do not match; they are kept as ``<filename>.bad``.
     ValueError
@@ -472,11 +521,62 @@ def fetch(
 
 
 # --------------------------------------------------------------------------------------------------- extract
+DEFAULT_MAX_EXTRACT_BYTES = 8 * 2**30
+"""Default cap on the bytes an archive may expand to (``download.max_extract_bytes``)."""
+DEFAULT_MAX_COMPRESSION_RATIO = 100.0
+"""Default cap on the compression ratio (``download.max_compression_ratio``); real audio archives stay below 20."""
+RATIO_FLOOR_BYTES = 1 << 20
+"""The ratio is checked on members (and whole archives) that expand to more than this: a small, highly
+compressible file (a silent clip, a text file) can exceed any ratio and harms nothing; the total cap bounds many."""
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """What :func:`extract_archive_detailed` produced.
+
+    Attributes
+    ----------
+    path : Path
+        The target folder.
+    sha256 : str
+        sha256 of the archive.
+    skipped : list of dict
+        ``{"member", "reason"}`` of each link member left out (links are never extracted).
+    reused : bool
+        True when an earlier extraction of the same archive was kept as is.
+    """
+
+    path: Path
+    sha256: str
+    skipped: list[dict[str, str]]
+    reused: bool
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One archive member, checked: where it goes and what its header declares."""
+
+    name: str
+    parts: tuple[str, ...]
+    kind: str  # "file", "dir" or "link" (left out)
+    size: int  # declared uncompressed bytes
+    compressed: int | None  # zip: declared compressed bytes; tar: None (one compressed stream)
+    note: str = ""  # link: what it points to
+
+
 def _unsafe(archive: Path, member: str, reason: str) -> UnsafeArchiveError:
     return UnsafeArchiveError(
         f"extract_archive: every member of '{archive}' must be a file, folder or link inside the target folder. "
         f"Got {member!r} ({reason}). Nothing was extracted. "
         "Fix: the archive is damaged or malicious; delete it and fetch it again from a trusted source."
+    )
+
+
+def _damaged(archive: Path, error: BaseException, member: str | None = None) -> DataError:
+    where = f"member {member!r} of '{archive}'" if member is not None else f"'{archive}'"
+    return DataError(
+        f"extract_archive: 'archive' must be a readable archive. Got {where} ({type(error).__name__}: {error}). "
+        "Nothing was kept. Fix: delete it and fetch it again."
     )
 
 
@@ -508,27 +608,116 @@ def _check_member(archive: Path, name: str) -> list[str]:
     return parts
 
 
-def _check_zip(archive: Path, zf: zipfile.ZipFile) -> None:
+class _Budget:
+    """The extraction caps, checked from the headers before writing and again on the bytes written."""
+
+    def __init__(self, archive: Path, archive_size: int, max_bytes: int, max_ratio: float) -> None:
+        self.archive, self.archive_size = archive, archive_size
+        self.max_bytes, self.max_ratio = max_bytes, max_ratio
+        self.total = 0
+
+    def _total_error(self, name: str, size: int, stage: str) -> UnsafeArchiveError:
+        return UnsafeArchiveError(
+            f"extract_archive: the uncompressed size of '{self.archive}' must be <= {self.max_bytes:,} bytes "
+            f"(download.max_extract_bytes). Got more: {self.total:,} bytes up to member {name!r} "
+            f"({size:,} bytes), from an archive of {self.archive_size:,} bytes. {stage} "
+            "Fix: if you trust the archive and have the disk space, raise download.max_extract_bytes."
+        )
+
+    def _ratio_error(self, name: str, size: int, compressed: int, stage: str) -> UnsafeArchiveError:
+        ratio = size / max(compressed, 1)
+        return UnsafeArchiveError(
+            f"extract_archive: the compression ratio of {name} in '{self.archive}' must be <= "
+            f"{self.max_ratio:g} (download.max_compression_ratio). Got {ratio:,.1f} ({compressed:,} compressed "
+            f"bytes expand to {size:,}). {stage} Fix: this is how a zip bomb looks; if you trust the archive, "
+            "raise download.max_compression_ratio."
+        )
+
+    def declare(self, member: _Member) -> None:
+        """Count a member's declared size; raise before anything is written when a cap is passed."""
+        stage = "Nothing was extracted."
+        if member.compressed is not None and member.size > RATIO_FLOOR_BYTES \
+                and member.size > self.max_ratio * max(member.compressed, 1):
+            raise self._ratio_error(f"member {member.name!r}", member.size, member.compressed, stage)
+        self.total += member.size
+        if self.total > self.max_bytes:
+            raise self._total_error(member.name, member.size, stage)
+        if self.total > RATIO_FLOOR_BYTES and self.total > self.max_ratio * max(self.archive_size, 1):
+            raise self._ratio_error("the whole archive", self.total, self.archive_size, stage)
+
+    def write(self, member: _Member, src: Any, target: Path) -> None:
+        """Copy ``src`` to ``target``, stopping at the member's declared size and at the caps."""
+        stage = "Extraction was stopped and nothing was kept."
+        written = 0
+        with target.open("wb") as out:
+            while block := src.read(_FILE_CHUNK):
+                written += len(block)
+                self.total += len(block)
+                if written > member.size:
+                    raise UnsafeArchiveError(
+                        f"extract_archive: member {member.name!r} of '{self.archive}' must hold the {member.size:,} "
+                        f"bytes its header declares. Got more ({written:,} so far). {stage} "
+                        "Fix: the archive is damaged or malicious; delete it and fetch it again."
+                    )
+                if self.total > self.max_bytes:
+                    raise self._total_error(member.name, written, stage)
+                if member.compressed is not None and written > RATIO_FLOOR_BYTES \
+                        and written > self.max_ratio * max(member.compressed, 1):
+                    raise self._ratio_error(f"member {member.name!r}", written, member.compressed, stage)
+                out.write(block)
+        if written != member.size:
+            raise DataError(
+                f"extract_archive: member {member.name!r} of '{self.archive}' must hold the {member.size:,} bytes "
+                f"its header declares. Got {written:,}. {stage} Fix: delete the archive and fetch it again."
+            )
+
+
+def _plan_zip(archive: Path, zf: zipfile.ZipFile, budget: _Budget) -> list[_Member]:
+    members = []
     for info in zf.infolist():
-        _check_member(archive, info.filename)
+        parts = tuple(_check_member(archive, info.filename))
         mode = info.external_attr >> 16
         if mode and (stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
             raise _unsafe(archive, info.filename, "device file")
+        if mode and stat.S_ISLNK(mode):
+            member = _Member(info.filename, parts, "link", 0, None, "symlink")
+        elif info.is_dir() or (mode and stat.S_ISDIR(mode)):
+            member = _Member(info.filename, parts, "dir", 0, None)
+        else:
+            member = _Member(info.filename, parts, "file", info.file_size, info.compress_size)
+        if member.kind == "file" and not parts:
+            raise _unsafe(archive, info.filename, "a file without a name")
+        budget.declare(member)
+        members.append(member)
+    return members
 
 
-def _check_tar(archive: Path, tf: tarfile.TarFile) -> None:
-    for member in tf.getmembers():
-        parts = _check_member(archive, member.name)
-        if member.isdev():
-            raise _unsafe(archive, member.name, "device file")
-        if member.issym():
-            if _is_absolute(member.linkname):
-                raise _unsafe(archive, member.name, f"symlink to absolute path {member.linkname!r}")
-            if _normalise("/".join([*parts[:-1], member.linkname])) is None:
-                raise _unsafe(archive, member.name, f"symlink pointing outside to {member.linkname!r}")
-        elif member.islnk():
-            if _is_absolute(member.linkname) or _normalise(member.linkname) is None:
-                raise _unsafe(archive, member.name, f"hard link pointing outside to {member.linkname!r}")
+def _plan_tar(archive: Path, tf: tarfile.TarFile, budget: _Budget) -> list[_Member]:
+    members = []
+    for info in tf:  # lazily: a bomb is stopped at the member that passes a cap, before the rest is read
+        parts = tuple(_check_member(archive, info.name))
+        if info.issym():
+            if _is_absolute(info.linkname):
+                raise _unsafe(archive, info.name, f"symlink to absolute path {info.linkname!r}")
+            if _normalise("/".join([*parts[:-1], info.linkname])) is None:
+                raise _unsafe(archive, info.name, f"symlink pointing outside to {info.linkname!r}")
+            member = _Member(info.name, parts, "link", 0, None, f"symlink to {info.linkname!r}")
+        elif info.islnk():
+            if _is_absolute(info.linkname) or _normalise(info.linkname) is None:
+                raise _unsafe(archive, info.name, f"hard link pointing outside to {info.linkname!r}")
+            member = _Member(info.name, parts, "link", 0, None, f"hard link to {info.linkname!r}")
+        elif info.isdir():
+            member = _Member(info.name, parts, "dir", 0, None)
+        elif info.isreg():
+            if not parts:
+                raise _unsafe(archive, info.name, "a file without a name")
+            member = _Member(info.name, parts, "file", info.size, None)
+        else:
+            kind = "device file" if info.ischr() or info.isblk() else f"special member (type {info.type!r})"
+            raise _unsafe(archive, info.name, "FIFO" if info.isfifo() else kind)
+        budget.declare(member)
+        members.append(member)
+    return members
 
 
 def _read_marker(marker: Path) -> dict[str, Any] | None:
@@ -539,15 +728,6 @@ def _read_marker(marker: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _marker_matches(marker: Path, archive: Path, info: os.stat_result) -> bool:
-    recorded = _read_marker(marker)
-    if recorded is None or recorded.get("size") != info.st_size:
-        return False
-    if recorded.get("archive") == str(archive.resolve()) and recorded.get("mtime_ns") == info.st_mtime_ns:
-        return True
-    return bool(recorded.get("sha256") == sha256_file(archive))
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -555,49 +735,117 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def extract_archive(archive: str | Path, dest: str | Path) -> Path:
-    """Safely extract a zip, tar, tar.gz or tgz archive into ``dest``, skipping work already done.
+def make_partial_dir(parent: Path, name: str) -> Path:
+    """Create a new hidden folder ``parent/.<name>.partial-<pid>-<random>`` with the umask's permissions.
 
-    Every member is checked before anything is written. Extraction goes to a hidden sibling folder that is
-    renamed to ``dest`` on success (replacing an older ``dest``), with ``dest/.extracted`` recording the
-    archive's path, size, mtime and sha256. When the marker matches the archive, nothing is done.
+    Unlike :func:`tempfile.mkdtemp` (mode 0700), the folder gets the mode any new folder gets (0755 under the
+    usual umask 022), so a folder renamed into place has the same permissions on every run.
 
     Parameters
     ----------
-    archive : str or Path
-        The archive; its type is read from its content, not its name.
-    dest : str or Path
-        Target folder; the archive's own top folder (if any) ends up inside it.
+    parent : Path
+        Folder to create it in (created when missing).
+    name : str
+        Name of the folder it will replace.
 
     Returns
     -------
     Path
-        ``dest``.
+        The new, empty folder.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        candidate = parent / f".{name}.partial-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"make_partial_dir: could not create a new folder in '{parent}'.")
 
-    Raises
-    ------
-    UnsafeArchiveError
-        A member with an absolute path, a ``..`` escape, a link pointing outside or a device file.
-    DataError
-        Not a zip or tar archive, or a damaged one.
+
+def _extract_into(archive: Path, kind: str, members: list[_Member], tmp: Path, budget: _Budget) -> None:
+    """Write the planned members into ``tmp`` (links left out), re-checking the caps on the bytes written."""
+    budget.total = 0
+
+    def place(member: _Member, src: Any) -> None:
+        target = tmp.joinpath(*member.parts)
+        if member.kind == "dir":
+            target.mkdir(parents=True, exist_ok=True)
+        elif member.kind == "file":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            budget.write(member, src, target)
+
+    if kind == "zip":
+        with zipfile.ZipFile(archive) as zf:
+            for member, zip_info in zip(members, zf.infolist(), strict=True):
+                if member.kind != "file":
+                    place(member, None)
+                    continue
+                try:
+                    with zf.open(zip_info) as zip_src:
+                        place(member, zip_src)
+                except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as error:
+                    raise _damaged(archive, error, member.name) from None
+    else:
+        with tarfile.open(archive, "r:*") as tf:
+            for member, tar_info in zip(members, tf, strict=True):
+                if member.kind != "file":
+                    place(member, None)
+                    continue
+                tar_src = tf.extractfile(tar_info)
+                if tar_src is None:
+                    raise _damaged(archive, ValueError("no data"), member.name)
+                with tar_src:
+                    place(member, tar_src)
+
+
+def extract_archive_detailed(
+    archive: str | Path,
+    dest: str | Path,
+    *,
+    sha256: str | None = None,
+    max_bytes: int = DEFAULT_MAX_EXTRACT_BYTES,
+    max_ratio: float = DEFAULT_MAX_COMPRESSION_RATIO,
+) -> ExtractResult:
+    """Like :func:`extract_archive`, but also return the archive's sha256 and the members left out.
+
+    Parameters
+    ----------
+    archive, dest, max_bytes, max_ratio
+        As :func:`extract_archive`.
+    sha256 : str, optional
+        The archive's sha256 when the caller knows it (saves hashing it again).
+
+    Returns
+    -------
+    ExtractResult
+        Folder, sha256, links left out, and whether an earlier extraction was reused.
     """
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
         raise ValueError(f"extract_archive: 'archive' must be an existing file. Got {str(archive)!r}.")
-    info = archive.stat()
+    if not max_bytes >= 0:
+        raise ValueError(f"extract_archive: 'max_bytes' must be >= 0. Got {max_bytes!r}.")
+    if not max_ratio >= 1:
+        raise ValueError(f"extract_archive: 'max_ratio' must be >= 1. Got {max_ratio!r}.")
+    size = archive.stat().st_size
+    digest = sha256 or sha256_file(archive)
     marker = dest / EXTRACTED_MARKER
-    if marker.is_file() and _marker_matches(marker, archive, info):
-        return dest
+    recorded = _read_marker(marker) if marker.is_file() else None
+    if recorded is not None and recorded.get("size") == size and recorded.get("sha256") == digest:
+        return ExtractResult(path=dest, sha256=digest, skipped=list(recorded.get("skipped", [])), reused=True)
 
+    budget = _Budget(archive, size, max_bytes, max_ratio)
     damaged = (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error)
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                _check_zip(archive, zf)
+                members = _plan_zip(archive, zf, budget)
             kind = "zip"
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive, "r:*") as tf:
-                _check_tar(archive, tf)
+                members = _plan_tar(archive, tf, budget)
             kind = "tar"
         else:
             raise DataError(
@@ -605,33 +853,24 @@ def extract_archive(archive: str | Path, dest: str | Path) -> Path:
                 "Fix: delete it and fetch it again."
             )
     except damaged as error:
-        raise DataError(
-            f"extract_archive: 'archive' must be a readable archive. Got '{archive}' ({error}). "
-            "Fix: delete it and fetch it again."
-        ) from None
+        raise _damaged(archive, error) from None
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
     for leftover in dest.parent.glob(f".{dest.name}.partial-*"):
         _remove(leftover)  # from an earlier, interrupted extraction
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    tmp = make_partial_dir(dest.parent, dest.name)
     try:
-        os.chmod(tmp, 0o755)
         try:
-            if kind == "zip":
-                with zipfile.ZipFile(archive) as zf:
-                    zf.extractall(tmp)
-            else:
-                with tarfile.open(archive, "r:*") as tf:
-                    tf.extractall(tmp, filter="data")
-        except tarfile.FilterError as error:
-            raise _unsafe(archive, getattr(getattr(error, "tarinfo", None), "name", "?"), str(error)) from None
-        except damaged as error:
+            _extract_into(archive, kind, members, tmp, budget)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as error:
+            raise _damaged(archive, error) from None
+        except OSError as error:
             raise DataError(
-                f"extract_archive: 'archive' must be a readable archive. Got '{archive}' ({error}). "
-                "Fix: delete it and fetch it again."
+                f"extract_archive: every member of '{archive}' must be writable under '{dest}'. Got "
+                f"{type(error).__name__}: {error}. Nothing was kept. Fix: check the disk space and the archive."
             ) from None
-        record = {"archive": str(archive.resolve()), "size": info.st_size, "mtime_ns": info.st_mtime_ns,
-                  "sha256": sha256_file(archive)}
+        skipped = [{"member": m.name, "reason": f"{m.note}: links are not extracted"}
+                   for m in members if m.kind == "link"]
+        record = {"sha256": digest, "size": size, "skipped": skipped}
         (tmp / EXTRACTED_MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         if dest.exists() or dest.is_symlink():
             old = dest.with_name(f".{dest.name}.partial-old-{os.getpid()}")
@@ -643,5 +882,52 @@ def extract_archive(archive: str | Path, dest: str | Path) -> Path:
     except BaseException:
         _remove(tmp)
         raise
-    return dest
+    return ExtractResult(path=dest, sha256=digest, skipped=skipped, reused=False)
 
+
+def extract_archive(
+    archive: str | Path,
+    dest: str | Path,
+    *,
+    max_bytes: int = DEFAULT_MAX_EXTRACT_BYTES,
+    max_ratio: float = DEFAULT_MAX_COMPRESSION_RATIO,
+) -> Path:
+    """Safely extract a zip, tar, tar.gz or tgz archive into ``dest``, skipping work already done.
+
+    Every member is checked from the archive's own headers before anything is written: no absolute paths,
+    no ``..`` escapes, no links pointing outside, no device or special files, at most ``max_bytes`` in all,
+    and no member (zip) or archive (tar) expanding more than ``max_ratio`` times (members and archives that
+    expand to at most :data:`RATIO_FLOOR_BYTES` are exempt from the ratio). While writing, each member is
+    stopped at its declared size and the caps are checked again, so a header that lies stops at the cap too.
+    Links inside the archive are left out (listed in the marker), so no extracted path is a link. Files and
+    folders get the umask's permissions (0644 and 0755 under umask 022), whatever the archive says.
+
+    Extraction goes to a hidden sibling folder that is renamed to ``dest`` on success (replacing an older
+    ``dest``), with ``dest/.extracted`` recording the archive's sha256, size and the links left out (nothing
+    that depends on where or when it ran). When the marker matches the archive, nothing is done.
+
+    Parameters
+    ----------
+    archive : str or Path
+        The archive; its type is read from its content, not its name.
+    dest : str or Path
+        Target folder; the archive's own top folder (if any) ends up inside it.
+    max_bytes : int
+        Cap on the bytes written in all (``download.max_extract_bytes``).
+    max_ratio : float
+        Cap on the compression ratio (``download.max_compression_ratio``).
+
+    Returns
+    -------
+    Path
+        ``dest``.
+
+    Raises
+    ------
+    UnsafeArchiveError
+        A member with an absolute path, a ``..`` escape, a link pointing outside or a device file; a cap passed
+        (the message names the member, its sizes and the param to raise).
+    DataError
+        Not a zip or tar archive, or a damaged one.
+    """
+    return extract_archive_detailed(archive, dest, max_bytes=max_bytes, max_ratio=max_ratio).path

@@ -57,7 +57,6 @@ __all__ = [
 ]
 
 _EMPTY = np.zeros(0, dtype=np.int64)
-_NOISE_BATCH = 64  # clips per log-mel batch in noisy_features
 
 
 @dataclass
@@ -474,10 +473,8 @@ def noisy_features(
     """
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     out = np.empty((len(rows), *extractor.output_shape), dtype=np.float32)
-    for start in range(0, len(rows), _NOISE_BATCH):
-        batch = [
-            add_noise_at_snr(extractor.prepare(*load(int(row))), snr_db, generator)
-            for row in rows[start : start + _NOISE_BATCH]
-        ]
-        out[start : start + len(batch)] = extractor.log_mel(torch.stack(batch)).cpu().numpy()
+    for i, row in enumerate(rows):
+        # one clip at a time, as the features stage does: a clip's bits do not depend on its neighbours
+        noisy = add_noise_at_snr(extractor.prepare(*load(int(row))), snr_db, generator)
+        out[i] = extractor.log_mel(noisy).cpu().numpy()
     return out

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+import typing
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,7 @@ import yaml
 
 from fedcore.config import SECTIONS, FeaturesConfig, Params, flatten, load_params, load_section
 from fedcore.errors import ConfigError
+from tasks.common import read_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,3 +83,70 @@ def test_targeted_flip_needs_source_and_target() -> None:
 def test_section_must_be_a_mapping() -> None:
     with pytest.raises(ConfigError, match="federation: must be a mapping"):
         load_params({"federation": [1, 2]})
+
+
+# ------------------------------------------------------------------------------------------ non-finite numbers
+def _float_fields() -> list[tuple[str, str]]:
+    """(section, field) of every field that accepts a float, in every section."""
+    found = []
+    for section, cls in SECTIONS.items():
+        for name, hint in typing.get_type_hints(cls).items():
+            if hint is float or float in typing.get_args(hint):
+                found.append((section, name))
+    return found
+
+
+FLOAT_FIELDS = _float_fields()
+
+
+def test_float_fields_are_found_in_many_sections() -> None:
+    sections = {section for section, _ in FLOAT_FIELDS}
+    assert {"federation", "partition", "features", "poison", "aggregation", "attack", "distill"} <= sections
+
+
+@pytest.mark.parametrize(("section", "name"), FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_every_float_field_rejects_non_finite_values(section: str, name: str, value: float) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_params({section: {name: value}})
+    assert info.value.problems == [
+        f"{section}: '{name}' must be a finite number. Got {value!r}. Fix: write a finite value (YAML reads .inf, "
+        "-.inf and .nan as infinities and NaN)."
+    ]
+
+
+@pytest.mark.parametrize(("yaml_value", "shown"), [(".inf", "inf"), (".nan", "nan"), ("-.inf", "-inf"),
+                                                   (".Inf", "inf"), (".NaN", "nan")])
+def test_read_params_rejects_yaml_infinities_and_nan(tmp_path: Path, yaml_value: str, shown: str) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(f"federation:\n  lr: {yaml_value}\n  rounds: 2\n")
+    with pytest.raises(ConfigError, match=rf"federation: 'lr' must be a finite number. Got {shown}\."):
+        read_params(params)
+
+
+def test_non_finite_values_inside_lists_and_mappings_are_named_by_their_place(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "earlyexit:\n"
+        "  tiers: [{share: .nan, depth: 2}, {share: 1.0, depth: 4}]\n"
+        "  backbone_options: {scales: [1.0, -.inf]}\n"
+        "ssl:\n"
+        "  augment: [{name: gain, p: .inf}]\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        read_params(params)
+    text = str(info.value)
+    assert "earlyexit: 'tiers[0].share' must be a finite number. Got nan." in text
+    assert "earlyexit: 'backbone_options.scales[1]' must be a finite number. Got -inf." in text
+    assert "ssl: 'augment[0].p' must be a finite number. Got inf." in text
+
+
+def test_string_fields_spelled_nan_or_inf_stay_valid(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("attack:\n  name: nan\n  nan_value: nan\n")
+    assert read_params(params).attack.nan_value == "nan"
+    params.write_text("attack:\n  name: nan\n  nan_value: inf\n")
+    assert read_params(params).attack.nan_value == "inf"
+    params.write_text("mlflow:\n  experiment: .nan\n")  # a string field: YAML's float NaN is the wrong type
+    with pytest.raises(ConfigError, match=r"mlflow: 'experiment' must be a str. Got nan."):
+        read_params(params)

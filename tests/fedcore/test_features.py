@@ -14,6 +14,7 @@ from fedcore.config import FeaturesConfig, to_dict
 from fedcore.data.features import (
     FeatureStore,
     LogMelExtractor,
+    extract_clips,
     extract_features,
     label_index,
     normalisation_stats,
@@ -78,8 +79,10 @@ def test_prepare_rejects_time_by_channels_and_bad_audio() -> None:
         extractor.prepare(np.zeros(10, np.int16), 10)
     with pytest.raises(AudioError, match="empty"):
         extractor.prepare(np.zeros(0, np.float32), 10)
-    with pytest.raises(AudioError, match="finite"):
+    with pytest.raises(AudioError, match=r"must be finite. Got 10 NaN and 0 Inf values \(first at flat index 0\)"):
         extractor.prepare(np.full(10, np.nan, np.float32), 10)
+    with pytest.raises(AudioError, match="overflow to Inf in float32"):
+        extractor.prepare(np.full(10, 1e300, np.float64), 10)
     with pytest.raises(ValueError, match="'sample_rate' must be a positive int"):
         extractor.prepare(np.zeros(10, np.float32), 0)
 
@@ -116,7 +119,8 @@ def test_extract_features_batched_equals_item_by_item() -> None:
     single = np.stack([extractor(*clip).numpy() for clip in clips])
     assert batched.shape == (5, 64, 101)
     assert batched.dtype == np.float32
-    np.testing.assert_allclose(batched, single, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(batched, single)  # each clip on its own: bit for bit, whatever the batch size
+    np.testing.assert_array_equal(extract_features(lambda i: clips[i], len(clips), extractor, batch_size=3), single)
     assert calls == [(2, 5), (4, 5), (5, 5)]
 
 
@@ -126,6 +130,79 @@ def test_extract_features_fills_given_out_array() -> None:
     result = extract_features(lambda i: (sine(10, 1.0, freq=2.0) * (i + 1), 10), 3, extractor, out=out)
     assert result is out
     assert not np.all(out == 0)
+
+
+def test_extractor_restores_the_callers_thread_count() -> None:
+    extractor = LogMelExtractor(FeaturesConfig())
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        extractor(sine(8000, 0.5), 8000)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_log_mel_overflow_is_an_audio_error_naming_the_peak() -> None:
+    extractor = LogMelExtractor(FeaturesConfig())
+    loud = np.full(16000, 1e30, np.float32)  # finite in float32; its power (1e60) is not
+    with pytest.raises(AudioError, match=r"log_mel: features must be finite.*samples up to 1e\+30 overflows"):
+        extractor(loud, 16000)
+    with pytest.raises(AudioError, match=r"extract_features: item 1: log_mel"):
+        extract_features(lambda i: (sine(16000), 16000) if i == 0 else (loud, 16000), 2, extractor)
+
+
+def _clip_or_fault(i: int) -> tuple[np.ndarray, int]:
+    """Items 0, 2 and 6 are good; the others fail each in its own way."""
+    good = sine(16000, 0.8, freq=300.0 + 100 * i)
+    faults: dict[int, object] = {
+        1: np.where(np.arange(16000) == 7, np.nan, 0.1).astype(np.float32),  # a NaN sample
+        3: np.full(16000, 1e30, np.float32),  # overflows in the power spectrogram
+        4: AudioError("audio: '/abs/data/raw/x.wav' cannot be used: truncated: header declares 9 frames."),
+        5: MemoryError(),
+    }
+    fault = faults.get(i)
+    if isinstance(fault, BaseException):
+        raise fault
+    return (good if fault is None else fault), 16000  # type: ignore[return-value]
+
+
+def test_extract_clips_skips_each_bad_clip_with_its_reason_and_keeps_the_rest() -> None:
+    extractor = LogMelExtractor(FeaturesConfig())
+    calls: list[tuple[int, int]] = []
+    result = extract_clips(_clip_or_fault, 7, extractor, dtype="float16", every=3,
+                           progress=lambda done, total: calls.append((done, total)))
+    np.testing.assert_array_equal(result.kept, [0, 2, 6])
+    assert result.features.shape == (3, 64, 101) and result.features.dtype == np.float16
+    expected = np.stack([extractor(*_clip_or_fault(i)).numpy() for i in (0, 2, 6)]).astype(np.float16)
+    np.testing.assert_array_equal(result.features, expected)
+    reasons = dict(result.skipped)
+    assert sorted(reasons) == [1, 3, 4, 5]
+    assert "1 NaN and 0 Inf values" in reasons[1]
+    assert "overflows float32" in reasons[3]
+    assert reasons[4] == "truncated: header declares 9 frames"  # read_audio's reason, without its path
+    assert "MemoryError" in reasons[5]
+    assert calls == [(3, 7), (6, 7), (7, 7)]
+
+
+def test_extract_clips_skips_values_beyond_float16() -> None:
+    extractor = LogMelExtractor(FeaturesConfig(kind="waveform", clip_seconds=0.1))
+    loads = [(np.full(1600, 0.5, np.float32), 16000), (np.full(1600, 1e5, np.float32), 16000)]
+    result = extract_clips(loads.__getitem__, 2, extractor, dtype="float16")
+    np.testing.assert_array_equal(result.kept, [0])
+    assert "must fit float16. Got values up to 1e+05" in result.skipped[0][1]
+    assert extract_clips(loads.__getitem__, 2, extractor, dtype="float32").kept.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"num_items": -1}, "'num_items' must be an int >= 0"),
+    ({"dtype": "float64"}, "'dtype' must be one of float16, float32"),
+    ({"every": 0}, "'every' must be an int >= 1"),
+])
+def test_extract_clips_rejects_bad_arguments(kwargs: dict[str, object], match: str) -> None:
+    args: dict[str, object] = {"num_items": 1, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        extract_clips(lambda i: (sine(), 16000), extractor=_tiny(), **args)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------------- stats

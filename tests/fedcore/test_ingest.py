@@ -17,6 +17,7 @@ import soundfile as sf
 
 from fedcore.config import DownloadConfig
 from fedcore.data.datasets import DATASETS, ESC50, Candidate, IngestReport, ingest, limit_per_class
+from fedcore.data.download import extract_archive
 from fedcore.data.manifest import read_manifest
 from fedcore.errors import ChecksumError, DataError
 from tests.conftest import sine
@@ -121,10 +122,10 @@ def test_ingest_esc50_from_mirror(esc50_ingested: tuple[Path, IngestReport], esc
     assert report.sha256 == (esc50_zip.parent / (esc50_zip.name + ".sha256")).read_text().split()[0]
 
 
-def test_esc50_scan_bad_test_fold_lists_folds(esc50_ingested: tuple[Path, IngestReport]) -> None:
-    out, _ = esc50_ingested
+def test_esc50_scan_bad_test_fold_lists_folds(tmp_path: Path, esc50_zip: Path) -> None:
+    extracted = extract_archive(esc50_zip, tmp_path / "esc50")
     with pytest.raises(ValueError, match=r"'test_fold' must be one of the folds .*\(1, 2, 3, 4, 5\)\. Got 7"):
-        ESC50().scan(out / "raw" / "esc50", DownloadConfig(dataset="esc50", test_fold=7))
+        ESC50().scan(extracted, DownloadConfig(dataset="esc50", test_fold=7))
 
 
 def test_esc50_scan_esc10_only_filters_subset(tmp_path: Path) -> None:
@@ -258,26 +259,42 @@ def test_ingest_manifest_dataset(tmp_path: Path) -> None:
     cfg = DownloadConfig(dataset="manifest", manifest=str(listing), test_fraction=0.5)
     report = ingest(cfg, tmp_path / "raw", tmp_path / "dl", mirror=None)
     rows = {r.id: r for r in read_manifest(tmp_path / "raw" / "manifest.csv")}
-    assert report.num_files == 14 and report.num_ok == 13 and report.num_skipped == 1
+    assert (report.num_files, report.num_ok, report.num_skipped, report.num_refused) == (14, 12, 1, 1)
     assert report.skipped[0]["reason"].startswith("missing") and "missing.wav" in report.skipped[0]["path"]
+    assert report.refused == [{"path": str(tmp_path / "elsewhere" / "far.wav"),
+                               "reason": "outside: an absolute path not under the CSV's folder"}]
     for k in range(6):
         row = rows[f"clips/ann/{k}"]
         assert row.path == f"manifest/clips/ann/{k}.wav" and (tmp_path / "raw" / row.path).is_file()
         assert row.split == _hash_split(f"clips/ann/{k}.wav", 0.5)
     assert set(report.splits) == {"train", "test"}
-    external = [r for r in rows.values() if r.speaker == "cara"]
-    assert len(external) == 1 and (tmp_path / "raw" / external[0].path).is_file()
+    assert not [r for r in rows.values() if r.speaker == "cara"]  # outside the CSV's folder: refused
     assert report.source == str(listing) and report.url is None
 
     again = ingest(cfg, tmp_path / "raw", tmp_path / "dl", mirror=None)  # deterministic, rebuilt in place
     assert again == report
 
 
+def test_ingest_manifest_root_allows_a_folder_outside(tmp_path: Path) -> None:
+    listing = _manifest_tree(tmp_path, with_split=False)
+    cfg = DownloadConfig(dataset="manifest", manifest=str(listing), test_fraction=0.5,
+                         manifest_root=str(tmp_path / "elsewhere"))
+    report = ingest(cfg, tmp_path / "raw", tmp_path / "dl", mirror=None)
+    rows = {r.id: r for r in read_manifest(tmp_path / "raw" / "manifest.csv")}
+    assert (report.num_ok, report.num_skipped, report.num_refused) == (13, 1, 0)
+    external = rows["_external/far"]
+    assert external.speaker == "cara" and external.path == "manifest/_external/far.wav"
+    assert (tmp_path / "raw" / external.path).read_bytes() == (tmp_path / "elsewhere" / "far.wav").read_bytes()
+    with pytest.raises(ValueError, match="'manifest_root' must be an existing folder"):
+        ingest(replace(cfg, manifest_root=str(tmp_path / "nope")), tmp_path / "raw2", tmp_path / "dl", mirror=None)
+
+
 def test_ingest_manifest_with_split_column(tmp_path: Path) -> None:
     listing = _manifest_tree(tmp_path, with_split=True)
     report = ingest(DownloadConfig(dataset="manifest", manifest=str(listing), test_fraction=0.0),
                     tmp_path / "raw", tmp_path / "dl", mirror=None)
-    assert report.splits == {"test": 2, "train": 11}  # k == 0 for both speakers; empty cells drawn with 0.0
+    assert report.splits == {"test": 2, "train": 10}  # k == 0 for both speakers; empty cells drawn with 0.0
+    assert report.num_refused == 1  # the row outside the CSV's folder
 
 
 def test_ingest_manifest_errors(tmp_path: Path) -> None:

@@ -128,6 +128,7 @@ def test_fetch_http_retries_and_resumes_after_cut(
 
 def test_fetch_http_errors_name_url_and_mirror(tmp_path: Path, http_server: _Server, no_retry_delay: None) -> None:
     mirror = tmp_path / "mirror"
+    mirror.mkdir()  # exists, but lacks the archive: the URL is tried and its error names both
     with pytest.raises(DownloadError) as info:
         fetch(_url(http_server, "/missing.zip"), tmp_path / "dl", mirror=mirror, mirror_subdir="fsdd")
     message = str(info.value)
@@ -198,6 +199,7 @@ def test_fetch_prefers_mirror_and_checks_its_sidecar(tmp_path: Path) -> None:
 
 
 def test_fetch_missing_file_names_mirror_folders(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
     with pytest.raises(DownloadError) as info:
         fetch((tmp_path / "none.zip").as_uri(), tmp_path / "dl", mirror=tmp_path / "m", mirror_subdir="fsdd")
     message = str(info.value)
@@ -205,9 +207,31 @@ def test_fetch_missing_file_names_mirror_folders(tmp_path: Path) -> None:
 
 
 def test_resolve_mirror_env_overrides_config(tmp_path: Path) -> None:
-    assert resolve_mirror("cfg", environ={"FEDAUDIO_MIRROR": str(tmp_path)}) == tmp_path
-    assert resolve_mirror("cfg", environ={}) == Path("cfg")
+    (tmp_path / "cfg").mkdir()
+    assert resolve_mirror("cfg-missing", environ={"FEDAUDIO_MIRROR": str(tmp_path)}) == tmp_path
+    assert resolve_mirror(str(tmp_path / "cfg"), environ={}) == tmp_path / "cfg"
     assert resolve_mirror(None, environ={"FEDAUDIO_MIRROR": ""}) is None
+
+
+@pytest.mark.parametrize("via_env", [True, False])
+def test_resolve_mirror_missing_folder_is_an_error(tmp_path: Path, via_env: bool) -> None:
+    missing = tmp_path / "no-such-mirror"
+    environ = {"FEDAUDIO_MIRROR": str(missing)} if via_env else {}
+    with pytest.raises(DownloadError) as info:
+        resolve_mirror(None if via_env else str(missing), environ=environ)
+    message = str(info.value)
+    assert str(missing) in message and "no such folder" in message
+    assert ("env FEDAUDIO_MIRROR" if via_env else "download.mirror") in message
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(DownloadError, match="a file, not a folder"):
+        resolve_mirror(str(tmp_path / "a-file"), environ={})
+
+
+def test_fetch_refuses_missing_mirror_before_any_download(tmp_path: Path, http_server: _Server) -> None:
+    with pytest.raises(DownloadError, match="mirror .* must be an existing folder"):
+        fetch(_url(http_server), tmp_path / "dl", mirror=tmp_path / "typo", mirror_subdir="fsdd")
+    assert http_server.ranges == []  # the URL was never asked: no silent fallback to the internet
+    assert not (tmp_path / "dl").exists()
 
 
 def test_fetch_rejects_bad_arguments(tmp_path: Path) -> None:
@@ -295,11 +319,11 @@ def test_extract_replaces_folder_when_archive_changes(tmp_path: Path) -> None:
 def test_extract_interrupted_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     archive = _zip(tmp_path / "a.zip", {"top/x.txt": b"1"})
 
-    def boom(self: zipfile.ZipFile, path: str | os.PathLike[str]) -> None:
-        Path(path, "half.txt").write_text("half")
+    def boom(self: object, member: object, src: object, target: Path) -> None:
+        target.write_text("half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(zipfile.ZipFile, "extractall", boom)
+    monkeypatch.setattr(download._Budget, "write", boom)
     with pytest.raises(KeyboardInterrupt):
         extract_archive(archive, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from dataclasses import replace
 
 import numpy as np
@@ -12,6 +13,8 @@ from hypothesis import strategies as st
 
 from fedcore.config import PartitionConfig
 from fedcore.data.partition import (
+    PARTITION_CLIENT_BYTES,
+    PARTITION_ENTRY_BYTES,
     PARTITIONERS,
     client_class_counts,
     make_partition,
@@ -167,6 +170,82 @@ def test_partitioner_rejects_min_samples_beyond_pool() -> None:
     cfg = PartitionConfig(scheme="iid", num_clients=3, min_samples=4)
     with pytest.raises(PartitionError, match="'min_samples' must be <= training samples / num_clients"):
         _run("iid", np.zeros(10, dtype=np.int64), np.array(["a"] * 10), cfg, 0)
+
+
+# ------------------------------------------------------------------------------- sizes refused before any draw
+_LABELS = np.repeat(np.arange(10), 24)  # 240 training rows
+_GROUPS = np.array([f"spk{i % 6}" for i in range(240)])  # 6 speakers
+_CANNOT_FIT = {
+    "iid": ({"num_clients": 10, "min_samples": 30}, r"num_clients × min_samples = 10 × 30 = 300 rows, above the 240 "
+                                                    r"training rows. Lower min_samples \(to at most 24\) or "
+                                                    r"num_clients \(to at most 8\)"),
+    "dirichlet": ({"num_clients": 10, "min_samples": 25}, r"10 × 25 = 250 rows, above the 240 training rows"),
+    "quantity": ({"num_clients": 241, "min_samples": 1}, r"'num_clients' must be <= the number of training samples "
+                                                         r"\(240\). Got 241"),
+    "shards": ({"num_clients": 10, "min_samples": 1, "shards_per_client": 25},
+               r"'shards_per_client' must be <= training samples / num_clients \(240 / 10 = 24\). Got 25"),
+    "speaker": ({"num_clients": 7, "min_samples": 1}, r"number of speakers \(6\).*Got 7"),
+    "cross_device": ({"num_clients": 2, "samples_per_client": 241},
+                     r"'samples_per_client' must be <= the number of training samples \(240\)"),
+}
+
+
+def test_every_scheme_has_a_size_that_cannot_fit_below() -> None:
+    assert set(_CANNOT_FIT) == set(SCHEMES)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_sizes_that_cannot_fit_are_refused_before_any_draw(scheme: str) -> None:
+    overrides, message = _CANNOT_FIT[scheme]
+    cfg = PartitionConfig(scheme=scheme, max_retries=10**9, **overrides)  # type: ignore[arg-type]
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    with pytest.raises(PartitionError, match=message):
+        PARTITIONERS.build(scheme, cfg=cfg).partition(_LABELS, _GROUPS, rng)
+    assert rng.bit_generator.state == state  # not one draw was made
+
+
+def test_cross_device_a_billion_clients_is_refused_at_once_for_memory() -> None:
+    cfg = PartitionConfig(scheme="cross_device", num_clients=10**9, samples_per_client=20)
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    partitioner = PARTITIONERS.build("cross_device", cfg=cfg)
+    need = partitioner.footprint(240)
+    assert need.num_entries == 2 * 10**10
+    assert need.memory_bytes == 10**9 * PARTITION_CLIENT_BYTES + 2 * 10**10 * PARTITION_ENTRY_BYTES
+    with pytest.raises(PartitionError, match=r"must fit in the memory at hand \(64 GiB\). Got 1000000000 clients "
+                                             r"and 20000000000 client-row entries, about 6.15e\+03 GiB. Lower "
+                                             r"num_clients or samples_per_client \(1000000000 × 20\)"):
+        partitioner.partition(_LABELS, None, rng, memory_bytes=64 * 2**30)
+    with pytest.raises(PartitionError, match=r"partition.json must fit on the disk at hand \(1 GiB free\)"):
+        partitioner.partition(_LABELS, None, rng, disk_bytes=2**30)
+    assert rng.bit_generator.state == state
+    with pytest.raises(PartitionError, match="must fit in the memory at hand"):
+        make_partition(_LABELS, None, np.arange(240), np.array([], dtype=np.int64), cfg, 10, memory_bytes=2**40)
+
+
+def test_disjoint_footprint_counts_every_row_once_and_fits_when_memory_allows() -> None:
+    cfg = PartitionConfig(scheme="iid", num_clients=4, min_samples=1)
+    partitioner = PARTITIONERS.build("iid", cfg=cfg)
+    assert partitioner.footprint(240).num_entries == 240
+    parts = partitioner.partition(_LABELS, None, np.random.default_rng(0), memory_bytes=2**30, disk_bytes=2**30)
+    assert sum(len(p) for p in parts) == 240
+    with pytest.raises(PartitionError, match="must fit in the memory at hand"):
+        partitioner.partition(_LABELS, None, np.random.default_rng(0), memory_bytes=1000)
+
+
+def test_cross_device_footprint_bounds_the_real_json_and_memory() -> None:
+    cfg = PartitionConfig(scheme="cross_device", num_clients=400, samples_per_client=20, holdout_fraction=0.2)
+    need = PARTITIONERS.build("cross_device", cfg=cfg).footprint(240)
+    tracemalloc.start()
+    try:
+        partition = make_partition(_LABELS, None, np.arange(240), np.array([], dtype=np.int64), cfg, 10)
+        text = json.dumps(partition, indent=2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(text) <= need.json_bytes
+    assert peak <= need.memory_bytes
 
 
 @pytest.mark.parametrize("alpha", [0.0, -1.0])

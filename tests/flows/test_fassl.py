@@ -14,6 +14,7 @@ from fedcore.federation.checkpoint import load_state
 from fedcore.federation.client_store import ClientStore
 from flows import download, features, federate, partition, select
 from tasks.common import read_params
+from tasks.rounds import read_run_record
 from tasks.tracking import tracking_uri
 from tests.flows.conftest import tiny_params
 from tests.flows.test_stages import _kill_at_round, _Killed
@@ -69,7 +70,7 @@ def test_every_round_is_scored_and_each_task_gets_its_best_round_under_an_alias(
     assert "fsdd_digit/knn1_val" in header and "global_accuracy" not in header
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri(read_params(p).mlflow, sslwork))
-    run_id = metrics["mlflow_run_id"]
+    run_id = read_run_record(sslwork / "simclr.json")["mlflow_run_id"]
     models = {int(m.tags["fedaudio.round"]): m.model_id for m in mlflow.search_logged_models(
         experiment_ids=[client.get_run(run_id).info.experiment_id], filter_string=f"source_run_id = '{run_id}'",
         output_format="list")}

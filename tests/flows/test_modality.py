@@ -17,6 +17,7 @@ from fedcore.multimodal.data import video_clients
 from flows import distill as distill_flow
 from flows import download, features, partition
 from flows import modality as modality_flow
+from tasks.rounds import read_run_record
 from tasks.tracking import load_logged_model
 from tests.flows.conftest import tiny_params
 from tests.flows.test_stages import _kill_at_round, _Killed
@@ -117,7 +118,7 @@ def test_modality_mirror_then_distill_through_the_registry(avwork: Path, small_m
     data = load_av_data(Path("features"), Path("part/partition.json"), Path("av"), read_params(p).modality)
     assert evaluate_student(reloaded, data.test, 64)["audio_accuracy"] == pytest.approx(
         distilled["audio_accuracy"], abs=1e-9)
-    run = mlflow.get_run(distilled["mlflow_run_id"])
+    run = mlflow.get_run(read_run_record(Path("d.json"))["mlflow_run_id"])
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "audio_accuracy")
     assert sorted(m.step for m in history) == [0, 1, 2]
 

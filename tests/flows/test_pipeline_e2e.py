@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.rounds import read_run_record
 from tests.flows.conftest import dvc_executable, make_project, run, stage_env, tiny_params
 
 pytestmark = pytest.mark.integration
@@ -60,7 +61,7 @@ def test_mlflow_holds_one_model_per_round_and_registers_the_final(project: Path)
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias("fedaudio-global", "final")
     assert int(version.version) == 1
-    run_info = client.get_run(json.loads((project / "metrics/federate.json").read_text())["mlflow_run_id"])
+    run_info = client.get_run(read_run_record(project / "metrics/federate.json")["mlflow_run_id"])
     history = client.get_metric_history(run_info.info.run_id, "global_accuracy")
     assert [m.step for m in history] == [1, 2]
     parent = client.get_run(run_info.data.tags["mlflow.parentRunId"])
@@ -73,6 +74,33 @@ def test_second_repro_does_nothing(project: Path) -> None:
     result = run([dvc_executable(), "repro"], project)
     assert "Running stage" not in result.stdout
     assert (project / "dvc.lock").read_text() == lock_before
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ("lose_section", "Parameters 'fedprox' are missing"),
+    ("inf_lr", "federation: 'lr' must be a finite number"),
+])
+def test_invalid_params_fail_before_any_output_is_removed(project: Path, change: str, message: str) -> None:
+    """DVC removes a stale stage's outputs before running it: the check stage validates first, so nothing goes."""
+    outputs = ["metrics/federate.json", "models/global.safetensors", "data/features/features.npy",
+               "data/partition/partition.json", "plots/federate/rounds.tsv"]
+    before = {path: (project / path).read_bytes() for path in outputs}
+    params_file = project / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    if change == "lose_section":
+        del params["fedprox"]
+    else:
+        params["federation"]["lr"] = float("inf")
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = run([dvc_executable(), "repro"], project, check=False)
+    finally:
+        params_file.write_text(original)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert "Running stage 'federate'" not in result.stdout
+    assert {path: (project / path).read_bytes() for path in outputs} == before
 
 
 def test_dvc_metrics_show_prints_the_result(project: Path) -> None:

@@ -21,10 +21,11 @@ import safetensors.torch
 import torch
 import yaml
 
-from fedcore.federation.checkpoint import load_state
+from fedcore.federation.checkpoint import Checkpointer, load_state
 from fedcore.federation.client_store import ClientStore
 from flows import download, features, federate, partition, poison
 from tasks.common import read_params
+from tasks.rounds import read_run_record
 from tasks.tracking import tracking_uri
 from tests.flows.conftest import tiny_params
 
@@ -75,6 +76,7 @@ def test_poison_and_federate_with_snr_noise(workdir: Path, small_mirror: Path, m
             "--checkpoints", "ckpt", "--model", "model.safetensors", "--metrics", "metrics.json", "--plots", "plots"]
     assert federate.main(args) == 0
     first = json.loads((workdir / "metrics.json").read_text())
+    first_record = read_run_record(workdir / "metrics.json")
     assert first["rounds"] == 2
     # Same params and seed, fresh checkpoints: the same metrics, bit for bit.
     shutil.rmtree(workdir / "ckpt")
@@ -82,7 +84,9 @@ def test_poison_and_federate_with_snr_noise(workdir: Path, small_mirror: Path, m
     second = json.loads((workdir / "metrics.json").read_text())
     keys = ["global_accuracy", "global_loss", "personalised_accuracy_mean", "personalised_accuracy_worst10"]
     assert {k: first[k] for k in keys} == {k: second[k] for k in keys}
-    assert first["mlflow_run_id"] != second["mlflow_run_id"]
+    # the run-specific values live in the run record, not in the DVC output
+    assert "mlflow_run_id" not in first and "seconds_total" not in first
+    assert read_run_record(workdir / "metrics.json")["mlflow_run_id"] != first_record["mlflow_run_id"]
 
 
 @pytest.mark.parametrize(
@@ -270,8 +274,9 @@ def test_update_attack_is_detected_and_logged(workdir: Path, small_mirror: Path,
     # The fraction rule prunes one client per layer; every layer's exclusions are reported.
     assert all(len(v) == 1 for r in detection["rounds"] for v in r["excluded_per_layer"].values())
     client = mlflow.MlflowClient(tracking_uri=tracking_uri(read_params(p).mlflow, workdir))
-    assert [m.step for m in client.get_metric_history(metrics["mlflow_run_id"], "num_flagged")] == [1, 2]
-    run = client.get_run(metrics["mlflow_run_id"])
+    run_id = read_run_record(workdir / "attack.json")["mlflow_run_id"]
+    assert [m.step for m in client.get_metric_history(run_id, "num_flagged")] == [1, 2]
+    run = client.get_run(run_id)
     assert run.data.params["attack.malicious_clients"] == str(metrics["malicious_clients"])
 
 
@@ -349,10 +354,10 @@ def test_resume_restores_server_moments_and_client_kept_heads(workdir: Path, sma
     assert latest["round"] == 2
     saved = safetensors.torch.load_file(workdir / "ckpt-resume" / latest["file"])
     assert any("aggregator/m/" in k for k in saved) and any("aggregator/v/" in k for k in saved)
-    # The heads that are never sent live in the client store, at the checkpoint's round (round 3's were written
-    # before the kill and are rolled back on resume).
+    # The heads that are never sent live in the client store, at both kept checkpoints' rounds (a damaged round 2
+    # falls back to round 1 with its client states); round 3's were written before the kill and are rolled back.
     store = ClientStore(workdir / "ckpt-resume" / "clients")
-    assert store.rounds(0) == [2, 3]
+    assert store.rounds(0) == [1, 2, 3]
     kept, _ = store.load(0, 2)  # type: ignore[misc]
     assert any(k.startswith("classifier.") for k in kept)
     monkeypatch.setattr(FederateTracker, "log_round", log_round)
@@ -387,7 +392,7 @@ def test_personal_models_survive_a_kill_bit_for_bit(algorithm: str, workdir: Pat
     with pytest.raises(_Killed):
         federate.main(_federate_args(p, algorithm))
     store = ClientStore(workdir / f"ckpt-{algorithm}" / "clients")
-    assert store.clients() == [0, 1, 2] and all(store.rounds(c) == [2, 3] for c in range(3))
+    assert store.clients() == [0, 1, 2] and all(store.rounds(c) == [1, 2, 3] for c in range(3))
     shapes = set()
     for client in range(3):
         kept, meta = store.load(client, 2)  # type: ignore[misc]
@@ -398,7 +403,7 @@ def test_personal_models_survive_a_kill_bit_for_bit(algorithm: str, workdir: Pat
     assert len(shapes) == 3  # three architectures: classifiers on 8, 32 and 16 channels
     monkeypatch.setattr(FederateTracker, "log_round", log_round)
     assert federate.main(_federate_args(p, algorithm)) == 0
-    assert all(store.rounds(c) == [3] for c in range(3))
+    assert all(store.rounds(c) == [2, 3] for c in range(3))  # the states of the two kept checkpoints
 
     reference, resumed = (json.loads((workdir / f"{name}.json").read_text()) for name in (f"{algorithm}-ref",
                                                                                          algorithm))
@@ -410,3 +415,130 @@ def test_personal_models_survive_a_kill_bit_for_bit(algorithm: str, workdir: Pat
     for client in range(3):
         (got, _), (want, _) = store.load(client, 3), ref_store.load(client, 3)  # type: ignore[misc]
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_max_workers_does_not_change_any_output(workdir: Path, small_mirror: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each client trains on ``client_threads`` threads whatever runs beside it: one or two parallel clients give
+    byte-identical outputs (per-round table, metrics, model)."""
+    monkeypatch.chdir(workdir)
+    outputs = {}
+    for workers in (1, 2):
+        params = tiny_params(small_mirror, federation={"max_workers": workers})
+        p = str(write_params(workdir / f"workers{workers}.yaml", params))
+        assert poison.main(["--params", p, "--raw", "raw", "--features", "features", "--partition",
+                            "part/partition.json", "--out", "poison-none"]) == 0
+        assert federate.main(_federate_args(p, f"workers{workers}")) == 0
+        outputs[workers] = [(workdir / path).read_bytes() for path in
+                            (f"plots-workers{workers}/rounds.tsv", f"workers{workers}.json", f"workers{workers}.st")]
+    assert outputs[1] == outputs[2]
+
+
+def _raising_for(monkeypatch: pytest.MonkeyPatch, clients: set[int], from_round: int = 1) -> None:
+    """Make the local training of ``clients`` raise from ``from_round`` on (inside the client task)."""
+    import tasks.federate
+
+    original = tasks.federate.client_generator
+
+    def generator(seed: int, server_round: int, client_id: int) -> object:
+        if client_id in clients and server_round >= from_round:
+            raise RuntimeError(f"disk of client {client_id} on fire")
+        return original(seed, server_round, client_id)
+
+    monkeypatch.setattr(tasks.federate, "client_generator", generator)
+
+
+def test_a_client_that_keeps_raising_is_rejected_and_the_run_goes_on(workdir: Path, small_mirror: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    monkeypatch.chdir(workdir)
+    p = str(write_params(workdir / "raising.yaml", tiny_params(small_mirror)))
+    assert poison.main(["--params", p, "--raw", "raw", "--features", "features", "--partition",
+                        "part/partition.json", "--out", "poison-none"]) == 0
+    _raising_for(monkeypatch, {1})
+    assert federate.main(_federate_args(p, "raising")) == 0
+    metrics = json.loads((workdir / "raising.json").read_text())
+    assert metrics["rounds"] == 2 and metrics["rejected_updates"] == 2 and np.isfinite(metrics["global_loss"])
+    rounds = json.loads((workdir / "plots-raising/detection.json").read_text())["rounds"]
+    assert [r["failed"] for r in rounds] == [[1], [1]]
+    assert all("RuntimeError: disk of client 1 on fire" in r["rejected"]["1"] for r in rounds)
+    table = (workdir / "plots-raising/rounds.tsv").read_text().splitlines()
+    column = table[0].split("\t").index("num_failed")
+    assert [line.split("\t")[column] for line in table[1:]] == ["1", "1"]
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(read_params(p).mlflow, workdir))
+    run_id = read_run_record(workdir / "raising.json")["mlflow_run_id"]
+    assert [m.value for m in client.get_metric_history(run_id, "num_failed")] == [1.0, 1.0]
+    logged = sorted(a.path for a in client.list_artifacts(run_id, "rejections"))
+    assert logged == ["rejections/round_0001.json", "rejections/round_0002.json"]
+    record = json.loads(Path(client.download_artifacts(run_id, logged[0], str(workdir))).read_text())
+    assert record["failed"] == [1] and "disk of client 1 on fire" in record["rejected"]["1"]
+
+
+def test_below_the_quorum_the_round_is_not_applied_and_the_run_stops(workdir: Path, small_mirror: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import mlflow
+
+    monkeypatch.chdir(workdir)
+    params = tiny_params(small_mirror, federation={"rounds": 3, "min_accepted": 2})
+    p = str(write_params(workdir / "quorum.yaml", params))
+    assert poison.main(["--params", p, "--raw", "raw", "--features", "features", "--partition",
+                        "part/partition.json", "--out", "poison-none"]) == 0
+    _raising_for(monkeypatch, {0, 2}, from_round=2)  # 1 of 3 clients left in round 2: below the quorum of 2
+    assert federate.main(_federate_args(p, "quorum")) == 1
+    err = capsys.readouterr().err
+    assert "round 2 needs at least 2 accepted updates (the quorum) of 3. Got 1." in err
+    assert "client 0: training raised RuntimeError: disk of client 0 on fire" in err
+    assert "checkpoint of round 1" in err and "lower federation.min_accepted" in err
+    assert not (workdir / "quorum.json").exists()
+    kept = Checkpointer(workdir / "ckpt-quorum", "unused").round_files()
+    assert sorted(kept) == [1]  # round 2 was never applied; round 1 stays
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(read_params(p).mlflow, workdir))
+    run = client.search_runs([client.get_experiment_by_name("fedaudio").experiment_id],
+                             filter_string="tags.`fedaudio.kind` = 'federate'",
+                             order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert run.info.status == "FAILED"
+    # the clients recover: a rerun resumes after round 1 and finishes
+    monkeypatch.undo()
+    monkeypatch.chdir(workdir)
+    assert federate.main(_federate_args(p, "quorum")) == 0
+    assert "resuming after round 1" in capsys.readouterr().err
+    assert json.loads((workdir / "quorum.json").read_text())["rounds"] == 3
+
+
+@pytest.mark.parametrize("damage", ["truncated_checkpoint", "bit_flipped_client_state"])
+def test_a_damaged_checkpoint_or_client_state_falls_back_a_round_and_ends_the_same(
+        damage: str, workdir: Path, small_mirror: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Killed after round 2, round 2's file damaged: the resume says so, redoes round 2 from round 1's checkpoint
+    and client states, and ends with the uninterrupted run's metrics and model, bit for bit."""
+    from tasks.tracking import FederateTracker
+
+    monkeypatch.chdir(workdir)
+    params = tiny_params(small_mirror, federation={"rounds": 3, "send": "backbone", "local_algorithm": "fedu"})
+    p = str(write_params(workdir / "damage.yaml", params))
+    assert poison.main(["--params", p, "--raw", "raw", "--features", "features", "--partition",
+                        "part/partition.json", "--out", "poison-none"]) == 0
+    if not (workdir / "damage-ref.json").exists():
+        assert federate.main(_federate_args(p, "damage-ref")) == 0
+    name = f"damage-{damage}"
+    log_round = _kill_at_round(monkeypatch, 3)
+    with pytest.raises(_Killed):
+        federate.main(_federate_args(p, name))
+    folder = workdir / f"ckpt-{name}"
+    target = folder / ("clients/000001/round_0002.safetensors" if "client" in damage else "round_0002.safetensors")
+    data = bytearray(target.read_bytes())
+    if damage == "truncated_checkpoint":
+        target.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        data[-7] ^= 0x10  # one bit of the last tensor's bytes: the file still parses
+        target.write_bytes(bytes(data))
+    monkeypatch.setattr(FederateTracker, "log_round", log_round)
+    capsys.readouterr()
+    assert federate.main(_federate_args(p, name)) == 0
+    err = capsys.readouterr().err
+    assert "round_0002.safetensors" in err and "resuming after round 1 of 3" in err
+    reference, resumed = (json.loads((workdir / f"{n}.json").read_text()) for n in ("damage-ref", name))
+    assert resumed == reference
+    assert (workdir / f"{name}.st").read_bytes() == (workdir / "damage-ref.st").read_bytes()

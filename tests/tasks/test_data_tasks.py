@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fedcore.config import DownloadConfig, FeaturesConfig, PartitionConfig, PoisonConfig
+from fedcore.errors import DownloadError
 from tasks.data import featurise, ingest_dataset, partition_clients, poison_clients
 
 
@@ -27,6 +28,31 @@ def chain(tmp_path_factory: pytest.TempPathFactory, fsdd_small_zip: Path) -> Pat
     featurise.fn(FeaturesConfig(clip_seconds=0.5), root / "raw", root / "features")
     partition_clients.fn(PartitionConfig(num_clients=4, min_samples=5), root / "features", root / "part")
     return root
+
+
+@pytest.mark.parametrize("via_env", [True, False])
+def test_ingest_task_refuses_a_missing_mirror_instead_of_going_online(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, via_env: bool
+) -> None:
+    missing = tmp_path / "typo-mirror"
+    if via_env:
+        monkeypatch.setenv("FEDAUDIO_MIRROR", str(missing))
+    else:
+        monkeypatch.delenv("FEDAUDIO_MIRROR", raising=False)
+    cfg = DownloadConfig(url="http://127.0.0.1:9/never-asked.zip", mirror=None if via_env else str(missing))
+    with pytest.raises(DownloadError) as error:
+        ingest_dataset.fn(cfg, tmp_path / "raw", tmp_path / "dl")
+    message = str(error.value)
+    assert str(missing) in message and ("env FEDAUDIO_MIRROR" if via_env else "download.mirror") in message
+    assert "never-asked" not in message and not (tmp_path / "dl").exists()
+
+
+def test_ingest_task_summary_keeps_provenance_out_of_the_output(chain: Path) -> None:
+    report = json.loads((chain / "raw" / "report.json").read_text())
+    assert "source" not in report and "url" not in report and report["num_refused"] == 0
+    provenance = json.loads((chain / "dl" / "fsdd.source.json").read_text())
+    assert provenance["source"] == str(chain / "mirror" / "fsdd" / "free-spoken-digit-dataset-master.zip")
+    assert provenance["sha256"] == report["sha256"]
 
 
 def test_features_are_indexed_and_normalised_from_train_only(chain: Path) -> None:

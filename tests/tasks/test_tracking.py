@@ -6,8 +6,12 @@ import mlflow
 import pytest
 import torch
 
-from fedcore.config import MlflowConfig
-from tasks.tracking import PARENT_ENV, FederateTracker, start_parent_run, tracking_uri
+from fedcore.config import MlflowConfig, ModelConfig
+from fedcore.models.spec import build, classifier_spec
+from tasks.tracking import PARENT_ENV, FederateTracker, load_model, start_parent_run, tracking_uri
+
+#: A small registered classifier on (1, 4, 5) log-mel (conv, BatchNorm, linear): what the rounds log.
+SPEC = classifier_spec(ModelConfig(name="cnn", width=2, depth=1), 3, (1, 4, 5))
 
 
 @pytest.fixture()
@@ -18,7 +22,7 @@ def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowConfig:
 
 
 def tiny_model() -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1 * 4 * 5, 3))
+    return build(SPEC, torch.Generator().manual_seed(0))
 
 
 def test_relative_sqlite_uri_lives_under_the_project(cfg: MlflowConfig, tmp_path: Path) -> None:
@@ -71,11 +75,13 @@ def test_rounds_models_resume_and_registration(cfg: MlflowConfig, tmp_path: Path
     loaded = mlflow.pytorch.load_model(f"models:/{third}")
     out = loaded(torch.zeros(2, 1, 4, 5))
     assert tuple(out.shape) == (2, 3)
+    rebuilt = load_model("models:/t-global@final")
+    assert rebuilt.spec == SPEC and rebuilt.inputs == ("audio",)
+    assert torch.equal(rebuilt.model(torch.ones(2, 1, 4, 5)), model.eval()(torch.ones(2, 1, 4, 5)))
 
 
 def small_cnn() -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(),
-                               torch.nn.Linear(2 * 2 * 3, 3))
+    return build(SPEC)
 
 
 @pytest.mark.parametrize("prepared", [False, True])
@@ -90,8 +96,7 @@ def test_every_round_reloads_with_its_own_weights(cfg: MlflowConfig, tmp_path: P
         tracker.prepare_export(small_cnn(), (1, 4, 5), "weights.safetensors")
     models, ids = [], []
     for server_round in (1, 2, 3):
-        torch.manual_seed(server_round)
-        model = small_cnn()
+        model = build(SPEC, torch.Generator().manual_seed(server_round))
         model.train()(torch.randn(4, 1, 4, 5))  # move the BatchNorm statistics away from their initial values
         weights = tmp_path / f"r{server_round}" / "weights.safetensors"
         save_state(weights, model.state_dict())
@@ -101,8 +106,11 @@ def test_every_round_reloads_with_its_own_weights(cfg: MlflowConfig, tmp_path: P
     for model, model_id in zip(models, ids, strict=True):
         loaded = mlflow.pytorch.load_model(f"models:/{model_id}")
         assert torch.equal(loaded(x), model(x))
+        rebuilt = load_model(f"models:/{model_id}").model  # from the spec and the safetensors weights
+        assert torch.equal(rebuilt(x), model(x))
         info = mlflow.models.get_model_info(f"models:/{model_id}")
-        assert set(info.flavors) == {"pytorch", "python_function"}
+        assert set(info.flavors) == {"fedaudio", "pytorch", "python_function"}
+        assert info.flavors["fedaudio"]["weights"] == "extra_files/weights.safetensors"
         assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 4, 5)
         files = Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=str(tmp_path / model_id)))
         saved = load_state(files / "extra_files" / "weights.safetensors")
