@@ -32,6 +32,7 @@ from fedcore.config import Params, flatten, to_dict
 from fedcore.errors import QuorumError
 from fedcore.federation.checkpoint import Checkpointer, fingerprint, save_state
 from fedcore.federation.sampling import round_rng, sample_clients
+from fedcore.models.spec import spec_of
 from flows import stage
 from flows.modality import AUDIO_INPUTS, client_threads
 from flows.runners import task_runner
@@ -93,6 +94,11 @@ def distillation(params: Params, paths: DistillPaths) -> dict[str, Any]:
                          f"{type(student).__name__}.")
     if tuple(student_inputs) != AUDIO_INPUTS:
         raise ValueError(f"distill: the student must take audio alone. {cfg.student!r} takes {student_inputs!r}.")
+    if spec_of(student) is None:  # e.g. a pickled model loaded under mlflow.trust_pickle: no spec to log it with
+        raise ValueError(f"distill: the student {cfg.student!r} must carry an architecture spec (model_spec.json), "
+                         "since every round's student is logged as spec + safetensors. Got a model without one. "
+                         "Fix: start from a model logged by this project's stages (e.g. the modality stage's "
+                         "audio branch).")
     if isinstance(teacher, torch.nn.Module):
         teacher.eval()
     eligible = data.video if "visual" in teacher_inputs else list(range(data.num_clients))
