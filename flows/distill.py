@@ -112,14 +112,15 @@ def distillation(params: Params, paths: DistillPaths) -> dict[str, Any]:
     history: list[dict[str, float]] = []
     rejections: list[dict[str, Any]] = []
     run_id = None
-    resumed, resume_reports = resume_from(checkpointer, "distill", reference=to_cpu_state(student))
+    initial_state = to_cpu_state(student)  # round 0, and what a checkpoint must fit
+    resumed, resume_reports = resume_from(checkpointer, "distill", reference=initial_state)
     if resumed is not None:
         start_round, state, _, meta = resumed
         history, run_id = list(meta["history"]), meta.get("mlflow_run_id")
         rejections = list(meta.get("rejections", []))
         sys.stderr.write(f"distill: resuming after round {start_round} of {cfg.rounds} from {paths.checkpoints}\n")
     else:
-        start_round, state = 0, to_cpu_state(student)
+        start_round, state = 0, initial_state
     registry = dataclasses.replace(params.mlflow, registered_model=cfg.registered_model)
     tracker = FederateTracker(registry, paths.root, model_inputs=AUDIO_INPUTS)
     run_id = tracker.start({**flatten(params), "distill.clients": eligible}, resume_run_id=run_id,

@@ -138,14 +138,15 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
     forged_keys = attacked_keys(spec, keys, params.attack.include_buffers)
     # Clients keep a state of their own (on disk, one file per client and round) when they do not send everything,
     # when their rule needs it (FedU), or when they train a personal model (FML, FedMLAC, local-only).
-    keep_local = build_algorithm(spec).keeps_state(len(keys) == len(fresh_model(spec, fed.seed).state_dict()))
+    initial_state = to_cpu_state(fresh_model(spec, fed.seed))  # round 0, and what a checkpoint must fit
+    keep_local = build_algorithm(spec).keeps_state(len(keys) == len(initial_state))
     store = ClientStore(paths.checkpoints / CLIENTS_FOLDER) if keep_local else None
 
     history: list[dict[str, float]] = []
     detections: list[dict[str, Any]] = []
     start_round, run_id = 0, None
     resumed, resume_reports = resume_from(checkpointer, "federate",
-                                          reference=to_cpu_state(fresh_model(spec, fed.seed)),
+                                          reference=initial_state,
                                           also_verify=store.verify if store is not None else None)
     if resumed is not None:
         start_round, global_state, extra, meta = resumed
@@ -161,7 +162,7 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
         sys.stderr.write(f"federate: resuming after round {start_round} of {fed.rounds} from {paths.checkpoints}\n")
         sys.stderr.flush()
     else:
-        global_state = to_cpu_state(fresh_model(spec, fed.seed))
+        global_state = initial_state
         if store is not None:
             store.reset()
 

@@ -144,14 +144,15 @@ def modality_training(params: Params, paths: ModalityPaths) -> dict[str, Any]:
     history: list[dict[str, float]] = []
     rejections: list[dict[str, Any]] = []
     start_round, run_id = 0, None
-    resumed, resume_reports = resume_from(checkpointer, "modality", reference=to_cpu_state(model))
+    initial_state = to_cpu_state(model)  # round 0, and what a checkpoint must fit
+    resumed, resume_reports = resume_from(checkpointer, "modality", reference=initial_state)
     if resumed is not None:
         start_round, global_state, _, meta = resumed
         history, run_id = list(meta["history"]), meta.get("mlflow_run_id")
         rejections = list(meta.get("rejections", []))
         sys.stderr.write(f"modality: resuming after round {start_round} of {fed.rounds} from {paths.checkpoints}\n")
     else:
-        global_state = to_cpu_state(model)
+        global_state = initial_state
     registry = dataclasses.replace(params.mlflow, registered_model=cfg.registered_model)
     tracker = FederateTracker(registry, paths.root, model_inputs=AV_INPUTS, model_spec=new_model_spec(params, data))
     run_id = tracker.start({**flatten(params), "modality.video_clients": sorted(video)}, resume_run_id=run_id,

@@ -287,15 +287,16 @@ class ExportOnce:
 
         shutil.rmtree(self._template, ignore_errors=True)
         mlflow.pytorch.save_model(model, str(self._template), **kwargs)
-        self._adopt(model.state_dict(), kwargs.get("extra_files"))
+        program = self._adopt(model.state_dict(), kwargs.get("extra_files"))
         example = torch.as_tensor(kwargs["input_example"])
-        with torch.no_grad():
-            expected, got = model(example), mlflow.pytorch.load_model(str(self._template))(example)
+        with torch.no_grad():  # the program just written, read back once (by _adopt), not through MLflow again
+            expected, got = model(example), program.module()(example)
         if not torch.allclose(expected, got, rtol=1e-5, atol=1e-6):
             raise RuntimeError("ExportOnce: the exported program does not reproduce the model's outputs "
                                f"(largest difference {float((expected - got).abs().max()):.3g}).")
 
-    def _adopt(self, state: Mapping[str, Any], extra_files: Any) -> None:
+    def _adopt(self, state: Mapping[str, Any], extra_files: Any) -> Any:
+        """Load the template's program (kept for reuse when it holds every state entry) and return it."""
         import torch
 
         program = torch.export.load(self._template / "data" / "model.pt2")
@@ -303,6 +304,7 @@ class ExportOnce:
         self._program = program if reusable else None
         self._keys = frozenset(state) if reusable else frozenset()
         self._extra_names = tuple(Path(f).name for f in extra_files or ())
+        return program
 
     def save_model(self, path: str, mlflow_model: Any, pytorch_model: Any, **kwargs: Any) -> None:
         """Write the MLflow model of ``pytorch_model`` into ``path`` (called by ``Model.log``)."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -179,13 +179,9 @@ class Aggregator(ABC):
             If a client id repeats (also between ``updates`` and ``failed``) or a ``num_examples`` is not an
             int > 0.
         """
-        where = type(self).__name__
-        failed = {int(k): str(v) for k, v in (failed or {}).items()}
-        if both := sorted(failed.keys() & {u.client_id for u in updates}):
-            raise AggregationError(f"{where}: clients {both} must either fail or send an update. Got both.")
-        accepted, rejected = self.screen(global_state, updates) if updates else ([], {})
-        rejected = dict(sorted({**{c: f"client {c}: {r}" for c, r in failed.items()}, **rejected}.items()))
-        check_quorum(where, server_round, len(accepted), rejected, min_accepted)
+        accepted, rejected = screen_round(global_state, updates, server_round, failed=failed,
+                                          min_accepted=min_accepted, required_metrics=self.required_metrics,
+                                          where=type(self).__name__)
         combination = self.combine(global_state, accepted, server_round)
         state: StateDict = {}
         integers = integer_average(global_state, accepted)
@@ -268,6 +264,61 @@ def screen_updates(
         else:
             rejected[client] = f"client {client}: {reason}"
             LOGGER.warning("%s: rejected the update of client %d: %s", where, client, reason)
+    return accepted, rejected
+
+
+def screen_round(
+    global_state: StateDict, updates: Sequence[ClientUpdate], server_round: int, *,
+    failed: Mapping[int, str] | None = None, min_accepted: int = 1, partial: bool = False,
+    required_metrics: Sequence[str] = (), also: Callable[[ClientUpdate], str | None] | None = None,
+    where: str = "screen_round",
+) -> tuple[list[ClientUpdate], dict[int, str]]:
+    """The failure policy of one round: screen its updates, reject its failed clients, hold the quorum.
+
+    Parameters
+    ----------
+    global_state, updates, partial, required_metrics, where
+        As for :func:`screen_updates` (``updates`` may be empty here).
+    server_round : int
+        The round (for messages).
+    failed : Mapping of int to str, optional
+        Clients whose training raised, with the reason.
+    min_accepted : int, default 1
+        The quorum.
+    also : callable, optional
+        A rule's own check of an update that passed screening: the reason to reject it, or None.
+
+    Returns
+    -------
+    accepted : list of ClientUpdate
+        In increasing client id order.
+    rejected : dict of int to str
+        ``"client <id>: <reason>"`` of every client left out (failed, screened out, or refused by ``also``),
+        sorted by client id.
+
+    Raises
+    ------
+    QuorumError
+        If fewer than ``min_accepted`` (and always: none) updates are accepted; the message lists every reason.
+    AggregationError
+        If a client both failed and sent an update, or on the caller bugs :func:`screen_updates` raises on.
+    """
+    failed = {int(k): str(v) for k, v in (failed or {}).items()}
+    if both := sorted(failed.keys() & {u.client_id for u in updates}):
+        raise AggregationError(f"{where}: clients {both} must either fail or send an update. Got both.")
+    accepted, rejected = (screen_updates(global_state, updates, partial=partial, required_metrics=required_metrics,
+                                         where=where) if updates else ([], {}))
+    if also is not None:
+        kept = []
+        for update in accepted:
+            if (reason := also(update)) is None:
+                kept.append(update)
+            else:
+                rejected[update.client_id] = f"client {update.client_id}: {reason}"
+                LOGGER.warning("%s: rejected the update of client %d: %s", where, update.client_id, reason)
+        accepted = kept
+    rejected = dict(sorted({**{c: f"client {c}: {r}" for c, r in failed.items()}, **rejected}.items()))
+    check_quorum(where, server_round, len(accepted), rejected, min_accepted)
     return accepted, rejected
 
 
@@ -390,6 +441,7 @@ __all__ = [
     "floating_keys",
     "integer_average",
     "nominal_weights",
+    "screen_round",
     "screen_updates",
     "stacked",
 ]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedcore.aggregation.base import Aggregator, ClientUpdate, check_quorum, screen_updates
+from fedcore.aggregation.base import Aggregator, ClientUpdate, screen_round
 from fedcore.aggregation.state import StateDict
 from fedcore.errors import AggregationError
 from fedcore.registry import Registry
@@ -85,27 +85,19 @@ def depth_aware_average(global_state: StateDict, updates: Sequence[ClientUpdate]
         If a client repeats (also between ``updates`` and ``failed``) or has no depth (caller bugs).
     """
     g = DEPTH_WEIGHTS.build(weighting)
-    failed = dict(failed or {})
-    if both := sorted(failed.keys() & {u.client_id for u in updates}):
-        raise AggregationError(f"depth_aware_average: clients {both} must either fail or send an update. Got both.")
     for update in updates:
         client = update.client_id
         if client not in depths or depths[client] < 1:
             raise AggregationError(f"depth_aware_average: client {client} needs an exit depth >= 1 in 'depths'. "
                                    f"Got {depths.get(client)!r}.")
-    accepted, rejected = (screen_updates(global_state, updates, partial=True, where="depth_aware_average")
-                          if updates else ([], {}))
-    within = []
-    for update in accepted:
-        client = update.client_id
-        if deep := [k for k in update.state if layer_of(k) > depths[client]]:
-            rejected[client] = f"client {client}: exit depth {depths[client]} but sent deeper layers {deep[:5]!r}"
-        else:
-            within.append(update)
-    rejected.update({c: f"client {c}: {reason}" for c, reason in failed.items()})
-    rejected = dict(sorted(rejected.items()))
-    check_quorum("depth_aware_average", server_round, len(within), rejected, min_accepted)
-    updates = within
+
+    def beyond_exit(update: ClientUpdate) -> str | None:
+        depth = depths[update.client_id]
+        deep = [k for k in update.state if layer_of(k) > depth]
+        return f"exit depth {depth} but sent deeper layers {deep[:5]!r}" if deep else None
+
+    updates, rejected = screen_round(global_state, updates, server_round, failed=failed, min_accepted=min_accepted,
+                                     partial=True, also=beyond_exit, where="depth_aware_average")
     state: StateDict = {}
     participants: dict[str, list[int]] = {}
     for key, reference in global_state.items():

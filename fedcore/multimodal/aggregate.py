@@ -19,9 +19,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from fedcore.aggregation.base import Aggregator, ClientUpdate, check_quorum, screen_updates
+from fedcore.aggregation.base import Aggregator, ClientUpdate, screen_round
 from fedcore.aggregation.state import StateDict
-from fedcore.errors import AggregationError
 from fedcore.multimodal.models import group_of
 
 
@@ -65,28 +64,18 @@ def modality_wise(aggregator: Aggregator, global_state: StateDict, updates: Sequ
     AggregationError
         If a client id repeats (also between ``updates`` and ``failed``).
     """
-    failed = dict(failed or {})
-    if both := sorted(failed.keys() & {u.client_id for u in updates}):
-        raise AggregationError(f"modality_wise: clients {both} must either fail or send an update. Got both.")
     keys_of: dict[str, list[str]] = {}
     for key in global_state:
         keys_of.setdefault(group_of(key), []).append(key)
-    accepted, rejected = (screen_updates(global_state, updates, partial=True,
-                                         required_metrics=aggregator.required_metrics, where="modality_wise")
-                          if updates else ([], {}))
-    whole = []
-    for update in accepted:
+
+    def partial_group(update: ClientUpdate) -> str | None:
         groups = sorted({group_of(key) for key in update.state})
         missing = [k for g in groups for k in keys_of[g] if k not in update.state]
-        if missing:
-            rejected[update.client_id] = (f"client {update.client_id}: must send all of a group or none of it; "
-                                          f"missing {missing[:5]!r}")
-        else:
-            whole.append(update)
-    rejected.update({c: f"client {c}: {reason}" for c, reason in failed.items()})
-    rejected = dict(sorted(rejected.items()))
-    check_quorum("modality_wise", server_round, len(whole), rejected, min_accepted)
-    updates = whole
+        return f"must send all of a group or none of it; missing {missing[:5]!r}" if missing else None
+
+    updates, rejected = screen_round(global_state, updates, server_round, failed=failed, min_accepted=min_accepted,
+                                     partial=True, required_metrics=aggregator.required_metrics, also=partial_group,
+                                     where="modality_wise")
     state = dict(global_state)
     participants: dict[str, list[int]] = {}
     for group, keys in keys_of.items():
