@@ -47,13 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
+    from fedcore.plans.supervised import aggregator_name
     from flows.download import download
     from flows.federate import FederatePaths, federate
     from flows.partition import partition
     from flows.poison import poison
     from tasks.common import read_json, read_params
     from tasks.data import featurise
-    from tasks.federate import aggregator_name
     from tasks.rounds import read_run_record
 
     params = read_params(args.params)

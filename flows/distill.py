@@ -30,14 +30,15 @@ from prefect.artifacts import create_markdown_artifact
 from fedcore.aggregation.state import to_cpu_state
 from fedcore.config import Params, flatten, to_dict
 from fedcore.errors import QuorumError
-from fedcore.federation.checkpoint import Checkpointer, fingerprint, save_state
+from fedcore.federation.checkpoint import Checkpointer, file_digest, fingerprint, save_state
 from fedcore.federation.sampling import round_rng, sample_clients
 from fedcore.models.spec import spec_of
+from fedcore.plans.supervised import build_aggregator
 from flows import stage
 from flows.modality import AUDIO_INPUTS, client_threads
 from flows.runners import task_runner
 from tasks.common import read_params, write_json, write_text
-from tasks.federate import build_aggregator, file_digest, rounds_tsv
+from tasks.federate import rounds_tsv
 from tasks.modality import distill_task, evaluate_student, load_av_data, local_settings, plot_av_rounds
 from tasks.progress import Progress
 from tasks.rounds import (

@@ -35,14 +35,14 @@ from fedcore.earlyexit.aggregate import depth_aware_average, server_step
 from fedcore.earlyexit.models import EarlyExitModel
 from fedcore.earlyexit.train import exit_accuracies
 from fedcore.errors import QuorumError
-from fedcore.federation.checkpoint import Checkpointer, fingerprint, save_state
+from fedcore.federation.checkpoint import Checkpointer, file_digest, fingerprint, save_state
 from fedcore.federation.sampling import round_rng, sample_clients
 from flows import stage
 from flows.modality import client_threads
 from flows.runners import task_runner
 from tasks.common import read_params, write_json, write_text
 from tasks.earlyexit import client_depths, initial_state, new_model, new_model_spec, plot_exits, train_exit_task
-from tasks.federate import file_digest, load_federated_data, rounds_tsv
+from tasks.federate import load_federated_data, rounds_tsv
 from tasks.progress import Progress
 from tasks.rounds import (
     gather_updates,

@@ -16,9 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,51 +25,29 @@ import torch
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from fedcore.aggregation.base import ClientUpdate
-from fedcore.aggregation.state import to_cpu_state
-from fedcore.attacks import choose_malicious
 from fedcore.config import MlflowConfig, Params, flatten
-from fedcore.errors import QuorumError
-from fedcore.federation.checkpoint import Checkpointer, save_state
-from fedcore.federation.client_store import ClientStore
-from fedcore.federation.sampling import num_sampled, round_rng, sample_clients
-from fedcore.federation.schedules import learning_rate
+from fedcore.evaluation.downstream import load_downstream
+from fedcore.federation.checkpoint import Checkpointer, file_digest, save_state
+from fedcore.federation.engine import run_rounds
+from fedcore.federation.sampling import num_sampled
 from fedcore.models.spec import federate_model_spec
+from fedcore.plans.supervised import (
+    SupervisedPlan,
+    aggregator_name,
+    evaluated_round,
+    fresh_model,
+    make_spec,
+    run_fingerprint,
+)
 from flows import stage
 from flows.runners import task_runner
 from tasks.common import read_params, write_json, write_text
-from tasks.downstream import downstream_task, load_downstream
-from tasks.federate import (
-    ROUND_COLUMNS,
-    aggregate_task,
-    aggregator_name,
-    attack_task,
-    attacked_keys,
-    build_aggregator,
-    build_algorithm,
-    build_attack,
-    detection_metrics,
-    evaluate_task,
-    file_digest,
-    fresh_model,
-    load_federated_data,
-    make_spec,
-    plot_downstream,
-    plot_rounds,
-    rounds_tsv,
-    run_fingerprint,
-    sent_keys,
-    summarise_updates,
-    train_client_task,
-)
-from tasks.progress import Progress
+from tasks.federate import ROUND_COLUMNS, load_federated_data, plot_downstream, plot_rounds, rounds_tsv
 from tasks.rounds import (
-    gather_updates,
-    quorum_of,
-    rejection_record,
-    resume_from,
+    ProgressCallback,
+    TaskRunnerExecutor,
+    TrackingCallback,
     split_timings,
-    stop_on_quorum,
     timing_summary,
     write_run_record,
 )
@@ -128,134 +103,33 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
     intra = intra_op_threads(params)
     torch.set_num_threads(intra)
     spec = make_spec(params, data.num_clients, data.num_classes, data.input_shape, intra)
+    downstream = None
+    if spec.ssl.self_supervised:
+        downstream = load_downstream(paths.downstream, params.downstream)
+        shapes = {name: tuple(f.shape[1:]) for name, f in downstream.features.items()}
+        print(f"downstream: {len(downstream.tasks)} tasks on {', '.join(f'{k} {v}' for k, v in shapes.items())}")
+    plan = SupervisedPlan(params, data, spec, client_folder=paths.checkpoints / CLIENTS_FOLDER, downstream=downstream)
     digest = file_digest([paths.features / "meta.json", paths.features / "index.csv", paths.partition,
                           paths.poison / "overlay.npz"])
     checkpointer = Checkpointer(paths.checkpoints, run_fingerprint(spec, digest, params))
-    aggregator = build_aggregator(params)
-    attack = build_attack(params)
-    malicious = choose_malicious(data.num_clients, params.attack.client_fraction, params.attack.seed)
-    keys = sent_keys(spec)
-    forged_keys = attacked_keys(spec, keys, params.attack.include_buffers)
-    # Clients keep a state of their own (on disk, one file per client and round) when they do not send everything,
-    # when their rule needs it (FedU), or when they train a personal model (FML, FedMLAC, local-only).
-    initial_state = to_cpu_state(fresh_model(spec, fed.seed))  # round 0, and what a checkpoint must fit
-    keep_local = build_algorithm(spec).keeps_state(len(keys) == len(initial_state))
-    store = ClientStore(paths.checkpoints / CLIENTS_FOLDER) if keep_local else None
-
-    history: list[dict[str, float]] = []
-    detections: list[dict[str, Any]] = []
-    start_round, run_id = 0, None
-    resumed, resume_reports = resume_from(checkpointer, "federate",
-                                          reference=initial_state,
-                                          also_verify=store.verify if store is not None else None)
-    if resumed is not None:
-        start_round, global_state, extra, meta = resumed
-        history, run_id = list(meta["history"]), meta.get("mlflow_run_id")
-        detections = list(meta.get("detections", []))
-        if store is not None:  # states written after the checkpoint (a round cut short) are dropped
-            store.rollback(start_round)
-        aggregator_state = {k[len(AGGREGATOR_PREFIX):]: v for k, v in extra.items()
-                            if k.startswith(AGGREGATOR_PREFIX)}
-        if aggregator_state and hasattr(aggregator, "load_state_dict"):
-            aggregator.load_state_dict(aggregator_state)
-        # Written to stderr directly (Prefect's log_prints captures print), so the terminal always shows it.
-        sys.stderr.write(f"federate: resuming after round {start_round} of {fed.rounds} from {paths.checkpoints}\n")
-        sys.stderr.flush()
-    else:
-        global_state = initial_state
-        if store is not None:
-            store.reset()
-
-    downstream = load_downstream(paths.downstream, params.downstream) if spec.ssl.self_supervised else None
     model_spec = federate_model_spec(spec.model, spec.ssl, spec.num_classes, spec.input_shape)
     tracker = FederateTracker(registry_config(params), paths.root, model_spec=model_spec)
-    run_id = tracker.start({**flatten(params), "attack.malicious_clients": sorted(malicious)}, resume_run_id=run_id)
-    log_model = fresh_model(spec, fed.seed)
-    # One-time set-up, like starting the MLflow run: trace the architecture now, so that each round's logging
-    # only swaps its weights into the program.
-    tracker.prepare_export(log_model, data.input_shape, WEIGHTS_FILE)
-    if downstream is not None and resumed is None:  # the random-init encoder: the floor, logged as round 0
-        floor = downstream_task(spec, global_state, downstream, params.downstream)
-        log_model.load_state_dict(global_state)
-        with tempfile.TemporaryDirectory() as scratch:
-            floor_weights = Path(scratch) / WEIGHTS_FILE
-            save_state(floor_weights, global_state)
-            tracker.log_round(0, floor, log_model, data.input_shape, floor_weights)
-        initial = floor
-    else:
-        initial = dict(resumed[3].get("initial", {})) if resumed is not None else {}
-    tracker.backfill([{"round": 0.0, **initial}, *history] if initial else history)  # rounds the run lacks
-    if resume_reports:  # what the resume had to skip (damaged or mismatching files), also printed above
-        tracker.log_record(f"resume/after_round_{start_round:04d}.json", {"reports": resume_reports})
     primary = primary_metric(params)
-    try:
-        with Progress(fed.rounds, "federate rounds", key="federate-progress") as bar, \
-                tempfile.TemporaryDirectory() as scratch:
-            bar.update(start_round)
-            for server_round in range(start_round + 1, fed.rounds + 1):
-                started = time.perf_counter()
-                clients = sample_clients(data.num_clients, fed.client_fraction, fed.min_clients,
-                                         round_rng(fed.seed, server_round))
-                torch.set_num_threads(intra)  # clients in parallel, each on its share of the cores
-                futures = [(c, train_client_task.submit(spec, c, server_round, global_state, data.train[c], store))
-                           for c in clients]
-                updates, failed = gather_updates(futures)
-                torch.set_num_threads(os.cpu_count() or 1)  # no client trains now: the server's work gets them all
-                sent_global = {k: global_state[k] for k in keys}
-                if malicious and updates:
-                    updates = attack_task(attack, sent_global, updates, malicious, forged_keys,
-                                          params.attack.seed, server_round)
-                try:
-                    result = aggregate_task(aggregator, sent_global, updates, server_round, failed,
-                                            quorum_of(fed, len(clients)))
-                except QuorumError as error:
-                    raise stop_on_quorum(error, "federate", paths.checkpoints, server_round - 1) from None
-                new_state = {**global_state, **result.state}
-                scored = evaluated_round(params, server_round)
-                if downstream is None:
-                    metrics = evaluate_task(spec, new_state, data, store, server_round)
-                else:
-                    metrics = downstream_task(spec, new_state, downstream, params.downstream) if scored else {}
-                metrics.update(_client_means(updates))
-                metrics["num_failed"] = float(len(failed))
-                metrics.update(summarise_updates(updates, sent_global),
-                               **detection_metrics(result, malicious, clients), lr=learning_rate(fed, server_round),
-                               round_seconds=time.perf_counter() - started)
-                detections.append({"round": server_round, "sampled": clients, "flagged": sorted(result.flagged),
-                                   "failed": sorted(failed),
-                                   "rejected": {str(k): v for k, v in result.rejected.items()},
-                                   "excluded_per_layer": {k: list(v) for k, v in result.excluded_per_layer.items()},
-                                   "weights": {str(k): round(v, 6) for k, v in result.weights.items()}})
-                if result.rejected:
-                    tracker.log_record(f"rejections/round_{server_round:04d}.json",
-                                       rejection_record(server_round, failed, result.rejected))
-                model = None
-                weights = None
-                if scored and (server_round % fed.log_model_every == 0 or server_round == fed.rounds
-                               or downstream is not None):
-                    log_model.load_state_dict(new_state)
-                    model = log_model
-                    weights = Path(scratch) / WEIGHTS_FILE
-                    save_state(weights, new_state)
-                tracker.log_round(server_round, metrics, model, data.input_shape, weights)
-                history.append({"round": float(server_round), **metrics})
-                extra = {f"{AGGREGATOR_PREFIX}{k}": v for k, v in
-                         (aggregator.state_dict() if hasattr(aggregator, "state_dict") else {}).items()}
-                checkpointer.save(server_round, new_state, extra or None,
-                                  {"history": history, "mlflow_run_id": run_id, "detections": detections,
-                                   "initial": initial})
-                if store is not None:  # the checkpoint is durable: versions no kept checkpoint needs go
-                    store.commit(server_round, clients, oldest_kept=checkpointer.kept_rounds()[0])
-                # The whole round, logging and checkpoint included (a resumed run's last row before the kill
-                # keeps round_seconds only).
-                history[-1]["round_wall_seconds"] = time.perf_counter() - started
-                global_state = new_state
-                shown = {"acc": f"{metrics[primary]:.3f}"} if primary in metrics else {}
-                bar.update(1, {**shown, "loss": f"{metrics.get('global_loss', metrics['train_loss_mean']):.3f}"})
-    except BaseException:
-        tracker.fail()
-        raise
-    return _finish(params, paths, tracker, global_state, history, detections, malicious, initial)
+
+    def log_model(server_round: int, row: dict[str, float]) -> bool:
+        return evaluated_round(params, server_round) and (
+            server_round % fed.log_model_every == 0 or server_round == fed.rounds or downstream is not None)
+
+    def postfix(row: dict[str, float]) -> dict[str, object]:
+        shown: dict[str, object] = {"acc": f"{row[primary]:.3f}"} if primary in row else {}
+        return {**shown, "loss": f"{row.get('global_loss', row['train_loss_mean']):.3f}"}
+
+    tracking = TrackingCallback(tracker, {**flatten(params), "attack.malicious_clients": sorted(plan.malicious)},
+                                run_name="federate", model=fresh_model(spec, fed.seed), input_shape=data.input_shape,
+                                log_model=log_model, export=True)
+    progress = ProgressCallback(fed.rounds, "federate rounds", "federate-progress", postfix)
+    run = run_rounds(plan, TaskRunnerExecutor(), checkpointer, [tracking, progress], client_threads=intra)
+    return _finish(params, paths, tracker, run.state, run.history, run.records, plan.malicious, run.initial)
 
 
 def primary_metric(params: Params) -> str:
@@ -269,12 +143,6 @@ def primary_metric(params: Params) -> str:
     return "global_accuracy"
 
 
-def evaluated_round(params: Params, server_round: int) -> bool:
-    """Whether ``server_round`` is scored: every round (supervised), every ``downstream.every`` and the last (SSL)."""
-    every = params.downstream.every if params.ssl.self_supervised else 1
-    return server_round % every == 0 or server_round == params.federation.rounds
-
-
 def registry_config(params: Params) -> MlflowConfig:
     """MLflow settings of the run: self-supervised encoders are registered under ``downstream.registered_model``."""
     if params.ssl.self_supervised:
@@ -282,18 +150,8 @@ def registry_config(params: Params) -> MlflowConfig:
     return params.mlflow
 
 
-AGGREGATOR_PREFIX = "aggregator/"
-#: Name of the safetensors weights attached to every logged round model.
-WEIGHTS_FILE = "weights.safetensors"
 #: Sub-folder of the checkpoints that holds the client state store.
 CLIENTS_FOLDER = "clients"
-
-
-def _client_means(updates: Sequence[ClientUpdate]) -> dict[str, float]:
-    """Round means of the personal-model training metrics the clients report (FML, FedMLAC, local-only)."""
-    names = ("personal_train_loss", "personal_train_accuracy")
-    return {f"{name}_mean": sum(float(u.metrics[name]) for u in updates) / len(updates)
-            for name in names if updates and all(name in u.metrics for u in updates)}
 
 
 def _detection_summary(history: list[dict[str, float]], malicious: frozenset[int]) -> dict[str, Any]:

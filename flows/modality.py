@@ -34,15 +34,16 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from fedcore.aggregation.state import to_cpu_state
 from fedcore.config import ModalityConfig, Params, flatten, to_dict
 from fedcore.errors import QuorumError
-from fedcore.federation.checkpoint import Checkpointer, fingerprint, save_state
+from fedcore.federation.checkpoint import Checkpointer, file_digest, fingerprint, save_state
 from fedcore.federation.sampling import round_rng, sample_clients
 from fedcore.federation.schedules import learning_rate
 from fedcore.models.spec import audio_branch_spec
 from fedcore.multimodal import AVModel, ModalityAggregate, audio_branch, modality_wise
+from fedcore.plans.supervised import build_aggregator
 from flows import stage
 from flows.runners import task_runner
 from tasks.common import read_params, write_json, write_text
-from tasks.federate import build_aggregator, file_digest, rounds_tsv
+from tasks.federate import rounds_tsv
 from tasks.modality import (
     evaluate_av,
     load_av_data,

@@ -1,12 +1,12 @@
-"""What every round loop shares: client results under the failure policy, the quorum, and the run record.
+"""What the orchestration layer gives the round loop (:func:`fedcore.federation.engine.run_rounds`); run records.
 
-- :func:`gather_updates` waits for a round's client futures in client order; a client whose task raised (after
-  its task retries) is *failed* with its reason instead of ending the run.
-- :func:`quorum_of` is the round's quorum (``federation.min_accepted``) and :func:`stop_on_quorum` turns a
-  :class:`~fedcore.errors.QuorumError` into the stage's message: the round is not applied, the last checkpoint is
-  kept, a rerun resumes from it.
-- :func:`resume_from` loads the newest verified checkpoint (and, for stages whose clients keep a state, the newest
-  round whose client states verify too), printing each file it had to skip.
+The executor, tracking and progress callbacks:
+
+- :class:`TaskRunnerExecutor` submits each client job as a Prefect task run of the calling flow (so it runs on the
+  flow's task runner: threads, Dask or Ray), named by what it does (``train client 3 round 7``), retried once.
+- :class:`TrackingCallback` logs every round to MLflow (metrics with ``step=round``, the model when asked, the
+  rejected clients and the resume reports) and keeps the run id in the checkpoint, so a resumed run continues its
+  MLflow run; :class:`ProgressCallback` shows the rounds as a bar and a Prefect progress artifact.
 - The *run record* (``<metrics>.run.json`` beside a stage's metrics file, not a DVC output and ignored by git) holds
   what differs between two runs of the same inputs: timings, MLflow run id, registered version, host. The stage's
   DVC outputs then depend on its inputs and params only, so a committed ``dvc.lock`` reproduces on a fresh clone.
@@ -17,17 +17,23 @@ from __future__ import annotations
 import logging
 import platform
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedcore.aggregation.base import ClientUpdate
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from typing_extensions import override
+
 from fedcore.aggregation.state import StateDict
 from fedcore.config import FederationConfig
-from fedcore.errors import QuorumError
-from fedcore.federation.checkpoint import Checkpointer
+from fedcore.federation.checkpoint import Checkpointer, save_state
+from fedcore.federation.engine import Callback, Job, Result, RoundResult, Run, run_job
 from fedcore.federation.policy import required_updates
 from tasks.common import read_json, write_json
+from tasks.progress import Progress
+from tasks.tracking import WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -35,45 +41,9 @@ log = logging.getLogger(__name__)
 RUN_RECORD_SUFFIX = ".run.json"
 
 
-def gather_updates(futures: Iterable[tuple[int, Any]]) -> tuple[list[ClientUpdate], dict[int, str]]:
-    """Results of a round's client futures: the updates (by client id) and the clients that failed.
-
-    Parameters
-    ----------
-    futures : iterable of (int, future)
-        ``(client_id, future)`` pairs; ``future.result()`` returns a :class:`ClientUpdate` or raises.
-
-    Returns
-    -------
-    updates : list of ClientUpdate
-        Sorted by client id.
-    failed : dict of int to str
-        ``{client_id: reason}`` of the clients whose task raised (an ordinary exception; an interrupt is raised).
-    """
-    updates: list[ClientUpdate] = []
-    failed: dict[int, str] = {}
-    for client, future in futures:
-        try:
-            updates.append(future.result())
-        except Exception as error:  # the client's own failure: rejected, the round goes on (failure policy)
-            reason = f"training raised {type(error).__name__}: {error}"
-            failed[int(client)] = reason[:2000]
-            log.warning("client %d: %s", client, reason)
-    return sorted(updates, key=lambda u: u.client_id), failed
-
-
 def quorum_of(fed: FederationConfig, num_jobs: int) -> int:
     """The accepted updates a round of ``num_jobs`` client jobs needs (``federation.min_accepted``)."""
     return required_updates(fed.min_accepted, num_jobs)
-
-
-def stop_on_quorum(error: QuorumError, stage: str, checkpoints: Path, last_round: int) -> QuorumError:
-    """The stage's error for a round that failed its quorum: what happened, what was kept, what to do."""
-    kept = (f"the checkpoint of round {last_round} in {str(checkpoints)!r} is kept and a rerun resumes from it"
-            if last_round > 0 else "no round had finished, so a rerun starts from round 0")
-    return QuorumError(
-        f"{stage}: {error} The round was not applied; {kept}. Fix: find why those clients failed (reasons above), "
-        "or lower federation.min_accepted.", server_round=error.server_round, rejected=error.rejected)
 
 
 def rejection_record(server_round: int, failed: Mapping[int, str], rejected: Mapping[int, str]) -> dict[str, Any]:
@@ -101,6 +71,138 @@ def resume_from(checkpointer: Checkpointer, stage: str, *, reference: StateDict 
 
     loaded = checkpointer.load_latest(reference=reference, also_verify=also_verify, report=report)
     return loaded, reports
+
+
+# ------------------------------------------------------------------------------------- executor and callbacks
+class TaskRunnerExecutor:
+    """Runs each client job as a task run of the calling Prefect flow, on the flow's task runner.
+
+    Parameters
+    ----------
+    retries : int, default 1
+        Retries of a job that raised before it counts as failed (the failure policy then rejects it).
+    """
+
+    def __init__(self, retries: int = 1) -> None:
+        self._task = task(run_job, name="train client", cache_policy=NO_CACHE, retries=retries)
+
+    def submit(self, job: Job) -> Result:
+        """Submit ``job`` as a task run named by what it does; returns its Prefect future."""
+        return self._task.with_options(task_run_name=job.name).submit(job)
+
+
+
+
+
+
+class TrackingCallback(Callback):
+    """Log a run of :func:`~fedcore.federation.engine.run_rounds` to MLflow through a ``FederateTracker``.
+
+    Parameters
+    ----------
+    tracker : tasks.tracking.FederateTracker
+        The stage's tracker (not started).
+    params : Mapping
+        Flat params logged with the run.
+    run_name : str
+        MLflow run name.
+    model : torch.nn.Module
+        An instance of the global model's architecture, loaded with a round's state when that round's model is
+        logged.
+    input_shape : tuple of int
+        The model's input shape (one example).
+    log_model : callable
+        ``log_model(round, row) -> bool``: whether the round's model is logged.
+    export : bool, default False
+        Trace the architecture once at start (``FederateTracker.prepare_export``), so each round's logging only
+        swaps its weights into the program.
+    """
+
+    def __init__(self, tracker: Any, params: Mapping[str, Any], *, run_name: str, model: Any,
+                 input_shape: tuple[int, ...], log_model: Callable[[int, Mapping[str, float]], bool],
+                 export: bool = False) -> None:
+        self.tracker, self.params, self.run_name = tracker, dict(params), run_name
+        self.model, self.input_shape, self.should_log, self.export = model, input_shape, log_model, export
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+
+    def _log(self, server_round: int, metrics: Mapping[str, float], state: StateDict | None) -> None:
+        weights = None
+        if state is not None:
+            assert self._scratch is not None
+            self.model.load_state_dict(state)
+            weights = Path(self._scratch.name) / WEIGHTS_FILE
+            save_state(weights, state)
+        self.tracker.log_round(server_round, metrics, self.model if state is not None else None, self.input_shape,
+                               weights)
+
+    @override
+    def on_start(self, run: Run) -> None:
+        self._scratch = tempfile.TemporaryDirectory()
+        self.tracker.start(self.params, resume_run_id=run.meta.get("mlflow_run_id"), run_name=self.run_name)
+        if self.export:
+            self.tracker.prepare_export(self.model, self.input_shape, WEIGHTS_FILE)
+        if run.initial and not run.resumed:  # the initial model's scores (e.g. a random encoder's): round 0
+            self._log(0, run.initial, run.state)
+        self.tracker.backfill([{"round": 0.0, **run.initial}, *run.history] if run.initial else run.history)
+        if run.reports:  # what the resume had to skip (damaged or mismatching files), also printed
+            self.tracker.log_record(f"resume/after_round_{run.start_round:04d}.json", {"reports": run.reports})
+
+    @override
+    def on_round(self, run: Run, server_round: int, row: dict[str, float], record: dict[str, Any],
+                 result: RoundResult) -> None:
+        if record["rejected"]:
+            self.tracker.log_record(f"rejections/round_{server_round:04d}.json",
+                                    {k: record[k] for k in ("round", "failed", "rejected")})
+        metrics = {k: v for k, v in row.items() if k != "round"}
+        self._log(server_round, metrics, run.state if self.should_log(server_round, row) else None)
+
+    @override
+    def meta(self) -> dict[str, Any]:
+        return {"mlflow_run_id": self.tracker.run_id}
+
+    def _close(self) -> None:
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
+
+    @override
+    def on_end(self, run: Run) -> None:
+        self._close()
+
+    @override
+    def on_error(self, error: BaseException) -> None:
+        self._close()
+        self.tracker.fail()
+
+
+class ProgressCallback(Callback):
+    """The rounds as a progress bar (and a Prefect progress artifact ``key``); ``postfix(row)`` beside it."""
+
+    def __init__(self, total: int, description: str, key: str,
+                 postfix: Callable[[Mapping[str, float]], dict[str, object]] | None = None) -> None:
+        self.total, self.description, self.key, self.postfix = total, description, key, postfix
+        self.bar: Progress | None = None
+
+    @override
+    def on_start(self, run: Run) -> None:
+        self.bar = Progress(self.total, self.description, key=self.key)
+        self.bar.update(run.start_round)
+
+    @override
+    def on_round(self, run: Run, server_round: int, row: dict[str, float], record: dict[str, Any],
+                 result: RoundResult) -> None:
+        if self.bar is not None:
+            self.bar.update(1, self.postfix(row) if self.postfix else None)
+
+    @override
+    def on_end(self, run: Run) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    @override
+    def on_error(self, error: BaseException) -> None:
+        self.on_end(None)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------- run record

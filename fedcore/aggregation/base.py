@@ -199,6 +199,15 @@ class Aggregator(ABC):
         return Aggregate(state=state, weights=dict(combination.weights), flagged=frozenset(flagged),
                          rejected=rejected, excluded_per_layer=dict(combination.excluded_per_layer))
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The rule's server-side state across rounds, for checkpoints (none by default; FedAdam: its moments)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned (a stateless rule takes nothing)."""
+        if state:
+            raise ValueError(f"{type(self).__name__}: keeps no state across rounds. Got {sorted(state)[:5]}.")
+
     def screen(
         self, global_state: StateDict, updates: Sequence[ClientUpdate]
     ) -> tuple[list[ClientUpdate], dict[int, str]]:

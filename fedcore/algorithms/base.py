@@ -14,8 +14,9 @@ state-dict entry (BatchNorm buffers included) is returned to the server.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,21 +32,57 @@ from fedcore.registry import Registry
 PERSONAL_PREFIX = "personal/"
 
 
+@dataclass
+class BatchLoss:
+    """What an objective returns for one minibatch (see :meth:`ObjectiveSession.loss`).
+
+    Attributes
+    ----------
+    loss : Tensor
+        The scalar minimised (backward, then the optimiser's step).
+    correct : int or None
+        Correct predictions in the batch (None: the objective predicts no label).
+    reported : float or None
+        The batch's ``train_loss`` (mean per example); None: ``loss`` itself. E.g. mutual learning minimises both
+        models' losses at once but reports the shared model's cross-entropy.
+    sums : dict of str to float
+        Other per-client metrics, summed over the batch's examples (e.g. ``personal_train_loss`` × batch size);
+        the client reports each divided by the examples counted, as ``train_loss``.
+    """
+
+    loss: torch.Tensor
+    correct: int | None = None
+    reported: float | None = None
+    sums: dict[str, float] = field(default_factory=dict)
+
+
 class ObjectiveSession:
-    """The objective bound to one client's model for one round (see :meth:`Objective.start`)."""
+    """The objective bound to one client's model for one round (see :meth:`Objective.start`).
 
-    def loss(self, inputs: torch.Tensor, labels: torch.Tensor,
-             generator: torch.Generator) -> tuple[torch.Tensor, int | None] | None:
-        """The batch's loss and its number of correct predictions (None: the objective predicts no label).
+    Its hooks shape :func:`train_client`, the one minibatch loop: :meth:`loss` per batch, :meth:`parameters` the
+    optimiser trains, :meth:`after_step` after each step (a second model's step, FLOP counting, a target
+    network's update), :meth:`finish` at the end (restore what the session changed).
+    """
 
-        Returns None for a batch the objective cannot use (e.g. a contrastive loss on a batch of one), which is
-        then skipped.
+    def loss(self, inputs: Any, labels: torch.Tensor,
+             generator: torch.Generator) -> BatchLoss | tuple[torch.Tensor, int | None] | None:
+        """The batch's loss (a :class:`BatchLoss`, or ``(loss, correct)``); None for a batch it cannot use.
+
+        A batch the objective cannot use (e.g. a contrastive loss on a batch of one) is skipped.
         """
         raise NotImplementedError
+
+    def parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
+        """The parameters the client's optimiser trains: all of ``model``'s by default."""
+        return model.parameters()
 
     def after_step(self) -> None:
         """Run after every optimiser step (e.g. BYOL's target update); does nothing by default."""
         return None
+
+    def finish(self) -> dict[str, float]:
+        """Run once after the last step (also when training raised); metrics to report besides the loop's."""
+        return {}
 
 
 class CrossEntropy(ObjectiveSession):
@@ -281,6 +318,21 @@ class ClientData:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def batch(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``index``: ``(features, labels)`` on ``device``."""
+        return (self.features[index].to(device, non_blocking=True),
+                self.labels[index].to(device, non_blocking=True))
+
+
+class Batches(Protocol):
+    """A client's training rows as :func:`train_client` reads them (:class:`ClientData`, audio-visual rows, ...)."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, index: torch.Tensor, device: torch.device) -> tuple[Any, torch.Tensor]:
+        """Rows ``index``: ``(inputs, labels)`` on ``device`` (inputs: what the objective's ``loss`` takes)."""
+        ...
+
 
 def check_settings(settings: LocalSettings, where: str = "train_client") -> None:
     """Raise ValueError when a local-training hyperparameter is out of range."""
@@ -325,7 +377,7 @@ def train_client(
     client_id: int,
     model: nn.Module,
     global_state: StateDict,
-    data: ClientData,
+    data: Batches,
     algorithm: LocalAlgorithm,
     settings: LocalSettings,
     generator: torch.Generator,
@@ -342,8 +394,8 @@ def train_client(
         into it (strict) and it is trained in place, on its own device.
     global_state : dict of str to Tensor
         w_t; not modified.
-    data : ClientData
-        The local training set (n examples).
+    data : Batches
+        The local training set (n examples): :class:`ClientData`, or any rows with ``batch(index, device)``.
     algorithm : LocalAlgorithm
         Client-side rule (its hooks are called at every step).
     settings : LocalSettings
@@ -379,40 +431,49 @@ def train_client(
     model.load_state_dict(global_state, strict=True)
     model.train()
     device = next(model.parameters()).device
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
     session = objective.start(model)
-    num_examples = len(data)
-    num_batches = 0
-    loss_sum, num_correct, counted = 0.0, 0, 0
-    predicts = True
-    for epoch, step, index in epoch_batches(num_examples, settings, generator):
-        if step == 0:  # the metrics cover the last epoch
-            loss_sum, num_correct, counted = 0.0, 0, 0
-        log_mel = data.features[index].to(device, non_blocking=True)
-        labels = data.labels[index].to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        batch = session.loss(log_mel, labels, generator)
-        if batch is None:
-            continue
-        loss, correct = batch
-        extra = algorithm.extra_loss(model, global_state)
-        total = loss if extra is None else loss + extra
-        check_finite("train_client", client_id, float(total.detach()), epoch, step)
-        total.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-        algorithm.after_step(model)
-        session.after_step()
-        num_batches += 1
-        loss_sum += float(loss.detach()) * index.numel()
-        counted += index.numel()
-        predicts = predicts and correct is not None
-        num_correct += correct or 0
+    try:
+        optimizer = torch.optim.SGD(session.parameters(model), lr=settings.lr, momentum=settings.momentum,
+                                    weight_decay=settings.weight_decay)
+        num_examples = len(data)
+        num_batches = 0
+        loss_sum, num_correct, counted = 0.0, 0, 0
+        sums: dict[str, float] = {}
+        predicts = True
+        for epoch, step, index in epoch_batches(num_examples, settings, generator):
+            if step == 0:  # the metrics cover the last epoch
+                loss_sum, num_correct, counted, sums = 0.0, 0, 0, {}
+            inputs, labels = data.batch(index, device)
+            optimizer.zero_grad(set_to_none=True)
+            batch = session.loss(inputs, labels, generator)
+            if batch is None:
+                continue
+            if not isinstance(batch, BatchLoss):
+                batch = BatchLoss(*batch)
+            extra = algorithm.extra_loss(model, global_state)
+            total = batch.loss if extra is None else batch.loss + extra
+            check_finite("train_client", client_id, float(total.detach()), epoch, step)
+            total.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            algorithm.after_step(model)
+            session.after_step()
+            num_batches += 1
+            size = index.numel()
+            loss_sum += (float(batch.loss.detach()) if batch.reported is None else batch.reported) * size
+            counted += size
+            predicts = predicts and batch.correct is not None
+            num_correct += batch.correct or 0
+            for name, value in batch.sums.items():
+                sums[name] = sums.get(name, 0.0) + value
+    finally:
+        finished = session.finish()
     if counted == 0:
         raise ValueError(f"train_client: client {client_id}: the objective used no batch of its {num_examples} "
                          f"examples (batch size {settings.batch_size}); it needs larger batches.")
     metrics = {"train_loss": loss_sum / counted}
     if predicts:
         metrics["train_accuracy"] = num_correct / counted
+    metrics.update({name: value / counted for name, value in sums.items()})
     metrics["num_batches"] = float(num_batches)
+    metrics.update(finished)
     return ClientUpdate(client_id=client_id, state=to_cpu_state(model), num_examples=num_examples, metrics=metrics)

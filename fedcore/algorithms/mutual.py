@@ -38,13 +38,15 @@ from fedcore.aggregation.state import StateDict, to_cpu_state
 from fedcore.algorithms.base import (
     LOCAL_ALGORITHMS,
     PERSONAL_PREFIX,
+    BatchLoss,
     ClientJob,
     ClientResult,
     LocalAlgorithm,
-    check_finite,
+    LocalSettings,
+    Objective,
+    ObjectiveSession,
     check_generator,
     check_settings,
-    epoch_batches,
     train_client,
 )
 from fedcore.config import MutualConfig
@@ -121,6 +123,54 @@ def _personal_model(job: ClientJob, where: str) -> nn.Module:
     return job.personal_model
 
 
+class MutualObjective(Objective):
+    """Deep mutual learning as the objective of the shared model: the personal model and its optimiser are its own.
+
+    For one client's round: each batch runs both models, the loss minimised is L_personal + L_shared (each
+    partner detached, so one backward serves both), the shared model's step is the loop's and the personal model's
+    is this objective's (:meth:`ObjectiveSession.after_step`). Reported: the shared model's cross-entropy and
+    accuracy (``train_loss``, ``train_accuracy``), and the personal model's (``personal_train_loss``,
+    ``personal_train_accuracy``), over the last epoch.
+    """
+
+    def __init__(self, rule: FederatedMutualLearning, personal: nn.Module, settings: LocalSettings,
+                 momentum: StateDict | None = None) -> None:
+        self.rule, self.personal = rule, personal
+        self.personal_optimizer = torch.optim.SGD(personal.parameters(), lr=settings.lr,
+                                                  momentum=settings.momentum, weight_decay=settings.weight_decay)
+        if momentum is not None:
+            _load_momentum(self.personal_optimizer, personal, momentum)
+
+    def start(self, model: nn.Module) -> ObjectiveSession:
+        """Bind to the shared model ``model``."""
+        return _MutualSession(self, model)
+
+
+class _MutualSession(ObjectiveSession):
+    def __init__(self, objective: MutualObjective, shared: nn.Module) -> None:
+        self.objective, self.shared = objective, shared
+
+    def loss(self, inputs: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> BatchLoss:
+        """Both models' mutual losses; the shared model's cross-entropy reported."""
+        rule, personal = self.objective.rule, self.objective.personal
+        self.objective.personal_optimizer.zero_grad(set_to_none=True)
+        z_personal, z_shared = personal(inputs), self.shared(inputs)
+        loss_personal, loss_shared = mutual_losses(z_personal, z_shared, labels, alpha=rule.alpha, beta=rule.beta,
+                                                   temperature=rule.temperature, t2_scale=rule.t2_scale)
+        size = labels.shape[0]
+        with torch.no_grad():
+            shared_ce = float(F.cross_entropy(z_shared, labels))
+            personal_ce = float(F.cross_entropy(z_personal, labels))
+            sums = {"personal_train_loss": personal_ce * size,
+                    "personal_train_accuracy": float((z_personal.argmax(dim=1) == labels).sum())}
+            correct = int((z_shared.argmax(dim=1) == labels).sum())
+        return BatchLoss(loss_personal + loss_shared, correct, shared_ce, sums)
+
+    def after_step(self) -> None:
+        """The personal model's step."""
+        self.objective.personal_optimizer.step()
+
+
 @LOCAL_ALGORITHMS.register("fml")
 class FederatedMutualLearning(_PersonalRule):
     """FML client: personal model and meme model trained by deep mutual learning (module docstring).
@@ -153,53 +203,19 @@ class FederatedMutualLearning(_PersonalRule):
         """Fork the shared model from the global state, train both models together, send the shared one."""
         where = type(self).__name__
         personal = _personal_model(job, where)
-        settings = job.settings
-        check_settings(settings, where)
+        check_settings(job.settings, where)
         check_generator(job.generator, where)
         assert job.local_state is not None
         personal_start, buffers = split_personal(job.local_state)
         personal.load_state_dict(personal_start, strict=True)
-        shared = job.model
-        shared.load_state_dict(job.global_state, strict=True)
         personal.train()
-        shared.train()
-        device = next(shared.parameters()).device
-        make = lambda m: torch.optim.SGD(m.parameters(), lr=settings.lr, momentum=settings.momentum,  # noqa: E731
-                                         weight_decay=settings.weight_decay)
-        personal_opt, shared_opt = make(personal), make(shared)
-        if self.keep_optimizer:
-            _load_momentum(personal_opt, personal, buffers)
-        n = len(job.data)
-        sums = {"shared_loss": 0.0, "shared_correct": 0.0, "personal_loss": 0.0, "personal_correct": 0.0}
-        num_batches = 0
-        for epoch, step, index in epoch_batches(n, settings, job.generator):
-            if step == 0:  # the metrics cover the last epoch
-                sums = dict.fromkeys(sums, 0.0)
-            x = job.data.features[index].to(device, non_blocking=True)
-            y = job.data.labels[index].to(device, non_blocking=True)
-            personal_opt.zero_grad(set_to_none=True)
-            shared_opt.zero_grad(set_to_none=True)
-            z_personal, z_shared = personal(x), shared(x)
-            loss_personal, loss_shared = mutual_losses(z_personal, z_shared, y, alpha=self.alpha, beta=self.beta,
-                                                       temperature=self.temperature, t2_scale=self.t2_scale)
-            check_finite(where, job.client_id, float(loss_personal.detach() + loss_shared.detach()), epoch, step)
-            # The two losses touch disjoint parameters (each partner is detached), so one backward serves both.
-            (loss_personal + loss_shared).backward()  # type: ignore[no-untyped-call]
-            personal_opt.step()
-            shared_opt.step()
-            num_batches += 1
-            size = index.numel()
-            with torch.no_grad():
-                sums["shared_loss"] += float(F.cross_entropy(z_shared, y)) * size
-                sums["personal_loss"] += float(F.cross_entropy(z_personal, y)) * size
-                sums["shared_correct"] += float((z_shared.argmax(dim=1) == y).sum())
-                sums["personal_correct"] += float((z_personal.argmax(dim=1) == y).sum())
-        metrics = {"train_loss": sums["shared_loss"] / n, "train_accuracy": sums["shared_correct"] / n,
-                   "personal_train_loss": sums["personal_loss"] / n,
-                   "personal_train_accuracy": sums["personal_correct"] / n, "num_batches": float(num_batches)}
-        shared_state = to_cpu_state(shared)
-        update = ClientUpdate(job.client_id, {k: shared_state[k] for k in job.sent_keys}, n, metrics)
-        kept = _momentum(personal_opt, personal) if self.keep_optimizer else None
+        objective = MutualObjective(self, personal, job.settings, buffers if self.keep_optimizer else None)
+        trained = train_client(client_id=job.client_id, model=job.model, global_state=job.global_state,
+                               data=job.data, algorithm=self, settings=job.settings, generator=job.generator,
+                               objective=objective)
+        update = ClientUpdate(job.client_id, {k: trained.state[k] for k in job.sent_keys}, trained.num_examples,
+                              trained.metrics)
+        kept = _momentum(objective.personal_optimizer, personal) if self.keep_optimizer else None
         return ClientResult(update, join_personal(to_cpu_state(personal), kept))
 
     def __repr__(self) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
@@ -162,3 +164,14 @@ def build_federated_dataset(
     return FederatedDataset(per_client("train", poisoned=True), per_client("holdout", poisoned=False),
                             tensors(partition["test"], poisoned=False), len(store.label_names),
                             (1, int(n_mels), int(frames)))
+
+
+def load_federated_data(features_dir: Path, partition_file: Path, poison_dir: Path | None = None) -> FederatedDataset:
+    """Feature store + partition (JSON) + poison overlay (``<poison_dir>/overlay.npz``, if any) -> client rows."""
+    store = FeatureStore.load(Path(features_dir), mmap=True)
+    partition = json.loads(Path(partition_file).read_text())
+    overlay = None
+    if poison_dir is not None and (Path(poison_dir) / "overlay.npz").exists():
+        with np.load(Path(poison_dir) / "overlay.npz") as arrays:
+            overlay = Overlay.from_arrays(arrays)
+    return build_federated_dataset(store, partition, overlay)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 from fedcore.config import DownstreamConfig, DownstreamTaskConfig
 from fedcore.data.features import FeatureStore
+from fedcore.errors import ConfigError, DataError
 from fedcore.evaluation.retrieval import embed, knn_accuracy, linear_probe_accuracy, stratified_holdout
 
 
@@ -136,3 +138,43 @@ def selection_key(task: str, cfg: DownstreamConfig, split: str = "val") -> str:
 
 
 __all__ = ["RetrievalTask", "retrieval_task", "score_encoder", "score_task", "selection_key"]
+
+
+@dataclass(frozen=True)
+class DownstreamData:
+    """The tasks and the normalised features ``(n, 1, n_mels, frames)`` of every dataset they read."""
+
+    tasks: list[RetrievalTask]
+    features: dict[str, torch.Tensor]
+
+
+def dataset_folder(root: Path, dataset: str) -> Path:
+    """The feature store of downstream dataset ``dataset``: ``<root>/<dataset>``."""
+    return Path(root) / dataset
+
+
+def load_downstream(root: Path, cfg: DownstreamConfig) -> DownstreamData:
+    """Read every task's feature store under ``root`` and build the tasks (index, test and validation rows).
+
+    Raises
+    ------
+    ConfigError
+        If no task is declared.
+    DataError
+        If a dataset's feature store is missing or unreadable (the message names the tasks and the folder).
+    """
+    configs = cfg.task_configs()
+    if not configs:
+        raise ConfigError("downstream: 'tasks' must list at least one task when ssl.method is set. Got [].")
+    stores: dict[str, FeatureStore] = {}
+    for dataset in sorted({c.dataset for c in configs}):
+        folder = dataset_folder(root, dataset)
+        try:
+            stores[dataset] = FeatureStore.load(folder, mmap=True)
+        except DataError as error:
+            names = [c.name for c in configs if c.dataset == dataset]
+            raise DataError(f"downstream: tasks {names} need the feature store of {dataset!r} in {str(folder)!r} "
+                            f"(the downstream data stage writes it). {error}") from error
+    features = {name: torch.from_numpy(store.normalised(range(store.num_samples))) for name, store in stores.items()}
+    tasks = [retrieval_task(c, stores[c.dataset], cfg.val_fraction, cfg.seed) for c in configs]
+    return DownstreamData(tasks, features)

@@ -309,6 +309,19 @@ def load_state(path: Path | str) -> StateDict:
 
 
 # ---------------------------------------------------------------------------------------------- fingerprint
+def file_digest(paths: Sequence[Path]) -> str:
+    """Sha256 (hex) over the names and bytes of ``paths`` (a missing file counts as empty): the data of a run."""
+    digest = hashlib.sha256()
+    for path in paths:
+        path = Path(path)
+        digest.update(str(path.name).encode())
+        if path.exists():
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
 def _json_default(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)

@@ -8,7 +8,7 @@ import pytest
 
 from fedcore.config import DownstreamConfig, DownstreamTaskConfig, Params, SSLConfig, load_params
 from fedcore.errors import ConfigError
-from tasks.federate import make_spec, run_fingerprint
+from fedcore.plans.supervised import make_spec, run_fingerprint
 
 TASK = {"name": "digit", "dataset": "fsdd"}
 

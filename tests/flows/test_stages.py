@@ -436,16 +436,16 @@ def test_max_workers_does_not_change_any_output(workdir: Path, small_mirror: Pat
 
 def _raising_for(monkeypatch: pytest.MonkeyPatch, clients: set[int], from_round: int = 1) -> None:
     """Make the local training of ``clients`` raise from ``from_round`` on (inside the client task)."""
-    import tasks.federate
+    import fedcore.plans.supervised
 
-    original = tasks.federate.client_generator
+    original = fedcore.plans.supervised.client_generator
 
     def generator(seed: int, server_round: int, client_id: int) -> object:
         if client_id in clients and server_round >= from_round:
             raise RuntimeError(f"disk of client {client_id} on fire")
         return original(seed, server_round, client_id)
 
-    monkeypatch.setattr(tasks.federate, "client_generator", generator)
+    monkeypatch.setattr(fedcore.plans.supervised, "client_generator", generator)
 
 
 def test_a_client_that_keeps_raising_is_rejected_and_the_run_goes_on(workdir: Path, small_mirror: Path,

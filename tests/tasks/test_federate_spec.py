@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from fedcore.config import ModelConfig, load_params
-from tasks.federate import aggregator_name, make_spec
+from fedcore.plans.supervised import aggregator_name, make_spec
 
 
 def test_default_aggregator_follows_the_local_algorithm() -> None:

@@ -314,7 +314,7 @@ def test_earlyexit_init_files(tmp_path: Path) -> None:
 def test_the_federate_spec_is_the_model_the_stage_trains(ssl: str) -> None:
     from fedcore.config import SSLConfig
     from fedcore.models.spec import federate_model_spec
-    from tasks.federate import fresh_model, make_spec
+    from fedcore.plans.supervised import fresh_model, make_spec
 
     params = Params(model=ModelConfig(name="cnn", width=2, depth=2), ssl=SSLConfig(method=ssl, projector_dim=4))
     spec = make_spec(params, 3, 5, AUDIO, 1)
