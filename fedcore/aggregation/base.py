@@ -54,12 +54,21 @@ class ClientUpdate:
         n_k, the number of local training examples (the FedAvg weight).
     metrics : Mapping of str to float
         Local training metrics (``train_loss``, ``train_accuracy``, ...).
+    weight : float, optional
+        The update's weight in count-weighted rules, when it is not ``num_examples`` (e.g. n_k · g(l, d_k) in
+        depth-aware partial aggregation; :mod:`fedcore.aggregation.partial`). A float > 0.
     """
 
     client_id: int
     state: StateDict
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
+    weight: float | None = None
+
+    @property
+    def mass(self) -> float:
+        """What the update weighs in count-weighted rules: ``weight``, or n_k."""
+        return float(self.num_examples) if self.weight is None else float(self.weight)
 
 
 @dataclass(frozen=True)
@@ -267,6 +276,11 @@ def screen_updates(
         n_k = update.num_examples
         if isinstance(n_k, bool) or not isinstance(n_k, int) or n_k <= 0:
             raise AggregationError(f"{where}: client {client}: 'num_examples' must be an int > 0. Got {n_k!r}.")
+        weight = update.weight
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))
+                                   or not math.isfinite(weight) or weight <= 0):
+            raise AggregationError(f"{where}: client {client}: 'weight' must be a finite float > 0 or None. "
+                                   f"Got {weight!r}.")
         reason = _problem(global_state, update, partial, required_metrics)
         if reason is None:
             accepted.append(update)
@@ -390,10 +404,10 @@ def stacked(updates: Sequence[ClientUpdate], key: str) -> torch.Tensor:
 
 
 def nominal_weights(updates: Sequence[ClientUpdate], count_weighted: bool) -> dict[int, float]:
-    """n_k/n per client if ``count_weighted``, else 1/K."""
+    """n_k/n per client if ``count_weighted`` (an update's ``weight`` in place of n_k when set), else 1/K."""
     if count_weighted:
-        total = sum(u.num_examples for u in updates)
-        return {u.client_id: u.num_examples / total for u in updates}
+        total = sum(u.mass for u in updates)
+        return {u.client_id: u.mass / total for u in updates}
     return {u.client_id: 1.0 / len(updates) for u in updates}
 
 
@@ -417,14 +431,14 @@ def combine_weighted(
 def integer_average(global_state: StateDict, updates: Sequence[ClientUpdate]) -> StateDict:
     """FedAvg's weighted mean of the non-floating entries, rounded to the nearest integer (ties to even)."""
     ordered = sorted(updates, key=lambda u: u.client_id)
-    total = sum(u.num_examples for u in ordered)
+    total = sum(u.mass for u in ordered)
     out: StateDict = {}
     for key, reference in global_state.items():
         if reference.is_floating_point():
             continue
         acc = torch.zeros(reference.shape, dtype=torch.float64)
         for update in ordered:
-            acc.add_(update.state[key].detach().to("cpu", torch.float64), alpha=update.num_examples / total)
+            acc.add_(update.state[key].detach().to("cpu", torch.float64), alpha=update.mass / total)
         out[key] = torch.round(acc)
     return out
 

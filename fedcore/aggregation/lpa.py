@@ -81,7 +81,7 @@ class LayerwisePruning(Aggregator):
     def combine(self, global_state: StateDict, updates: Sequence[ClientUpdate], server_round: int) -> Combination:
         """Per layer: prune by deviation from the centre, then Σ_kept n_k w_k / Σ_kept n_k."""
         keys = floating_keys(global_state)
-        counts = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
+        counts = torch.tensor([u.mass for u in updates], dtype=torch.float64)
         share = torch.zeros(len(updates), dtype=torch.float64)
         state: StateDict = {}
         excluded: dict[str, tuple[int, ...]] = {}
