@@ -1,14 +1,15 @@
-"""Early-exit benchmark: accuracy at each exit and client compute of each plan, from a pretrained or random encoder.
+"""Early-exit matrix: accuracy at each exit and client compute of each plan, from a pretrained or random encoder.
 
-Settings: ``benchmarks/earlyexit/params.yaml`` (``eebench``): overrides applied on top of ``params.yaml`` in this
-order: ``common``, the init's, the variant's, ``--set``.
+Run from ``benchmarks/earlyexit/`` (a DVC project of its own: ``dvc repro`` there runs the matrix). Settings:
+``params.yaml`` there: the project sections the stages read and ``eebench``: overrides applied on top of the
+project sections in this order: ``common``, the init's, the variant's, ``--set``.
 
-``python -m flows.eebench data``: FSDD download, features (``results/earlyexit/downstream/fsdd``) and partition.
-``python -m flows.eebench pretrain``: federated SimCLR of the encoder on the same clients (labels unused), every
-round scored by kNN on the digits; writes ``results/earlyexit/pretrain/model.safetensors`` (the encoder the
-``ssl`` init loads).
-``python -m flows.eebench cell --variant V --init I``: the earlyexit stage, ``results/earlyexit/cells/I/V/``.
-``python -m flows.eebench table``: ``benchmarks/earlyexit/table.md``, ``table.json``, ``tradeoff.png``.
+``python -m benchmarks.earlyexit data``: FSDD download, features (``results/downstream/fsdd``) and partition.
+``python -m benchmarks.earlyexit pretrain``: federated SimCLR of the encoder on the same clients (labels unused),
+every round scored by kNN on the digits; writes ``results/pretrain/model.safetensors`` (the encoder the ``ssl``
+init loads).
+``python -m benchmarks.earlyexit cell --variant V --init I``: the earlyexit stage, ``results/cells/I/V/``.
+``python -m benchmarks.earlyexit table``: ``table.md``, ``table.json``, ``tradeoff.png``.
 """
 
 from __future__ import annotations
@@ -19,21 +20,27 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.benchlib import (
+    add_arguments,
+    apply_overrides,
+    bench_settings,
+    named_overrides,
+    parse_sets,
+    read_matrix_params,
+    write_table,
+)
 from fedcore.config import Params, load_params
 from fedcore.errors import ConfigError
 from flows import stage
-from flows.benchlib import add_arguments, bench_settings, named_overrides, read_yaml_pair, write_table
 from flows.download import download
 from flows.earlyexit import EarlyExitPaths, earlyexit
 from flows.features import features
 from flows.federate import FederatePaths, federate
 from flows.partition import partition
-from flows.personalisation import apply_overrides, parse_sets
 from tasks.common import pyplot, read_json, save_figure
 
 SECTION = "eebench"
-BENCH_PARAMS = "benchmarks/earlyexit/params.yaml"
-RESULTS = Path("results/earlyexit")
+RESULTS = Path("results")
 #: The variant every other is compared with (compute saved, accuracy lost).
 REFERENCE = "full"
 
@@ -53,7 +60,7 @@ def cell_params(raw: Mapping[str, Any], settings: Mapping[str, Any], variant: st
 
 
 def _load(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    raw, bench = read_yaml_pair(args.params, args.bench_params)
+    raw, bench = read_matrix_params(args.params, SECTION)
     return raw, settings_of(bench)
 
 
@@ -175,7 +182,7 @@ def _table(args: argparse.Namespace) -> None:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    add_arguments(p, ["data", "pretrain", "cell", "table"], BENCH_PARAMS, RESULTS, Path("benchmarks/earlyexit"))
+    add_arguments(p, ["data", "pretrain", "cell", "table"], RESULTS)
     p.add_argument("--variant")
     p.add_argument("--init", default="ssl")
 
@@ -187,7 +194,7 @@ def _main(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m flows.eebench``)."""
+    """Command-line entry point (``python -m benchmarks.earlyexit``)."""
     return stage.entry(__doc__ or "", _arguments, _main, argv)
 
 

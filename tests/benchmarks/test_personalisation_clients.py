@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.personalisation_clients import markdown, summarise
+from benchmarks.personalisation.clients import markdown, summarise
 
 
 def _cell(accuracy: dict[int, float], attacked: list[int], flags: int = 0, on_attacked: int = 0) -> dict[str, object]:

@@ -1,24 +1,24 @@
-"""ModalityMirror benchmark: audio-only and audio-visual test accuracy of each AV method over missing-video rates.
+"""ModalityMirror matrix: audio-only and audio-visual test accuracy of each AV method over missing-video rates.
 
-Settings: ``benchmarks/modality/params.yaml`` (``avbench``): the rates, the methods and ``section.key: value``
-overrides applied on top of the project's ``params.yaml``: ``common``, then the method's, then the rate
-(``modality.missing_rate``), then ``--set`` (repeatable, for quick runs).
+Run from ``benchmarks/modality/`` (a DVC project of its own: ``dvc repro`` there runs the matrix). Settings:
+``params.yaml`` there: the project sections the stages read and ``avbench``: the rates, the methods and
+``section.key: value`` overrides applied on top of the project sections: ``common``, then the method's, then the
+rate (``modality.missing_rate``), then ``--set`` (repeatable, for quick runs).
 
-``python -m flows.avbench data`` downloads the spoken digits, writes their feature store, the visual store
-(each clip paired with a handwritten digit image of its class) and the partition, under ``results/modality``.
+``python -m benchmarks.modality data`` downloads the spoken digits, writes their feature store, the visual store
+(each clip paired with a handwritten digit image of its class) and the partition, under ``results/``.
 
-``python -m flows.avbench cell --method M --rate R`` runs the modality stage, writing
-``results/modality/cells/M/R/``: metrics.json, rounds.tsv, rounds.png; the AV model and its audio branch are
-registered as ``av-M-R@final`` and ``av-M-R-audio@final``. UniFL's training never reads video, so its one cell
-(``--rate`` omitted) stands for every rate.
+``python -m benchmarks.modality cell --method M --rate R`` runs the modality stage, writing ``results/cells/M/R/``:
+metrics.json, rounds.tsv, rounds.png; the AV model and its audio branch are registered as ``av-M-R@final`` and
+``av-M-R-audio@final``. UniFL's training never reads video, so its one cell (``--rate`` omitted) stands for every
+rate.
 
-``python -m flows.avbench distill --method modality_mirror --rate R`` runs the distill stage on that cell: the
+``python -m benchmarks.modality distill --method modality_mirror --rate R`` runs the distill stage on that cell: the
 registered AV teacher into its registered audio branch, on the clients with video (``distill.json``,
-``distill/``), with the ``distill`` overrides of the benchmark params on top; the table then reports the
-distilled student as the method's audio-only model.
+``distill/``), with the ``distill`` overrides of the matrix settings on top; the table then reports the distilled
+student as the method's audio-only model.
 
-``python -m flows.avbench table`` writes ``benchmarks/modality/table.md``, ``table.json`` and ``accuracy.png``.
-``dvc repro benchmarks/modality/dvc.yaml`` runs all of it.
+``python -m benchmarks.modality table`` writes ``table.md``, ``table.json`` and ``accuracy.png``.
 """
 
 from __future__ import annotations
@@ -30,21 +30,27 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.benchlib import (
+    add_arguments,
+    apply_overrides,
+    bench_settings,
+    named_overrides,
+    parse_sets,
+    read_matrix_params,
+    write_table,
+)
 from fedcore.config import Params, load_params
 from fedcore.errors import ConfigError
 from flows import stage
-from flows.benchlib import add_arguments, bench_settings, named_overrides, read_yaml_pair, write_table
 from flows.distill import DistillPaths, distill
 from flows.download import download
 from flows.features import features
 from flows.modality import ModalityPaths, modality, pair_av
 from flows.partition import partition
-from flows.personalisation import apply_overrides, parse_sets
 from tasks.common import pyplot, read_json, save_figure
 
 SECTION = "avbench"
-BENCH_PARAMS = "benchmarks/modality/params.yaml"
-RESULTS = Path("results/modality")
+RESULTS = Path("results")
 #: The rate folder of cells that do not depend on the missing-video rate (UniFL).
 ANY_RATE = "any"
 
@@ -81,7 +87,7 @@ def cell_folder(results: Path, method: str, rate: float | None) -> Path:
 
 
 def _load(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    raw, bench = read_yaml_pair(args.params, args.bench_params)
+    raw, bench = read_matrix_params(args.params, SECTION)
     return raw, settings_of(bench)
 
 
@@ -196,7 +202,7 @@ def _table(args: argparse.Namespace) -> None:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    add_arguments(p, ["data", "cell", "distill", "table"], BENCH_PARAMS, RESULTS, Path("benchmarks/modality"))
+    add_arguments(p, ["data", "cell", "distill", "table"], RESULTS)
     p.add_argument("--method")
     p.add_argument("--rate", help="missing-video rate (omit for the methods of 'rate_free')")
 
@@ -208,7 +214,7 @@ def _main(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m flows.avbench``)."""
+    """Command-line entry point (``python -m benchmarks.modality``)."""
     return stage.entry(__doc__ or "", _arguments, _main, argv)
 
 

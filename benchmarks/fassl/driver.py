@@ -1,26 +1,26 @@
-"""FASSL benchmark: federated SSL methods × aggregators × transmission, scored per round on downstream tasks.
+"""FASSL matrix: federated SSL methods × aggregators × transmission, scored per round on downstream tasks.
 
-The settings live in ``benchmarks/fassl/params.yaml`` (``fassl``): the datasets, the matrix axes and
-``section.key: value`` overrides applied on top of the project's ``params.yaml`` in this order: ``common``, the
-method's, the aggregator's, then the transmission (``all``, or ``backbone``: FASSL's "-bb").
+Run from ``benchmarks/fassl/`` (a DVC project of its own: ``dvc repro`` there runs the matrix). Settings:
+``params.yaml`` there: the project sections the stages read and ``fassl``: the datasets, the matrix axes and
+``section.key: value`` overrides applied on top of the project sections in this order: ``common``, the method's,
+the aggregator's, then the transmission (``all``, or ``backbone``: FASSL's "-bb").
 
-``python -m flows.fassl data --dataset D`` downloads D and writes its feature store to
-``results/fassl/downstream/D`` (the downstream tasks read it there).
+``python -m benchmarks.fassl data --dataset D`` downloads D and writes its feature store to
+``results/downstream/D`` (the downstream tasks read it there).
 
-``python -m flows.fassl pool`` writes the pretraining pool: every dataset's rows in one feature store,
-``results/fassl/pool`` (labels prefixed by dataset; only the clients' training rows are used, labels ignored).
+``python -m benchmarks.fassl pool`` writes the pretraining pool: every dataset's rows in one feature store,
+``results/pool`` (labels prefixed by dataset; only the clients' training rows are used, labels ignored).
 
-``python -m flows.fassl cell --method M --aggregator A --send S`` partitions the pool over the clients, runs the
-self-supervised federate flow (every round scored on every downstream task) and the select flow (each task's best
-round registered as ``fassl-M-A-S@<task>``, reloaded from the registry and scored again), writing
-``results/fassl/cells/M/A/S/``: metrics.json, rounds.tsv, rounds.png, selection.json, selection.md.
+``python -m benchmarks.fassl cell --method M --aggregator A --send S`` partitions the pool over the clients, runs
+the self-supervised federate flow (every round scored on every downstream task) and the select flow (each task's
+best round registered as ``fassl-M-A-S@<task>``, reloaded from the registry and scored again), writing
+``results/cells/M/A/S/``: metrics.json, rounds.tsv, rounds.png, selection.json, selection.md.
 ``--aggregator central`` is the centralised baseline: one client holding the whole pool, the same rounds, epochs
 and batch size. ``--set section.key=value`` (repeatable, value read as YAML) overrides last, for quick runs.
 
-``python -m flows.fassl table`` reads every cell and writes ``benchmarks/fassl/table.md`` and ``table.json``
-(per task: kNN top-1 test accuracy at the selected round and at the last round, the random-init floor) and
-``best_rounds.png``. ``dvc repro benchmarks/fassl/dvc.yaml`` runs all of it; ``dvc metrics show`` prints a row
-per cell.
+``python -m benchmarks.fassl table`` reads every cell and writes ``table.md`` and ``table.json`` (per task: kNN
+top-1 test accuracy at the selected round and at the last round, the random-init floor) and ``best_rounds.png``;
+``dvc metrics show`` prints a row per cell.
 """
 
 from __future__ import annotations
@@ -31,23 +31,28 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.benchlib import (
+    DOWNLOADS,
+    apply_overrides,
+    bench_settings,
+    named_overrides,
+    parse_sets,
+    read_matrix_params,
+)
 from fedcore.config import Params, load_params
 from fedcore.data.features import FeatureStore
 from fedcore.data.pool import pool_feature_stores
 from fedcore.errors import ConfigError
 from flows import stage
-from flows.benchlib import bench_settings, named_overrides, read_yaml_pair
 from flows.download import download
 from flows.features import features
 from flows.federate import FederatePaths, federate
 from flows.partition import partition
-from flows.personalisation import apply_overrides, parse_sets
 from flows.select import select
 from tasks.common import pyplot, read_json, save_figure, write_json, write_text
 
 SECTION = "fassl"
-BENCH_PARAMS = "benchmarks/fassl/params.yaml"
-RESULTS = Path("results/fassl")
+RESULTS = Path("results")
 #: The aggregator axis value of the centralised baseline (one client, ``central`` overrides).
 CENTRAL = "central"
 
@@ -77,7 +82,7 @@ def cell_params(raw: Mapping[str, Any], settings: Mapping[str, Any], method: str
 
 
 def _load(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    raw, bench = read_yaml_pair(args.params, args.bench_params)
+    raw, bench = read_matrix_params(args.params, SECTION)
     return raw, settings_of(bench)
 
 
@@ -213,14 +218,14 @@ def _table(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------- entry point
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("command", choices=["data", "pool", "cell", "table"])
-    p.add_argument("--bench-params", default=BENCH_PARAMS)
     p.add_argument("--dataset")
     p.add_argument("--method")
     p.add_argument("--aggregator", help=f"an aggregator name of the benchmark params, or {CENTRAL}")
     p.add_argument("--send", default="all")
-    p.add_argument("--results", type=Path, default=RESULTS, help="results root (default results/fassl)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/fassl"), help="table: folder of the table")
-    p.add_argument("--downloads", type=Path, default=Path("data/downloads"), help="data: archive cache")
+    p.add_argument("--results", type=Path, default=RESULTS, help=f"results root (default {RESULTS})")
+    p.add_argument("--out", type=Path, default=Path("."), help="table: folder of the table (default .)")
+    p.add_argument("--downloads", type=Path, default=DOWNLOADS,
+                   help="data: archive cache (default: the project's data/downloads)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="data/cell: override applied last (value read as YAML); repeatable")
 
@@ -233,7 +238,7 @@ def _main(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m flows.fassl``)."""
+    """Command-line entry point (``python -m benchmarks.fassl``)."""
     return stage.entry(__doc__ or "", _arguments, _main, argv)
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedcore.errors import ConfigError
-from flows.personalisation import (
+from benchmarks.benchlib import read_matrix_params
+from benchmarks.personalisation.driver import (
     cell_params,
     collect,
     data_params,
@@ -20,18 +20,20 @@ from flows.personalisation import (
     plot_comparison,
     settings_of,
 )
+from fedcore.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
+PARAMS = ROOT / "benchmarks/personalisation/params.yaml"
 
 
 @pytest.fixture(scope="module")
 def raw() -> dict[str, object]:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    return read_matrix_params(PARAMS, "personalisation")[0]
 
 
 @pytest.fixture(scope="module")
 def bench() -> dict[str, object]:
-    return yaml.safe_load((ROOT / "benchmarks/personalisation/params.yaml").read_text())
+    return yaml.safe_load(PARAMS.read_text())
 
 
 def test_scenarios_parse_and_bad_ones_are_clear_errors() -> None:

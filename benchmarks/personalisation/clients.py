@@ -1,6 +1,7 @@
 """personalisation benchmark, per client: benign and poisoned clients' accuracy, apart.
 
-``python -m flows.personalisation_clients --cells results/personalisation --out benchmarks/personalisation``
+``python -m benchmarks.personalisation.clients`` (run from ``benchmarks/personalisation/``; ``--cells results
+--out .`` by default)
 
 The matrix's metrics average the personalised accuracy over every client, so under data poisoning they mix two
 effects: poisoned clients' own models learning their corrupted data (self-harm, which no server rule can undo for
@@ -22,16 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from benchmarks.benchlib import read_matrix_params
+from benchmarks.personalisation.driver import CELLS, CLEAN, SECTION, cell_params, settings_of
 from fedcore.evaluation import evaluate
 from fedcore.federation.checkpoint import load_state
 from fedcore.federation.client_store import ClientStore
 from fedcore.models import build_model
+from fedcore.plans.supervised import build_algorithm, make_spec, own_model, sent_keys
 from flows import stage
-from flows.personalisation import BENCH_PARAMS, CELLS, CLEAN, cell_params, settings_of
 from tasks.common import read_json, write_json, write_text
-from tasks.federate import build_algorithm, load_federated_data, make_spec, own_model, sent_keys
+from tasks.federate import load_federated_data
 
 #: Tolerance of the check against the cell's own personalised mean (float64 mean of float accuracies).
 TOLERANCE = 1e-6
@@ -131,8 +133,8 @@ def markdown(summary: Mapping[str, Any], methods: Sequence[str], scenarios: Sequ
 
 
 def _main(args: argparse.Namespace) -> None:
-    raw = yaml.safe_load(Path(args.params).read_text()) or {}
-    settings = settings_of(yaml.safe_load(Path(args.bench_params).read_text()) or {})
+    raw, bench = read_matrix_params(args.params, SECTION)
+    settings = settings_of(bench)
     cells: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     for metrics in sorted(Path(args.cells).glob("*/*/*/metrics.json")):
         scenario, method, dataset = metrics.parent.name, metrics.parent.parent.name, metrics.parent.parent.parent.name
@@ -149,13 +151,12 @@ def _main(args: argparse.Namespace) -> None:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bench-params", default=BENCH_PARAMS)
     p.add_argument("--cells", type=Path, default=CELLS)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/personalisation"))
+    p.add_argument("--out", type=Path, default=Path("."))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m flows.personalisation_clients``)."""
+    """Command-line entry point (``python -m benchmarks.personalisation.clients``)."""
     return stage.entry(__doc__ or "", _arguments, _main, argv)
 
 

@@ -8,17 +8,20 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.benchlib import read_matrix_params
+from benchmarks.modality.driver import ANY_RATE, cell_folder, cell_params, collect, markdown_table, settings_of
 from fedcore.errors import ConfigError
-from flows.avbench import ANY_RATE, cell_folder, cell_params, collect, markdown_table, settings_of
-from tests.flows.conftest import REPO_ROOT
+
+ROOT = Path(__file__).resolve().parents[2]
+PARAMS = ROOT / "benchmarks/modality/params.yaml"
 
 
 def _settings() -> dict[str, object]:
-    return settings_of(yaml.safe_load((REPO_ROOT / "benchmarks/modality/params.yaml").read_text()))
+    return settings_of(yaml.safe_load(PARAMS.read_text()))
 
 
 def _raw() -> dict[str, object]:
-    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    return read_matrix_params(PARAMS, "avbench")[0]
 
 
 def test_cell_layers_method_and_rate_over_common_with_its_own_registry_names() -> None:

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.benchlib import read_matrix_params
+from benchmarks.robustness.driver import cell_params, collect, markdown_table, parse_scenario, plot_drops
 from fedcore.errors import ConfigError
-from flows.robustness import cell_params, collect, markdown_table, parse_scenario, plot_drops
 
 ROOT = Path(__file__).resolve().parents[2]
+PARAMS = ROOT / "benchmarks/robustness/params.yaml"
 
 
 def test_scenarios_parse_and_bad_ones_are_clear_errors() -> None:
@@ -23,8 +25,8 @@ def test_scenarios_parse_and_bad_ones_are_clear_errors() -> None:
 
 
 def test_cell_params_apply_overrides_then_the_cell() -> None:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    bench = yaml.safe_load((ROOT / "benchmarks/robustness/params.yaml").read_text())["robustness"]
+    raw = read_matrix_params(PARAMS, "robustness")[0]
+    bench = yaml.safe_load(PARAMS.read_text())["robustness"]
     params = cell_params(raw, bench["overrides"], "krum", "alie-0.4")
     assert params.federation.aggregator == "krum" and params.attack.name == "alie"
     assert params.attack.client_fraction == 0.4

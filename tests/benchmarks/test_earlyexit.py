@@ -8,17 +8,20 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.benchlib import read_matrix_params
+from benchmarks.earlyexit.driver import cell_folder, cell_params, collect, markdown_table, settings_of
 from fedcore.errors import ConfigError
-from flows.eebench import cell_folder, cell_params, collect, markdown_table, settings_of
-from tests.flows.conftest import REPO_ROOT
+
+ROOT = Path(__file__).resolve().parents[2]
+PARAMS = ROOT / "benchmarks/earlyexit/params.yaml"
 
 
 def _settings() -> dict[str, object]:
-    return settings_of(yaml.safe_load((REPO_ROOT / "benchmarks/earlyexit/params.yaml").read_text()))
+    return settings_of(yaml.safe_load(PARAMS.read_text()))
 
 
 def _raw() -> dict[str, object]:
-    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    return read_matrix_params(PARAMS, "eebench")[0]
 
 
 def test_cells_layer_init_and_variant_over_common() -> None:

@@ -8,17 +8,20 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.benchlib import read_matrix_params
+from benchmarks.fassl.driver import CENTRAL, cell_params, collect, markdown_table, settings_of, table_rows
 from fedcore.errors import ConfigError
-from flows.fassl import CENTRAL, cell_params, collect, markdown_table, settings_of, table_rows
-from tests.flows.conftest import REPO_ROOT
+
+ROOT = Path(__file__).resolve().parents[2]
+PARAMS = ROOT / "benchmarks/fassl/params.yaml"
 
 
 def _settings() -> dict[str, object]:
-    return settings_of(yaml.safe_load((REPO_ROOT / "benchmarks/fassl/params.yaml").read_text()))
+    return settings_of(yaml.safe_load(PARAMS.read_text()))
 
 
 def _raw() -> dict[str, object]:
-    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    return read_matrix_params(PARAMS, "fassl")[0]
 
 
 def test_cell_layers_method_aggregator_and_transmission_over_common() -> None:

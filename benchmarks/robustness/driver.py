@@ -1,13 +1,18 @@
-"""robustness benchmark: one cell of the aggregator × attack × malicious-fraction matrix, and the results table.
+"""Robustness matrix: every aggregator × Byzantine attack × malicious fraction, and the results table.
 
-``python -m flows.robustness cell --aggregator A --scenario S --out DIR`` runs the federate flow with the project's
-params, the benchmark's overrides (``benchmarks/robustness/params.yaml``: ``robustness.overrides``), aggregator A
-and scenario S (``clean``, or ``<attack>-<fraction>`` such as ``sign_flip-0.2``), writing DIR/metrics.json,
-DIR/rounds.tsv, DIR/detection.json and DIR/checkpoints (resumable).
+Run from ``benchmarks/robustness/`` (a DVC project of its own: ``dvc repro`` there runs the matrix). Settings:
+``params.yaml`` there: the project sections the stages read and ``robustness`` (the axes and the ``overrides``
+applied on top of the project sections for every cell).
 
-``python -m flows.robustness table --cells DIR --out FOLDER`` reads every DIR/<aggregator>/<scenario>/metrics.json
-and writes FOLDER/table.md (final accuracy, drop against the same rule's clean run, detection precision/recall)
-and FOLDER/drop.png. ``dvc repro benchmarks/robustness/dvc.yaml`` runs both as a DVC matrix.
+``python -m benchmarks.robustness data`` downloads the dataset and writes the feature store and the partition under
+``data/`` (``raw``, ``features``, ``partition``).
+
+``python -m benchmarks.robustness cell --aggregator A --scenario S --out DIR`` runs the federate flow with the
+project sections, the overrides, aggregator A and scenario S (``clean``, or ``<attack>-<fraction>`` such as
+``sign_flip-0.2``), writing DIR/metrics.json, DIR/rounds.tsv, DIR/detection.json and DIR/checkpoints (resumable).
+
+``python -m benchmarks.robustness table`` reads every ``results/<aggregator>/<scenario>/metrics.json`` and writes
+``table.md`` (final accuracy, drop against the same rule's clean run, detection precision/recall) and ``drop.png``.
 """
 
 from __future__ import annotations
@@ -19,14 +24,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from benchmarks.benchlib import DOWNLOADS, parse_sets, read_matrix_params
 from fedcore.config import ConfigError, Params, load_params
 from flows import stage
+from flows.download import download
+from flows.features import features
 from flows.federate import FederatePaths, federate
+from flows.partition import partition
 from tasks.common import pyplot, read_json, save_figure, write_text
 
+SECTION = "robustness"
 CLEAN = "clean"
+#: The matrix's own data (download, features, partition), relative to its folder.
+DATA = Path("data")
+CELLS = Path("results")
 
 
 def parse_scenario(scenario: str) -> tuple[str, float]:
@@ -59,14 +70,30 @@ def cell_params(raw: Mapping[str, Any], overrides: Mapping[str, Any], aggregator
     return load_params(merged)
 
 
+def _load(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The project sections of the matrix's params file and its ``robustness`` settings."""
+    raw, bench = read_matrix_params(args.params, SECTION)
+    settings = bench.get(SECTION)
+    if not isinstance(settings, Mapping):
+        raise ConfigError(f"{SECTION}: {args.params} must have a '{SECTION}' mapping. Got {settings!r}.")
+    return raw, dict(settings)
+
+
+def _data(args: argparse.Namespace) -> None:
+    raw, _ = _load(args)
+    params = load_params(raw)
+    download(params.download, args.data / "raw", Path(args.downloads))
+    features(params.features, args.data / "raw", args.data / "features")
+    partition(params.partition, args.data / "features", args.data / "partition")
+
+
 def _cell(args: argparse.Namespace) -> None:
-    raw = yaml.safe_load(Path(args.params).read_text()) or {}
-    bench = yaml.safe_load(Path(args.bench_params).read_text()) or {}
-    overrides = (bench.get("robustness") or {}).get("overrides") or {}
+    raw, settings = _load(args)
+    overrides = {**(settings.get("overrides") or {}), **parse_sets(args.set)}
     params = cell_params(raw, overrides, args.aggregator, args.scenario)
-    out = Path(args.out)
-    paths = FederatePaths(features=args.features, partition=args.partition, poison=args.poison,
-                          checkpoints=out / "checkpoints", model=out / "model.safetensors",
+    out = Path(args.out or args.cells / args.aggregator / args.scenario)
+    paths = FederatePaths(features=args.data / "features", partition=args.data / "partition" / "partition.json",
+                          poison=out / "poison", checkpoints=out / "checkpoints", model=out / "model.safetensors",
                           metrics=out / "metrics.json", plots=out, root=Path.cwd())
     federate(params, paths)
 
@@ -140,8 +167,7 @@ def plot_drops(table: Mapping[str, Mapping[str, Mapping[str, Any]]], aggregators
 
 
 def _table(args: argparse.Namespace) -> None:
-    bench = yaml.safe_load(Path(args.bench_params).read_text()) or {}
-    settings = bench.get("robustness") or {}
+    _, settings = _load(args)
     table = collect(Path(args.cells))
     aggregators, scenarios = settings.get("aggregators", []), settings.get("scenarios", [])
     out = Path(args.out)
@@ -152,26 +178,29 @@ def _table(args: argparse.Namespace) -> None:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("command", choices=["cell", "table"])
-    p.add_argument("--bench-params", default="benchmarks/robustness/params.yaml")
+    p.add_argument("command", choices=["data", "cell", "table"])
     p.add_argument("--aggregator")
     p.add_argument("--scenario")
-    p.add_argument("--out", type=Path)
-    p.add_argument("--cells", type=Path, default=Path("results/robustness"))
-    defaults = FederatePaths()
-    for name in ("features", "partition", "poison"):
-        p.add_argument(f"--{name}", type=Path, default=getattr(defaults, name))
+    p.add_argument("--out", type=Path, help="cell: DIR (default CELLS/A/S); table: FOLDER (default .)")
+    p.add_argument("--cells", type=Path, default=CELLS, help=f"results root (default {CELLS})")
+    p.add_argument("--data", type=Path, default=DATA, help=f"the matrix's data folder (default {DATA})")
+    p.add_argument("--downloads", type=Path, default=DOWNLOADS,
+                   help="data: archive cache (default: the project's data/downloads)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="cell: override applied after the matrix's overrides (value read as YAML); repeatable")
 
 
 def _main(args: argparse.Namespace) -> None:
-    if args.command == "cell":
-        _cell(args)
-    else:
-        _table(args)
+    needed = {"data": [], "cell": ["aggregator", "scenario"], "table": []}[args.command]
+    if missing := [f"--{n}" for n in needed if getattr(args, n) is None]:
+        raise ConfigError(f"{SECTION}: '{args.command}' needs {', '.join(missing)}.")
+    if args.command == "table" and args.out is None:
+        args.out = Path(".")
+    {"data": _data, "cell": _cell, "table": _table}[args.command](args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m flows.robustness``)."""
+    """Command-line entry point (``python -m benchmarks.robustness``)."""
     return stage.entry(__doc__ or "", _arguments, _main, argv)
 
 

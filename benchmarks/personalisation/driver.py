@@ -1,37 +1,34 @@
-"""personalisation benchmark: methods × data poisoning × datasets, as a DVC matrix, and the results table.
+"""Personalisation matrix: methods × data poisoning × datasets, as a DVC matrix, and the results table.
 
-The settings live in ``benchmarks/personalisation/params.yaml`` (``personalisation``): the datasets, methods and
-scenarios of the matrix, and ``section.key: value`` overrides applied on top of the project's ``params.yaml`` in
-this order: ``common``, the dataset's (``datasets``), the method's (``methods``), then the scenario's poisoning
+Run from ``benchmarks/personalisation/`` (a DVC project of its own: ``dvc repro`` there runs the matrix). Settings:
+``params.yaml`` there: the project sections the stages read and ``personalisation``: the datasets, methods and
+scenarios of the matrix, and ``section.key: value`` overrides applied on top of the project sections in this
+order: ``common``, the dataset's (``datasets``), the method's (``methods``), then the scenario's poisoning
 (``clean``, or ``<poison attack>-<fraction of clients>`` such as ``label_flip-0.2``).
 
-``python -m flows.personalisation data --dataset D --out results/personalisation/D/data`` runs the download,
-features and partition flows for dataset D, writing DIR/raw, DIR/features and DIR/partition (partition.json,
-client_stats.csv, heatmap.png); archives are cached in ``--downloads`` (``data/downloads``).
+``python -m benchmarks.personalisation data --dataset D`` runs the download, features and partition flows for
+dataset D, writing ``results/D/data/``: raw, features and partition (partition.json, client_stats.csv,
+heatmap.png); archives are cached in ``--downloads`` (the project's ``data/downloads``).
 
-``python -m flows.personalisation cell --dataset D --method M --scenario S --out results/personalisation/D/M/S``
-runs the poison flow on D's data into DIR/poison, then the federate flow, writing DIR/metrics.json,
-DIR/rounds.tsv, DIR/rounds.png, DIR/detection.json, DIR/model.safetensors and DIR/checkpoints (resumable).
-``--set section.key=value`` (repeatable, the value read as YAML) overrides last, for quick runs.
+``python -m benchmarks.personalisation cell --dataset D --method M --scenario S`` runs the poison flow on D's data
+into ``results/D/M/S/poison``, then the federate flow, writing metrics.json, rounds.tsv, rounds.png,
+detection.json, model.safetensors and checkpoints (resumable) in ``results/D/M/S/``. ``--set section.key=value``
+(repeatable, the value read as YAML) overrides last, for quick runs.
 
-``python -m flows.personalisation table --cells results/personalisation --out benchmarks/personalisation`` reads
-every DIR/<dataset>/<method>/<scenario>/metrics.json and writes FOLDER/table.md (per dataset: personalised mean,
-worst-10% and global accuracy, and the personalised drop against the method's clean run) and
-FOLDER/comparison.png. ``dvc repro benchmarks/personalisation/dvc.yaml`` runs all of it as a DVC matrix;
-``dvc metrics show`` prints one row per cell.
+``python -m benchmarks.personalisation table`` reads every ``results/<dataset>/<method>/<scenario>/metrics.json``
+and writes ``table.md`` (per dataset: personalised mean, worst-10% and global accuracy, and the personalised drop
+against the method's clean run) and ``comparison.png``; ``dvc metrics show`` prints one row per cell.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from benchmarks.benchlib import DOWNLOADS, apply_overrides, parse_sets, read_matrix_params
 from fedcore.config import ConfigError, Params, load_params
 from flows import stage
 from flows.download import download
@@ -43,8 +40,8 @@ from tasks.common import pyplot, read_json, save_figure, write_text
 
 CLEAN = "clean"
 SECTION = "personalisation"
-BENCH_PARAMS = "benchmarks/personalisation/params.yaml"
-CELLS = Path("results/personalisation")
+PARAMS = "params.yaml"
+CELLS = Path("results")
 #: The method whose global (test) accuracy the comparison plot marks.
 REFERENCE = "fedavg"
 
@@ -92,21 +89,9 @@ def settings_of(bench: Mapping[str, Any]) -> dict[str, Any]:
 def _named(settings: Mapping[str, Any], mapping: str, name: str, what: str) -> Mapping[str, Any]:
     known = settings.get(mapping) or {}
     if name not in known:
-        raise ConfigError(f"{SECTION}: {what} must be one of {sorted(known)} ('{mapping}' in {BENCH_PARAMS}). "
+        raise ConfigError(f"{SECTION}: {what} must be one of {sorted(known)} ('{mapping}' in {PARAMS}). "
                           f"Got {name!r}.")
     return known[name] or {}
-
-
-def apply_overrides(raw: Mapping[str, Any], *layers: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of ``raw`` with each layer's ``section.key: value`` overrides set, in order."""
-    merged: dict[str, Any] = copy.deepcopy(dict(raw))
-    for layer in layers:
-        for dotted, value in layer.items():
-            section, _, key = str(dotted).partition(".")
-            if not section or not key:
-                raise ConfigError(f"{SECTION}: override keys must be 'section.key'. Got {dotted!r}.")
-            merged[section] = {**(merged.get(section) or {}), key: copy.deepcopy(value)}
-    return merged
 
 
 def data_params(raw: Mapping[str, Any], settings: Mapping[str, Any], dataset: str,
@@ -126,23 +111,8 @@ def cell_params(raw: Mapping[str, Any], settings: Mapping[str, Any], dataset: st
     return load_params(apply_overrides(raw, *layers))
 
 
-def parse_sets(items: Iterable[str]) -> dict[str, Any]:
-    """``["section.key=value", ...]`` (values read as YAML) → ``{"section.key": value}``."""
-    result: dict[str, Any] = {}
-    for item in items:
-        dotted, sep, text = item.partition("=")
-        if not sep or "." not in dotted:
-            raise ConfigError(f"{SECTION}: --set must be 'section.key=value'. Got {item!r}.")
-        try:
-            result[dotted.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{SECTION}: --set {item!r}: the value is not valid YAML ({error}).") from error
-    return result
-
-
 def _load(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    raw = yaml.safe_load(Path(args.params).read_text()) or {}
-    bench = yaml.safe_load(Path(args.bench_params).read_text()) or {}
+    raw, bench = read_matrix_params(args.params, SECTION)
     return raw, settings_of(bench)
 
 
@@ -293,28 +263,30 @@ def _table(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------- entry point
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("command", choices=["data", "cell", "table"])
-    p.add_argument("--bench-params", default=BENCH_PARAMS)
     p.add_argument("--dataset")
     p.add_argument("--method")
     p.add_argument("--scenario")
     p.add_argument("--out", type=Path, help="data: DIR (default CELLS/D/data); cell: DIR (default CELLS/D/M/S); "
-                                            "table: FOLDER")
-    p.add_argument("--cells", type=Path, default=CELLS, help="results root (default results/personalisation)")
+                                            "table: FOLDER (default .)")
+    p.add_argument("--cells", type=Path, default=CELLS, help=f"results root (default {CELLS})")
     p.add_argument("--data", type=Path, help="cell: the dataset's data folder (default CELLS/D/data)")
-    p.add_argument("--downloads", type=Path, default=Path("data/downloads"), help="data: archive cache")
+    p.add_argument("--downloads", type=Path, default=DOWNLOADS,
+                   help="data: archive cache (default: the project's data/downloads)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="data/cell: override applied last (value read as YAML); repeatable")
 
 
 def _main(args: argparse.Namespace) -> None:
-    needed = {"data": ["dataset"], "cell": ["dataset", "method", "scenario"], "table": ["out"]}[args.command]
+    needed = {"data": ["dataset"], "cell": ["dataset", "method", "scenario"], "table": []}[args.command]
     if missing := [f"--{n}" for n in needed if getattr(args, n) is None]:
         raise ConfigError(f"{SECTION}: '{args.command}' needs {', '.join(missing)}.")
+    if args.command == "table" and args.out is None:
+        args.out = Path(".")
     {"data": _data, "cell": _cell, "table": _table}[args.command](args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m flows.personalisation``)."""
+    """Command-line entry point (``python -m benchmarks.personalisation``)."""
     return stage.entry(__doc__ or "", _arguments, _main, argv)
 
 

@@ -1,0 +1,8 @@
+"""Early-exit matrix: training plans × encoder inits.
+
+A DVC project of its own (``cd benchmarks/earlyexit && dvc repro``): ``driver.py`` holds its stages (``python -m
+benchmarks.earlyexit <command>``, run from this folder), ``params.yaml`` its settings, ``dvc.yaml`` the matrix.
+"""
+
+# Pins torch's CPU code paths before anything imports torch (see flows/__init__.py), as for every stage.
+import flows  # noqa: F401
