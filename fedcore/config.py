@@ -503,7 +503,23 @@ class MlflowConfig:
                                      ".pt/.pth weights: runs any code they hold; only for stores only you can write")
 
 
+@dataclass(frozen=True, kw_only=True)
+class PluginsConfig:
+    """Your own registry members (an aggregator, a local algorithm, an attack, ...): modules imported first."""
+
+    modules: list[str] = _opt([], "Python modules imported before the params are checked, so that what they register "
+                                  "(e.g. @AGGREGATORS.register(\"my_rule\")) can be named in any section; e.g. "
+                                  "[plugins.my_rule] for plugins/my_rule.py")
+
+    def check(self) -> list[str]:
+        """Every entry is a dotted module name."""
+        bad = [m for m in self.modules if not isinstance(m, str)
+               or not all(part.isidentifier() for part in m.split("."))]
+        return [f"plugins: 'modules' must list dotted module names. Got {bad!r}."] if bad else []
+
+
 SECTIONS: dict[str, type] = {
+    "plugins": PluginsConfig,
     "download": DownloadConfig,
     "features": FeaturesConfig,
     "partition": PartitionConfig,
@@ -529,6 +545,7 @@ SECTIONS: dict[str, type] = {
 class Params:
     """Every section of params.yaml, typed."""
 
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
@@ -677,6 +694,11 @@ def load_params(raw: Mapping[str, Any], sections: list[str] | None = None) -> Pa
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"params: must be a mapping of sections. Got {raw!r}.")
+    plugins = load_section(PluginsConfig, raw.get("plugins"), "plugins")
+    if plugins.modules:  # before any section names a member they register
+        from fedcore.plugins import import_modules
+
+        import_modules(plugins.modules)
     problems: list[str] = []
     wanted = list(SECTIONS) if sections is None else sections
     if sections is None and (unknown := sorted(set(raw) - set(SECTIONS))):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Sequence
 from typing import Any
 
 from fedcore.aggregation import AGGREGATORS
@@ -14,6 +16,7 @@ from fedcore.data.poison import POISONS
 from fedcore.earlyexit.aggregate import DEPTH_WEIGHTS
 from fedcore.earlyexit.models import EXIT_BACKBONES, EXIT_HEADS
 from fedcore.earlyexit.tiers import EXIT_PLANS
+from fedcore.errors import ConfigError
 from fedcore.federation.schedules import LR_SCHEDULES
 from fedcore.models import MODELS
 from fedcore.models.assign import MODEL_ASSIGNMENTS
@@ -46,3 +49,22 @@ FAMILIES: dict[str, Registry[Any]] = {
 
 for _family, _registry in FAMILIES.items():
     register_names_lookup(_family, _registry.names)
+
+
+def import_modules(names: Sequence[str]) -> None:
+    """Import the user's plugin modules (``plugins.modules``): what they register joins its family.
+
+    A module is found like any import (the project folder is on the path when a stage runs from it).
+
+    Raises
+    ------
+    ConfigError
+        If a module cannot be imported; the message names it and the error it raised.
+    """
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # the user's code: any error is reported as a params problem
+            raise ConfigError(f"plugins: module {name!r} could not be imported: {type(error).__name__}: {error}. "
+                              "Fix: put it where Python finds it from the project folder (e.g. plugins/<name>.py, "
+                              "listed as plugins.<name>).") from error

@@ -1,37 +1,30 @@
-"""Tasks of the early-exit stage: the model and its initial weights, client training, per-exit evaluation, plots."""
+"""Tasks of the early-exit stage: the model and its initial weights, the parallel clients, plots.
+
+Client training, aggregation and evaluation are the plan's (:mod:`fedcore.plans.earlyexit`).
+"""
 
 from __future__ import annotations
 
-import threading
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from fedcore.aggregation.base import ClientUpdate
 from fedcore.aggregation.state import StateDict
-from fedcore.algorithms.base import ClientData
-from fedcore.config import Params, to_dict
-from fedcore.earlyexit.models import EarlyExitModel, build_exit_model
-from fedcore.earlyexit.tiers import EXIT_PLANS, assign_exits
-from fedcore.earlyexit.train import train_exit_client
-from fedcore.federation.checkpoint import fingerprint
-from fedcore.federation.sampling import client_generator
+from fedcore.config import Params
+from fedcore.earlyexit.models import EarlyExitModel
+from fedcore.federation.sampling import num_sampled
 from fedcore.models.spec import ModelSpec, check_finite, exit_model_spec, read_state
+from fedcore.plans.earlyexit import exit_model, exit_spec
 from tasks.common import pyplot, save_figure
-from tasks.modality import local_settings
 from tasks.tracking import MAX_WEIGHTS_BYTES, load_model
 
 
 def new_model(params: Params, num_classes: int, input_shape: tuple[int, int, int], seed: int) -> EarlyExitModel:
     """The early-exit model of ``params`` with weights drawn from ``seed`` (initial backbone weights not loaded)."""
-    cfg = params.earlyexit
-    return build_exit_model(cfg.backbone, input_shape=input_shape, cfg=params.model, options=cfg.backbone_options,
-                            exits=cfg.exits, num_classes=num_classes, head=cfg.head,
-                            generator=torch.Generator().manual_seed(seed))
+    return exit_model(exit_spec(params, num_classes, input_shape), seed)
 
 
 def new_model_spec(params: Params, num_classes: int, input_shape: tuple[int, int, int]) -> ModelSpec:
@@ -96,37 +89,14 @@ def initial_state(params: Params, num_classes: int, input_shape: tuple[int, int,
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, left
 
 
-def client_depths(params: Params, num_clients: int) -> tuple[list[int], list[int | None]]:
-    """(tier depth of every client, depth it trains under ``earlyexit.plan``; None: it sits out)."""
-    cfg = params.earlyexit
-    tiers = assign_exits(num_clients, [(float(t["share"]), int(t["depth"])) for t in cfg.tiers], cfg.seed)
-    plan = EXIT_PLANS.build(cfg.plan)
-    return tiers, [plan(depth, cfg.exits[-1]) for depth in tiers]
+def parallel_workers(params: Params) -> int:
+    """Clients trained at once: ``max_workers`` or the cores, never more than the clients of a round.
 
-
-_local = threading.local()
-
-
-def _worker_model(params: Params, num_classes: int, input_shape: tuple[int, int, int]) -> EarlyExitModel:
-    key = fingerprint({"model": to_dict(params.model), "ee": to_dict(params.earlyexit), "c": num_classes,
-                       "s": list(input_shape)})
-    if getattr(_local, "key", None) != key:
-        _local.model, _local.key = new_model(params, num_classes, input_shape, 0), key
-    model: EarlyExitModel = _local.model
-    return model
-
-
-@task(name="train-exit-client", cache_policy=NO_CACHE, retries=1)
-def train_exit_task(params: Params, client_id: int, server_round: int, global_state: StateDict, data: ClientData,
-                    depth: int, num_classes: int, input_shape: tuple[int, int, int], threads: int) -> ClientUpdate:
-    """One early-exit client's round (layers up to ``depth``; the entries it trained are sent)."""
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    return train_exit_client(client_id=client_id, model=_worker_model(params, num_classes, input_shape),
-                             global_state=global_state, data=data, depth=depth,
-                             settings=local_settings(params, server_round),
-                             generator=client_generator(params.federation.seed, server_round, client_id),
-                             deep_supervision=params.earlyexit.deep_supervision)
+    Only a knob of speed: each client runs on ``federation.client_threads`` threads whatever this is.
+    """
+    fed = params.federation
+    per_round = num_sampled(params.partition.num_clients, fed.client_fraction, fed.min_clients)
+    return max(1, min(fed.max_workers or os.cpu_count() or 1, per_round))
 
 
 def plot_exits(history: Sequence[dict[str, Any]], exits: Sequence[int], path: Path, title: str) -> None:

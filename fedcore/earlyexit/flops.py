@@ -126,7 +126,7 @@ def _attention_flop(query_shape: Any, key_shape: Any, value_shape: Any, *_args: 
     """Forward FLOPs of SDPA: ``Q Kᵀ`` and ``P V`` over ``(batch, heads, T, dim)`` shapes."""
     batch, heads, len_q, dim_q = query_shape
     len_k, dim_v = key_shape[-2], value_shape[-1]
-    return 2 * batch * heads * len_q * len_k * (dim_q + dim_v)
+    return int(2 * batch * heads * len_q * len_k * (dim_q + dim_v))
 
 
 def _attention_backward_flop(grad_out_shape: Any, query_shape: Any, key_shape: Any, value_shape: Any, *_args: Any,
@@ -134,7 +134,7 @@ def _attention_backward_flop(grad_out_shape: Any, query_shape: Any, key_shape: A
     """Backward FLOPs of fused SDPA: scores recomputed, then dP, dV, dQ and dK (as torch's CUDA formula)."""
     batch, heads, len_q, dim_q = query_shape
     len_k, dim_v = key_shape[-2], value_shape[-1]
-    return 2 * batch * heads * len_q * len_k * (3 * dim_q + 2 * dim_v)
+    return int(2 * batch * heads * len_q * len_k * (3 * dim_q + 2 * dim_v))
 
 
 # CPU SDPA kernels missing from torch's flop registry (torch 2.11); keyed by op packet like the registry itself.
@@ -203,7 +203,7 @@ def count_flops(step: Callable[[], torch.Tensor], *, backward: bool = True) -> F
                 f"Got shape {tuple(loss.shape)!r}, requires_grad={loss.requires_grad!r}."
             )
         with _counter() as backward_counter:
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
     return FlopCount(forward=int(forward_counter.get_total_flops()), backward=int(backward_counter.get_total_flops()))
 
 

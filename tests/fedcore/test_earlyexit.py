@@ -8,7 +8,7 @@ import torch
 from fedcore.algorithms.base import ClientData, LocalSettings
 from fedcore.config import ModelConfig
 from fedcore.earlyexit.models import EarlyExitModel, build_exit_model
-from fedcore.earlyexit.train import exit_accuracies, train_exit_client
+from fedcore.earlyexit.train import PLAIN_SGD, ExitDepth, exit_accuracies, train_exit_client
 
 SHAPE = (1, 16, 24)
 SETTINGS = LocalSettings(epochs=1, batch_size=8, lr=0.05, momentum=0.0, weight_decay=0.0)
@@ -83,6 +83,24 @@ def test_local_training_is_deterministic() -> None:
     a, b = (train_exit_client(client_id=0, model=model, global_state=start, data=_data(), depth=4,
                               settings=SETTINGS, generator=torch.Generator().manual_seed(3)) for _ in range(2))
     assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+
+
+def test_the_exit_objective_trains_only_up_to_its_depth_and_restores_requires_grad_when_training_raises() -> None:
+    from fedcore.algorithms.base import train_client
+
+    model = _model()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    session = ExitDepth(2).start(model)
+    assert {id(p) for p in session.parameters(model)} == {
+        id(p) for name, p in model.named_parameters() if name in set(model.trained_keys(2, False))}
+    assert not any(p.requires_grad for name, p in model.named_parameters() if model.layer_of(name) > 2)
+    session.finish()
+    assert all(p.requires_grad for p in model.parameters())
+    bad = ClientData(torch.full((8, *SHAPE), float("nan")), torch.zeros(8, dtype=torch.int64))
+    with pytest.raises(FloatingPointError, match="client 3"):
+        train_client(client_id=3, model=model, global_state=start, data=bad, algorithm=PLAIN_SGD,
+                     settings=SETTINGS, generator=torch.Generator(), objective=ExitDepth(2))
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_wav2vec2_backbone_freezes_its_cnn_and_exits_after_its_layers() -> None:

@@ -542,3 +542,49 @@ def test_a_damaged_checkpoint_or_client_state_falls_back_a_round_and_ends_the_sa
     reference, resumed = (json.loads((workdir / f"{n}.json").read_text()) for n in ("damage-ref", name))
     assert resumed == reference
     assert (workdir / f"{name}.st").read_bytes() == (workdir / "damage-ref.st").read_bytes()
+
+
+MIDRANGE_RULE = '''"""Coordinate-wise midrange: (min + max) / 2 of the clients' values (one file: the rule and its registration)."""
+
+from fedcore.aggregation import AGGREGATORS
+from fedcore.aggregation.base import Aggregator, Combination, floating_keys, stacked
+
+
+@AGGREGATORS.register("midrange")
+class Midrange(Aggregator):
+    def combine(self, global_state, updates, server_round):
+        state = {}
+        for key in floating_keys(global_state):
+            matrix = stacked(updates, key)
+            state[key] = ((matrix.min(dim=0).values + matrix.max(dim=0).values) / 2).reshape(global_state[key].shape)
+        return Combination(state=state, weights={u.client_id: 1.0 / len(updates) for u in updates})
+'''
+
+
+def test_a_one_file_aggregator_runs_the_fedavg_study(workdir: Path, small_mirror: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The docs' example: a rule in a module of the user's (here a temporary one) named in plugins.modules."""
+    monkeypatch.chdir(workdir)
+    (tmp_path / "my_midrange.py").write_text(MIDRANGE_RULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    params = tiny_params(small_mirror, federation={"aggregator": "midrange"})
+    params["plugins"] = {"modules": ["my_midrange"]}
+    p = str(write_params(workdir / "midrange.yaml", params))
+    assert poison.main(["--params", p, "--raw", "raw", "--features", "features", "--partition",
+                        "part/partition.json", "--out", "poison-none"]) == 0
+    assert federate.main(_federate_args(p, "midrange")) == 0
+    detection = json.loads((workdir / "plots-midrange/detection.json").read_text())
+    assert detection["aggregator"] == "midrange"
+    assert json.loads((workdir / "midrange.json").read_text())["rounds"] == 2
+
+
+def test_a_plugin_that_does_not_import_fails_before_any_work(workdir: Path, small_mirror: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(workdir)
+    params = tiny_params(small_mirror)
+    params["plugins"] = {"modules": ["plugins.not_there"]}
+    p = str(write_params(workdir / "missing-plugin.yaml", params))
+    assert federate.main(_federate_args(p, "missing-plugin")) == 2
+    assert "plugins: module 'plugins.not_there' could not be imported" in capsys.readouterr().err
+    assert not (workdir / "missing-plugin.json").exists()
