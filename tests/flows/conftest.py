@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PROJECT_FILES = ["fedcore", "tasks", "flows", "plugins", "dvc.yaml", "params.yaml", "prefect.yaml", ".dvcignore", ".gitignore"]
+PROJECT_FILES = ["fedcore", "tasks", "flows", "plugins", "dvc.yaml", "params.yaml", "prefect.yaml", ".dvcignore",
+                 ".gitignore"]
 
 
 @pytest.fixture(scope="session")

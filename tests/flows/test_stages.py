@@ -544,7 +544,7 @@ def test_a_damaged_checkpoint_or_client_state_falls_back_a_round_and_ends_the_sa
     assert (workdir / f"{name}.st").read_bytes() == (workdir / "damage-ref.st").read_bytes()
 
 
-MIDRANGE_RULE = '''"""Coordinate-wise midrange: (min + max) / 2 of the clients' values (one file: the rule and its registration)."""
+MIDRANGE_RULE = '''"""Coordinate-wise midrange: (min + max) / 2 of the clients' values, in one file."""
 
 from fedcore.aggregation import AGGREGATORS
 from fedcore.aggregation.base import Aggregator, Combination, floating_keys, stacked
