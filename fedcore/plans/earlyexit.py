@@ -8,13 +8,12 @@ stage. Every client has a budget tier (``earlyexit.tiers``, a seeded draw: the d
 - :meth:`~EarlyExitPlan.jobs`: the sampled clients that train run :func:`train_exit_job` (the objective
   :class:`~fedcore.earlyexit.train.ExitDepth` in the one minibatch loop: layers 1..d and the heads they reach,
   with their FLOPs counted) and send only those entries;
-- :meth:`~EarlyExitPlan.combine`: every entry is averaged over the clients that sent it with weights
-  n_c · g(l, d_c) (:func:`~fedcore.earlyexit.aggregate.depth_aware_average`, whose screening rejects a failed
-  client, a non-finite or malformed update, or layers beyond a client's exit, and holds the quorum), then the
-  server rule ``earlyexit.server`` steps towards the average (:func:`~fedcore.earlyexit.aggregate.server_step`:
-  FedAvg takes it, FedAdam steps with its moments, a :meth:`~EarlyExitPlan.stateful` part so a resumed run
-  equals an uninterrupted one); the round's compute accounting (FLOPs, seconds, bytes; overall and per tier)
-  comes from the accepted clients;
+- :meth:`~EarlyExitPlan.combine`: the server rule ``earlyexit.server`` aggregates every entry over the clients
+  that sent it with weights n_c · g(l, d_c) (:func:`~fedcore.earlyexit.aggregate.depth_aware`, the one partial
+  aggregation, whose screening rejects a failed client, a non-finite or malformed update, or layers beyond a
+  client's exit, and holds the quorum): FedAvg takes the weighted mean, FedAdam steps towards it with its
+  moments (a :meth:`~EarlyExitPlan.stateful` part, so a resumed run equals an uninterrupted one); the round's
+  compute accounting (FLOPs, seconds, bytes; overall and per tier) comes from the accepted clients;
 - :meth:`~EarlyExitPlan.evaluate`: every exit's accuracy on the test split and on the clients' pooled held-out
   rows (``val_``).
 """
@@ -35,7 +34,7 @@ from fedcore.aggregation.state import StateDict, to_cpu_state
 from fedcore.algorithms.base import ClientData
 from fedcore.config import EarlyExitConfig, FederationConfig, ModelConfig, Params, to_dict
 from fedcore.data.federated import FederatedDataset
-from fedcore.earlyexit.aggregate import depth_aware_average, server_step
+from fedcore.earlyexit.aggregate import depth_aware
 from fedcore.earlyexit.models import EarlyExitModel, build_exit_model
 from fedcore.earlyexit.tiers import EXIT_PLANS, assign_exits
 from fedcore.earlyexit.train import exit_accuracies, train_exit_client
@@ -206,13 +205,13 @@ class EarlyExitPlan(Plan):
     @override
     def combine(self, state: StateDict, updates: Sequence[ClientUpdate], failed: Mapping[int, str],
                 server_round: int, min_accepted: int) -> RoundResult:
-        averaged = depth_aware_average(state, updates, self._round_depths, self.model.layer_of,
-                                       self.params.earlyexit.weighting, server_round=server_round, failed=failed,
-                                       min_accepted=min_accepted)
-        accepted = [u for u in updates if u.client_id not in averaged.rejected]
-        new_state = server_step(self.server, state, averaged.state, server_round)
+        combined = depth_aware(self.server, state, updates, self._round_depths, self.model.layer_of,
+                               self.params.earlyexit.weighting, server_round=server_round, failed=failed,
+                               min_accepted=min_accepted)
+        accepted = [u for u in updates if u.client_id not in combined.rejected]
+        new_state = combined.state
         record = {"depths": {str(c): d for c, d in sorted(self._round_depths.items())}}
-        return RoundResult(new_state, averaged.rejected, compute_metrics(accepted, self.tiers), record)
+        return RoundResult(new_state, combined.rejected, compute_metrics(accepted, self.tiers), record)
 
     @override
     def evaluate(self, state: StateDict, server_round: int, result: RoundResult) -> dict[str, float]:

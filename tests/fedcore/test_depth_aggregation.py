@@ -7,9 +7,10 @@ import torch
 
 from fedcore.aggregation import AGGREGATORS
 from fedcore.aggregation.base import ClientUpdate
-from fedcore.earlyexit.aggregate import depth_aware_average, server_step
+from fedcore.earlyexit.aggregate import depth_aware
 from fedcore.errors import AggregationError, QuorumError
 
+FEDAVG = AGGREGATORS.build("fedavg")
 KEYS = ("embed.w", "blocks.0.w", "blocks.1.w", "blocks.2.w", "exits.1.w", "exits.2.w", "exits.3.w")
 
 
@@ -33,7 +34,7 @@ def _case() -> tuple[list[ClientUpdate], dict[int, int]]:
 
 def test_uniform_weighting_matches_a_hand_computation() -> None:
     updates, depths = _case()
-    result = depth_aware_average(_global(), updates, depths, layer_of, "uniform")
+    result = depth_aware(FEDAVG, _global(), updates, depths, layer_of, "uniform")
     expect = {
         "embed.w": (2 * 10 + 1 * 20 + 3 * 30) / 6,
         "blocks.0.w": (2 * 11 + 1 * 21 + 3 * 31) / 6,
@@ -41,10 +42,10 @@ def test_uniform_weighting_matches_a_hand_computation() -> None:
         "exits.1.w": 12.0,                            # client 0's head alone
         "exits.2.w": (1 * 23 + 3 * 33) / 4,
     }
-    assert set(result.state) == set(expect)
+    assert set(result.participants) == set(expect)
     for key, value in expect.items():
         assert torch.allclose(result.state[key], torch.full((2,), value)), key
-    full = result.full_state(_global())
+    full = result.state
     assert torch.equal(full["blocks.2.w"], torch.full((2,), -5.0))  # no client reached layer 3
     assert torch.equal(full["exits.3.w"], torch.full((2,), -5.0))
     assert result.participants["blocks.1.w"] == [1, 2]
@@ -52,7 +53,7 @@ def test_uniform_weighting_matches_a_hand_computation() -> None:
 
 def test_depth_weighting_scales_each_layer_by_l_over_d() -> None:
     updates, depths = _case()
-    result = depth_aware_average(_global(), updates, depths, layer_of, "depth")
+    result = depth_aware(FEDAVG, _global(), updates, depths, layer_of, "depth")
     # layer 1: weights n·(1/d): client 0: 2·1, client 1: 1·(1/2), client 2: 3·(1/2)
     w = [2.0, 0.5, 1.5]
     assert torch.allclose(result.state["blocks.0.w"], torch.full((2,), (w[0] * 11 + w[1] * 21 + w[2] * 31) / 4.0))
@@ -64,31 +65,30 @@ def test_depth_weighting_scales_each_layer_by_l_over_d() -> None:
 
 def test_a_client_beyond_its_exit_or_with_a_bad_update_is_rejected_and_a_depth_is_required() -> None:
     updates, depths = _case()
-    result = depth_aware_average(_global(), updates, {**depths, 1: 1}, layer_of)
+    result = depth_aware(FEDAVG, _global(), updates, {**depths, 1: 1}, layer_of)
     assert list(result.rejected) == [1] and "deeper layers ['blocks.1.w']" in result.rejected[1]
     assert result.participants["blocks.1.w"] == [2]
     nan = ClientUpdate(2, {**updates[2].state, "blocks.1.w": torch.tensor([1.0, float("nan")])}, 3, {})
-    result = depth_aware_average(_global(), [*updates[:2], nan], depths, layer_of, server_round=4,
-                                 failed={5: "training raised ValueError: bad batch"})
+    result = depth_aware(FEDAVG, _global(), [*updates[:2], nan], depths, layer_of, server_round=4,
+                         failed={5: "training raised ValueError: bad batch"})
     assert sorted(result.rejected) == [2, 5] and "finite" in result.rejected[2]
     assert torch.equal(result.state["blocks.1.w"], torch.full((2,), 22.0))  # client 1 alone: no NaN in the mean
     with pytest.raises(QuorumError, match=r"round 4 needs at least 3 accepted updates .*client 2.*client 5"):
-        depth_aware_average(_global(), [*updates[:2], nan], depths, layer_of, server_round=4,
-                            failed={5: "training raised ValueError: bad batch"}, min_accepted=3)
+        depth_aware(FEDAVG, _global(), [*updates[:2], nan], depths, layer_of, server_round=4,
+                    failed={5: "training raised ValueError: bad batch"}, min_accepted=3)
     with pytest.raises(AggregationError, match="exit depth"):
-        depth_aware_average(_global(), updates, {0: 1, 1: 2}, layer_of)
+        depth_aware(FEDAVG, _global(), updates, {0: 1, 1: 2}, layer_of)
     with pytest.raises(ValueError, match="depth_weight"):
-        depth_aware_average(_global(), updates, depths, layer_of, "nope")
+        depth_aware(FEDAVG, _global(), updates, depths, layer_of, "nope")
 
 
 def test_fedavg_server_keeps_the_average_and_fedadam_steps_only_reached_entries() -> None:
     updates, depths = _case()
     global_state = _global()
-    averaged = depth_aware_average(global_state, updates, depths, layer_of).state
-    kept = server_step(AGGREGATORS.build("fedavg"), global_state, averaged, 1)
-    assert all(torch.allclose(kept[k], averaged[k]) for k in averaged)
+    result = depth_aware(FEDAVG, global_state, updates, depths, layer_of)
+    averaged = {k: result.state[k] for k in result.participants}
     adam = AGGREGATORS.build("fedadam")
-    stepped = server_step(adam, global_state, averaged, 1)
+    stepped = depth_aware(adam, global_state, updates, depths, layer_of).state
     assert torch.equal(stepped["blocks.2.w"], global_state["blocks.2.w"])
     moved = stepped["blocks.1.w"] - global_state["blocks.1.w"]
     assert bool((moved > 0).all()) and not torch.allclose(stepped["blocks.1.w"], averaged["blocks.1.w"])
