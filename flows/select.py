@@ -24,10 +24,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from fedcore.config import Params
 from fedcore.errors import ConfigError
 from fedcore.evaluation.downstream import load_downstream, score_encoder
+from fedcore.evaluation.selection import TaskSelection
 from flows import stage
 from tasks.common import read_json, read_params, write_json, write_text
 from tasks.rounds import read_run_record, run_record_path
-from tasks.selection import TaskSelection, load_selected, register_selection, select_rounds, selection_markdown
+from tasks.selection import load_selected, register_selection, select_rounds, selection_markdown
 from tasks.tracking import setup
 
 #: Largest difference accepted between a reloaded model's score and the logged one.

@@ -118,8 +118,9 @@ def test_distill_refuses_a_pickled_teacher_or_student(cfg: MlflowConfig, tmp_pat
 
 
 def test_select_verify_refuses_a_pickled_encoder(cfg: MlflowConfig, tmp_path: Path) -> None:
+    from fedcore.evaluation.selection import TaskSelection
     from flows.select import _verify
-    from tasks.selection import TaskSelection, load_selected
+    from tasks.selection import load_selected
 
     marker, _ = plant_pickle(cfg, tmp_path, "fedaudio-fassl", "digit")
     selection = TaskSelection(task="digit", metric="knn1", best_round=1, best_val=0.5, best_test=0.5, last_round=1,

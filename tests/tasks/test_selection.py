@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.selection import TaskSelection, best_round, choose, selection_markdown, task_names
+from fedcore.evaluation.selection import TaskSelection, best_round, choose, task_names
+from tasks.selection import selection_markdown
 
 
 # ------------------------------------------------------------------------------------------------ best_round
