@@ -1,75 +1,53 @@
-"""av and modality stages: audio-visual data, then modality-wise federated training (fedcore.multimodal).
+"""modality stage: modality-wise audio-visual federated training (UniFL, MultiFL, Harmony, ModalityMirror phase 1).
 
-``python -m flows.modality av`` writes the visual store beside a feature store: each clip paired with a
-handwritten digit image of its class (AV-MNIST style; scikit-learn's digits), or, with ``--manifest``, the visual
-arrays of a user's AV manifest matched by row id. ``pairs.png`` shows one pair per class.
-
-``python -m flows.modality train`` runs the method of ``modality.method`` (UniFL, MultiFL, Harmony, or
-ModalityMirror's phase 1) over the partition's clients, of which a seeded draw (``modality.missing_rate``) keeps
-the video. Every round: the clients train their phase's tasks, each parameter group is aggregated over the
-clients that trained it (modality-wise), the model is scored on the test split (audio-only as the method serves
-audio-only clients; audio-visual), logged to MLflow with ``step=round`` and its model, then checkpointed. A
-killed run resumes from its last checkpoint. At the end the AV model is registered as
+``python -m flows.modality`` runs the method of ``modality.method`` over the partition's clients, of which a seeded
+draw (``modality.missing_rate``) keeps the video; the visual store comes from the ``av`` stage (``flows.av``).
+Every round: the clients train their phase's tasks, each parameter group is aggregated over the clients that
+trained it (modality-wise), the model is scored on the test split (audio-only as the method serves audio-only
+clients; audio-visual), logged to MLflow with ``step=round`` and its model, then checkpointed. A killed run
+resumes from its last checkpoint to the same result. At the end the AV model is registered as
 ``modality.registered_model@final`` and its audio branch as ``modality.registered_audio@final``: the teacher and
 the student the ``distill`` stage starts from (ModalityMirror phase 2).
+
+The rounds are :class:`fedcore.plans.modality.ModalityPlan` run by :func:`fedcore.federation.engine.run_rounds`
+(clients as task runs of this flow, each on ``federation.client_threads`` threads; the server's work on every
+core); this flow reads the data, wires tracking and progress, and writes the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import sys
-import tempfile
-import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from fedcore.aggregation.state import to_cpu_state
-from fedcore.config import ModalityConfig, Params, flatten, to_dict
-from fedcore.errors import QuorumError
-from fedcore.federation.checkpoint import Checkpointer, file_digest, fingerprint, save_state
-from fedcore.federation.sampling import round_rng, sample_clients
-from fedcore.federation.schedules import learning_rate
+from fedcore.config import Params, flatten
+from fedcore.federation.checkpoint import Checkpointer, file_digest, save_state
+from fedcore.federation.engine import run_rounds
 from fedcore.models.spec import audio_branch_spec
-from fedcore.multimodal import AVModel, ModalityAggregate, audio_branch, modality_wise
-from fedcore.plans.supervised import build_aggregator
+from fedcore.multimodal import AVModel, audio_branch
+from fedcore.plans.modality import ModalityPlan, run_fingerprint
 from flows import stage
 from flows.runners import task_runner
 from tasks.common import read_params, write_json, write_text
 from tasks.federate import rounds_tsv
-from tasks.modality import (
-    evaluate_av,
-    load_av_data,
-    method_of,
-    new_model,
-    new_model_spec,
-    plot_av_rounds,
-    train_av_task,
-    write_visual_store,
-)
-from tasks.progress import Progress
+from tasks.modality import AUDIO_INPUTS, AV_INPUTS, load_av_data, new_model_spec, parallel_workers, plot_av_rounds
 from tasks.rounds import (
-    gather_updates,
-    quorum_of,
-    rejection_record,
-    resume_from,
+    ProgressCallback,
+    TaskRunnerExecutor,
+    TrackingCallback,
     split_timings,
-    stop_on_quorum,
     timing_summary,
     write_run_record,
 )
 from tasks.tracking import FederateTracker
 
-#: The inputs of the audio-visual model and of its audio branch, in call order (MLflow tag).
-AV_INPUTS = ("audio", "visual")
-AUDIO_INPUTS = ("audio",)
 #: Tag of the logged audio branch: the round of the AV model it was cut from.
 BRANCH_TAG = "fedaudio.audio_branch_of_round"
 ROUND_COLUMNS = ("round", "phase", "audio_accuracy", "audio_branch_accuracy", "av_accuracy", "zero_video_accuracy",
@@ -91,37 +69,10 @@ class ModalityPaths:
     root: Path = Path(".")
 
 
-@flow(name="av", log_prints=True)
-def pair_av(cfg: ModalityConfig, features_dir: Path, out_dir: Path, manifest: Path | None = None) -> dict[str, Any]:
-    """Write the visual store of ``features_dir`` into ``out_dir`` (see the module docstring)."""
-    summary = write_visual_store(features_dir, out_dir, cfg, manifest)
-    print(f"av: {summary['rows']} visual examples {tuple(summary['visual_shape'])} from {summary['source']}; "
-          f"examples in {out_dir / 'pairs.png'}")
-    return summary
-
-
-def client_threads(params: Params) -> tuple[int, int]:
-    """(parallel clients, torch threads per client): the cores or ``max_workers``, and ``client_threads``.
-
-    A client's thread count changes its arithmetic, so it is a param (``federation.client_threads``), not derived
-    from the cores: the metrics are the same at any ``max_workers``.
-    """
-    cores = os.cpu_count() or 1
-    workers = max(1, min(params.federation.max_workers or cores, params.partition.num_clients))
-    return workers, params.federation.client_threads
-
-
 def modality(params: Params, paths: ModalityPaths) -> dict[str, Any]:
     """Run the modality flow with the task runner of ``federation.runner`` (threads by default)."""
-    workers, _ = client_threads(params)
-    runner = task_runner(params.federation, workers)
+    runner = task_runner(params.federation, parallel_workers(params))
     return modality_training.with_options(task_runner=runner)(params, paths)
-
-
-def run_fingerprint(params: Params, digest: str) -> str:
-    """Identity of a run: the sections that change its result, and the data."""
-    return fingerprint({name: to_dict(getattr(params, name)) for name in
-                        ("model", "federation", "aggregation", "modality", "partition")} | {"data": digest})
 
 
 @flow(name="modality", log_prints=True)
@@ -129,97 +80,35 @@ def modality_training(params: Params, paths: ModalityPaths) -> dict[str, Any]:
     """Run (or resume) the audio-visual method's rounds; write the model, metrics, per-round table and plot."""
     fed, cfg = params.federation, params.modality
     data = load_av_data(paths.features, paths.partition, paths.visual, cfg)
-    _, threads = client_threads(params)
-    torch.set_num_threads(threads)
-    method = method_of(params)
-    schedule = method.schedule(fed.rounds, cfg.fusion_rounds)
-    video = set(data.video)
-    if idle := [p.name for _, p in schedule if not p.plan(False) and not video]:
-        raise ValueError(f"modality: {cfg.method}'s phase {idle[0]!r} trains only clients with video, and none has "
-                         f"video (missing_rate {cfg.missing_rate}). Fix: lower modality.missing_rate.")
+    plan = ModalityPlan(params, data)
     digest = file_digest([paths.features / "meta.json", paths.features / "index.csv", paths.partition,
                           paths.visual / "meta.json"])
     checkpointer = Checkpointer(paths.checkpoints, run_fingerprint(params, digest))
-    aggregator = build_aggregator(params)
-    model = new_model(params, data, fed.seed)
-    history: list[dict[str, float]] = []
-    rejections: list[dict[str, Any]] = []
-    start_round, run_id = 0, None
-    initial_state = to_cpu_state(model)  # round 0, and what a checkpoint must fit
-    resumed, resume_reports = resume_from(checkpointer, "modality", reference=initial_state)
-    if resumed is not None:
-        start_round, global_state, _, meta = resumed
-        history, run_id = list(meta["history"]), meta.get("mlflow_run_id")
-        rejections = list(meta.get("rejections", []))
-        sys.stderr.write(f"modality: resuming after round {start_round} of {fed.rounds} from {paths.checkpoints}\n")
-    else:
-        global_state = initial_state
     registry = dataclasses.replace(params.mlflow, registered_model=cfg.registered_model)
     tracker = FederateTracker(registry, paths.root, model_inputs=AV_INPUTS, model_spec=new_model_spec(params, data))
-    run_id = tracker.start({**flatten(params), "modality.video_clients": sorted(video)}, resume_run_id=run_id,
-                           run_name=f"modality-{cfg.method}")
-    tracker.backfill(history)  # rounds of the checkpoint the MLflow run lacks
-    if resume_reports:  # what the resume had to skip (damaged or mismatching files), also printed above
-        tracker.log_record(f"resume/after_round_{start_round:04d}.json", {"reports": resume_reports})
+    video = sorted(plan.video)
+
+    def log_model(server_round: int, row: Mapping[str, float]) -> bool:
+        return server_round % fed.log_model_every == 0 or server_round == fed.rounds
+
+    def postfix(row: Mapping[str, float]) -> dict[str, object]:
+        return {"audio": f"{row['audio_accuracy']:.3f}", "phase": plan.phase(int(row["round"]))[1].name}
+
+    tracking = TrackingCallback(tracker, {**flatten(params), "modality.video_clients": video},
+                                run_name=f"modality-{cfg.method}", model=plan.model, input_shape=data.audio_shape,
+                                log_model=log_model)
+    progress = ProgressCallback(fed.rounds, f"modality {cfg.method}", "modality-progress", postfix)
     print(f"modality: {cfg.method}, {data.num_clients} clients, {len(video)} with video "
-          f"(missing rate {cfg.missing_rate}): {sorted(video)}")
-    try:
-        with Progress(fed.rounds, f"modality {cfg.method}", key="modality-progress") as bar, \
-                tempfile.TemporaryDirectory() as scratch:
-            bar.update(start_round)
-            for server_round in range(start_round + 1, fed.rounds + 1):
-                started = time.perf_counter()
-                number, phase = schedule[server_round - 1]
-                sampled = sample_clients(data.num_clients, fed.client_fraction, fed.min_clients,
-                                         round_rng(fed.seed, server_round))
-                jobs = [(c, tasks) for c in sampled if (tasks := phase.plan(c in video))]
-                futures = [(c, train_av_task.submit(params, data, c, server_round, global_state, tasks,
-                                                    method.zero_fill, threads)) for c, tasks in jobs]
-                updates, failed = gather_updates(futures)
-                # a round whose sampled clients have nothing to train in this phase leaves the model as it is
-                try:
-                    result = (modality_wise(aggregator, global_state, updates, server_round, failed=failed,
-                                            min_accepted=quorum_of(fed, len(jobs)))
-                              if jobs else ModalityAggregate(global_state, {}))
-                except QuorumError as error:
-                    raise stop_on_quorum(error, "modality", paths.checkpoints, server_round - 1) from None
-                rejections.append(rejection_record(server_round, failed, result.rejected))
-                if rejections[-1]["rejected"]:
-                    tracker.log_record(f"rejections/round_{server_round:04d}.json", rejections[-1])
-                global_state = result.state
-                model.load_state_dict(global_state)
-                metrics = evaluate_av(model, method, data.test, fed.eval_batch_size)
-                if data.val is not None:
-                    metrics.update({f"val_{k}": v for k, v in
-                                    evaluate_av(model, method, data.val, fed.eval_batch_size).items()})
-                metrics.update(
-                    phase=float(number),
-                    train_loss_mean=sum(u.metrics["train_loss"] for u in updates) / max(1, len(updates)),
-                    num_clients=float(len(jobs) - len(result.rejected)),
-                    num_rejected=float(len(result.rejected)), num_failed=float(len(failed)),
-                    num_audio_clients=float(len(result.participants.get("audio", []))),
-                    num_visual_clients=float(len(result.participants.get("visual", []))),
-                    lr=learning_rate(fed, server_round), round_seconds=time.perf_counter() - started)
-                log_now = server_round % fed.log_model_every == 0 or server_round == fed.rounds
-                weights = None
-                if log_now:
-                    weights = Path(scratch) / "weights.safetensors"
-                    save_state(weights, global_state)
-                tracker.log_round(server_round, metrics, model if log_now else None, data.audio_shape, weights)
-                history.append({"round": float(server_round), **metrics})
-                checkpointer.save(server_round, global_state, None, {"history": history, "mlflow_run_id": run_id,
-                                                                     "rejections": rejections})
-                bar.update(1, {"audio": f"{metrics['audio_accuracy']:.3f}", "phase": phase.name})
-    except BaseException:
-        tracker.fail()
-        raise
-    model.load_state_dict(global_state)
-    return _finish(params, paths, tracker, model, history, sorted(video), rejections)
+          f"(missing rate {cfg.missing_rate}): {video}")
+    run = run_rounds(plan, TaskRunnerExecutor(), checkpointer, [tracking, progress],
+                     client_threads=fed.client_threads)
+    plan.model.load_state_dict(run.state)
+    return _finish(params, paths, tracker, plan.model, run.history, video, run.records)
 
 
 def _finish(params: Params, paths: ModalityPaths, tracker: FederateTracker, model: AVModel,
             history: list[dict[str, float]], video: list[int],
-            rejections: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+            records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Model, metrics JSON, per-round TSV and plot; register the AV model and its audio branch (alias final)."""
     cfg = params.modality
     save_state(paths.model, to_cpu_state(model))
@@ -251,7 +140,7 @@ def _finish(params: Params, paths: ModalityPaths, tracker: FederateTracker, mode
     # What differs between two runs of the same inputs stays out of the DVC outputs (see tasks.rounds).
     record = {"stage": "modality", "mlflow_run_id": tracker.run_id, "teacher_version": teacher,
               "audio_branch_version": student, **timing_summary(timings), "round_timings": timings,
-              "rejections": [r for r in rejections or [] if r["rejected"]]}
+              "rejections": [{k: r[k] for k in ("round", "failed", "rejected")} for r in records if r["rejected"]]}
     write_run_record(paths.metrics, record)
     write_json(paths.metrics, metrics)
     create_table_artifact([{c: round(row.get(c, float("nan")), 4) for c in ROUND_COLUMNS} for row in rows],
@@ -267,18 +156,18 @@ def _finish(params: Params, paths: ModalityPaths, tracker: FederateTracker, mode
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("command", choices=["av", "train"])
+    p.add_argument("command", nargs="?", choices=["train", "av"], default="train",
+                   help="train (the default; kept for older command lines); the av stage is now python -m flows.av")
     defaults = ModalityPaths()
     for name in ("features", "partition", "visual", "checkpoints", "model", "metrics", "plots"):
         p.add_argument(f"--{name}", type=Path, default=getattr(defaults, name))
-    p.add_argument("--manifest", type=Path, default=None, help="av: an AV manifest CSV (default: digit images)")
 
 
 def _main(args: argparse.Namespace) -> None:
-    params = read_params(args.params)
     if args.command == "av":
-        pair_av(params.modality, args.features, args.visual, args.manifest)
-        return
+        raise ValueError("modality: the av stage has a module of its own now. Fix: python -m flows.av --params ... "
+                         "--features ... --visual ... [--manifest ...].")
+    params = read_params(args.params)
     paths = ModalityPaths(features=args.features, partition=args.partition, visual=args.visual,
                           checkpoints=args.checkpoints, model=args.model, metrics=args.metrics, plots=args.plots,
                           root=Path.cwd())

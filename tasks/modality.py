@@ -1,4 +1,4 @@
-"""Tasks of the audio-visual stages: the visual store, the clients' AV data, client training, evaluation, plots.
+"""What the audio-visual stages (av, modality, distill) read and write: the visual store, the clients' AV data, plots.
 
 The visual store (``av`` stage) is a folder beside a feature store: ``visual.npy`` (one visual example per feature
 store row, float32), ``pairs.csv`` (row id, label, split, source) and ``meta.json``. It comes either from the
@@ -9,32 +9,20 @@ into disjoint image pools for the training and the test clips), or from a user's
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import csv
 import io
 import os
-import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from fedcore.aggregation.base import ClientUpdate
-from fedcore.aggregation.state import StateDict
-from fedcore.algorithms.base import LocalSettings
-from fedcore.config import ModalityConfig, Params, to_dict
+from fedcore.config import ModalityConfig, Params
 from fedcore.data.features import FeatureStore
-from fedcore.federation.checkpoint import fingerprint
-from fedcore.federation.sampling import client_generator
-from fedcore.federation.schedules import learning_rate
+from fedcore.federation.sampling import num_sampled
 from fedcore.models.spec import ModelSpec, av_model_spec
-from fedcore.multimodal import AV_METHODS, AVClientData, AVMethod, AVModel, build_av_model, train_av_client
 from fedcore.multimodal.data import (
     digit_images,
     load_visual,
@@ -43,8 +31,16 @@ from fedcore.multimodal.data import (
     split_images,
     video_clients,
 )
-from fedcore.multimodal.train import accuracy, train_student
+from fedcore.multimodal.models import AVModel
+from fedcore.multimodal.train import AVClientData, AVData
+from fedcore.plans.distill import AUDIO_INPUTS
+from fedcore.plans.modality import AVSpec, new_av_model
 from tasks.common import pyplot, read_json, save_figure, write_json, write_text
+
+#: The inputs of the audio-visual model, in call order (an MLflow tag; an audio-only model's: AUDIO_INPUTS).
+AV_INPUTS = ("audio", "visual")
+__all__ = ["AUDIO_INPUTS", "AV_INPUTS", "AVData", "load_av_data", "new_model", "new_model_spec", "parallel_workers",
+           "plot_av_rounds", "write_visual_store"]
 
 VISUAL_FILE = "visual.npy"
 
@@ -111,28 +107,6 @@ def plot_pairs(store: FeatureStore, visual: np.ndarray, labels: Sequence[str], p
 
 
 # --------------------------------------------------------------------------------------------------- client data
-@dataclass(frozen=True)
-class AVData:
-    """The clients' audio-visual training data, the validation and test splits, as tensors.
-
-    ``val`` pools the clients' held-out rows (``partition.holdout_fraction``; None when there are none): the split
-    hyperparameters are chosen on, while ``test`` only reports.
-    """
-
-    train: list[AVClientData]
-    test: AVClientData
-    num_classes: int
-    audio_shape: tuple[int, int, int]
-    visual_shape: tuple[int, ...]
-    video: list[int]
-    val: AVClientData | None = None
-
-    @property
-    def num_clients(self) -> int:
-        """Number of clients."""
-        return len(self.train)
-
-
 def load_av_data(features_dir: Path, partition_file: Path, visual_dir: Path, cfg: ModalityConfig) -> AVData:
     """Per-client tensors (clients without video get ``visual=None``) and the test split with its visuals."""
     store = FeatureStore.load(features_dir, mmap=True)
@@ -161,12 +135,8 @@ def load_av_data(features_dir: Path, partition_file: Path, visual_dir: Path, cfg
 
 # --------------------------------------------------------------------------------------------------- models
 def new_model(params: Params, data: AVData, seed: int) -> AVModel:
-    """The audio-visual model of ``params`` with initial weights drawn from ``seed``."""
-    cfg = params.modality
-    return build_av_model(audio_cfg=params.model, audio_shape=data.audio_shape, visual_shape=data.visual_shape,
-                          num_classes=data.num_classes, fusion=cfg.fusion, embed_dim=cfg.embed_dim,
-                          hidden_dim=cfg.hidden_dim, visual_width=cfg.visual_width, dropout=cfg.dropout,
-                          generator=torch.Generator().manual_seed(seed))
+    """The audio-visual model of ``params``, initial weights drawn from ``seed`` (what the modality stage trains)."""
+    return new_av_model(AVSpec.of(params, data), seed)
 
 
 def new_model_spec(params: Params, data: AVData) -> ModelSpec:
@@ -174,109 +144,15 @@ def new_model_spec(params: Params, data: AVData) -> ModelSpec:
     return av_model_spec(params.model, params.modality, data.audio_shape, data.visual_shape, data.num_classes)
 
 
-def method_of(params: Params) -> AVMethod:
-    """The registered method of ``modality.method``."""
-    return AV_METHODS.build(params.modality.method)
+def parallel_workers(params: Params) -> int:
+    """Clients trained at once (the task runner's workers): ``max_workers`` or the cores, at most the clients.
 
-
-_local = threading.local()
-
-
-def _worker_model(params: Params, data: AVData) -> AVModel:
-    """One model per worker thread, reused (its weights are overwritten by every client)."""
-    model: AVModel | None = getattr(_local, "model", None)
-    key = fingerprint({"model": to_dict(params.model), "modality": to_dict(params.modality),
-                       "shapes": [data.audio_shape, data.visual_shape, data.num_classes]})
-    if model is None or getattr(_local, "key", None) != key:
-        model = _local.model = new_model(params, data, 0)
-        _local.key = key
-    return model
-
-
-def local_settings(params: Params, server_round: int, lr: float | None = None) -> LocalSettings:
-    """Local SGD settings of ``server_round`` (``lr`` replaces the schedule's when given)."""
-    fed = params.federation
-    return LocalSettings(epochs=fed.local_epochs, batch_size=fed.batch_size,
-                         lr=learning_rate(fed, server_round) if lr is None else lr, momentum=fed.momentum,
-                         weight_decay=fed.weight_decay)
-
-
-@task(name="train-av-client", cache_policy=NO_CACHE, retries=1)
-def train_av_task(params: Params, data: AVData, client_id: int, server_round: int, global_state: StateDict,
-                  tasks: Sequence[str], zero_fill: bool, threads: int) -> ClientUpdate:
-    """One client's round of the audio-visual method (its tasks on its data; only trained groups are sent)."""
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    return train_av_client(client_id=client_id, model=_worker_model(params, data), global_state=global_state,
-                           data=data.train[client_id], tasks=tasks, settings=local_settings(params, server_round),
-                           generator=client_generator(params.federation.seed, server_round, client_id),
-                           zero_fill=zero_fill)
-
-
-@task(name="distill-client", cache_policy=NO_CACHE, retries=1)
-def distill_task(params: Params, data: AVData, client_id: int, server_round: int, student: torch.nn.Module,
-                 student_state: StateDict, teacher: Any, teacher_inputs: Sequence[str],
-                 threads: int) -> ClientUpdate:
-    """One client's distillation round, on this worker thread's own copy of ``student`` (the template)."""
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    if getattr(_local, "template", None) is not student:
-        _local.template, _local.student = student, copy.deepcopy(student)
-    cfg = params.distill
-    return train_student(client_id=client_id, student=_local.student, student_state=student_state, teacher=teacher,
-                         teacher_inputs=teacher_inputs, data=data.train[client_id],
-                         settings=local_settings(params, server_round, cfg.lr),
-                         generator=client_generator(params.federation.seed, server_round, client_id),
-                         lambd=cfg.lambd, temperature=cfg.temperature)
-
-
-# --------------------------------------------------------------------------------------------------- evaluation
-def evaluate_av(model: AVModel, method: AVMethod, test: AVClientData, batch_size: int) -> dict[str, float]:
-    """Test accuracies on the test split.
-
-    ``audio_accuracy`` (audio only, as the method serves audio-only clients), ``audio_branch_accuracy``, and for
-    methods with a fused model ``av_accuracy`` and ``zero_video_accuracy``. Each encoder runs once per batch (the
-    three audio scores share the audio embedding), on every core (no client trains meanwhile).
+    Only a knob of speed: each client runs on ``federation.client_threads`` torch threads whatever this is (the
+    round loop's thread policy), so the metrics are the same at any ``max_workers``.
     """
-    assert test.visual is not None
-    model.eval()
-    correct = {"audio_branch_accuracy": 0, "av_accuracy": 0, "zero_video_accuracy": 0}
-    with all_cores(), torch.no_grad():
-        zero = model.visual(torch.zeros((1, *model.visual_shape), dtype=test.audio.dtype))
-        for start in range(0, len(test), batch_size):
-            rows = slice(start, start + batch_size)
-            labels = test.labels[rows]
-            audio = model.audio(test.audio[rows])
-            outputs = {"audio_branch_accuracy": model.audio_head(audio)}
-            if method.fused:
-                outputs["av_accuracy"] = model.fusion(audio, model.visual(test.visual[rows]))
-                outputs["zero_video_accuracy"] = model.fusion(audio, zero.expand(audio.shape[0], -1))
-            for name, logits in outputs.items():
-                correct[name] += int((logits.argmax(dim=1) == labels).sum())
-    names = ["audio_branch_accuracy", *(["av_accuracy", "zero_video_accuracy"] if method.fused else [])]
-    scores = {name: correct[name] / len(test) for name in names}
-    served = {"branch": "audio_branch_accuracy", "zero_video": "zero_video_accuracy"}[method.audio_eval]
-    scores["audio_accuracy"] = scores[served]
-    return scores
-
-
-def evaluate_student(student: Any, test: AVClientData, batch_size: int) -> dict[str, float]:
-    """``audio_accuracy`` of an audio model on the test split."""
-    if isinstance(student, torch.nn.Module):
-        student.eval()
-    with all_cores():
-        return {"audio_accuracy": accuracy(lambda r: student(test.audio[r]), test.labels, batch_size)}
-
-
-@contextlib.contextmanager
-def all_cores() -> Iterator[None]:
-    """Torch on every core for the block (evaluation between rounds, when no client trains)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    fed = params.federation
+    per_round = num_sampled(params.partition.num_clients, fed.client_fraction, fed.min_clients)
+    return max(1, min(fed.max_workers or os.cpu_count() or 1, per_round))
 
 
 def plot_av_rounds(history: Sequence[dict[str, float]], path: Path, title: str) -> None:

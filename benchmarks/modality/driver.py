@@ -42,10 +42,11 @@ from benchmarks.benchlib import (
 from fedcore.config import Params, load_params
 from fedcore.errors import ConfigError
 from flows import stage
+from flows.av import pair_av
 from flows.distill import DistillPaths, distill
 from flows.download import download
 from flows.features import features
-from flows.modality import ModalityPaths, modality, pair_av
+from flows.modality import ModalityPaths, modality
 from flows.partition import partition
 from tasks.common import pyplot, read_json, save_figure
 

@@ -1,21 +1,26 @@
-"""Local training of audio-visual clients: per-modality tasks on one model, and distillation into a student.
+"""Local training of audio-visual clients as objectives of the one client loop: per-modality tasks, distillation.
 
-A client's round trains one or more :data:`LOCAL_TASKS` on the same shuffled minibatches (their losses summed;
-each task trains its own parameter groups of :class:`~fedcore.multimodal.models.AVModel`), and sends exactly the
-groups it trained, so that the server aggregates each group over the clients that hold its modality
-(:func:`fedcore.multimodal.aggregate.modality_wise`).
+Both run in :func:`fedcore.algorithms.base.train_client` (shuffled minibatches, SGD, the per-client metrics'
+one definition); what is particular to them is an :class:`~fedcore.algorithms.base.Objective`:
 
-Tasks: ``audio`` (audio encoder + audio head, CE), ``visual`` (visual encoder + visual head, CE), ``av`` (both
-encoders + fusion, CE of the fused logits; a client without video feeds zeros when the method zero-fills, as
-MultiFL does), ``fusion`` (the fusion head alone on frozen encoders: Harmony's second stage).
+- :class:`AVTasks`: a client's round trains one or more :data:`LOCAL_TASKS` on the same minibatches (their
+  losses summed; each task trains its own parameter groups of :class:`~fedcore.multimodal.models.AVModel`, the
+  optimiser's parameters), and :func:`train_av_client` sends exactly the groups it trained, so that the server
+  aggregates each group over the clients that hold its modality (:func:`fedcore.multimodal.aggregate.modality_wise`).
+  Tasks: ``audio`` (audio encoder + audio head, CE), ``visual`` (visual encoder + visual head, CE), ``av`` (both
+  encoders + fusion, CE of the fused logits; a client without video feeds zeros when the method zero-fills, as
+  MultiFL does), ``fusion`` (the fusion head alone on frozen encoders: Harmony's second stage; the frozen
+  encoders are put in eval mode for the round, so their BatchNorm statistics stay as sent).
+- :class:`Distillation` (ModalityMirror phase 2, or any teacher → student): ``CE(s(x), y) + λ·T²·KL(softmax(t/T)
+  ‖ softmax(s/T))`` with the teacher frozen inside the session (:func:`kd_loss`); :func:`train_student`.
 
-Distillation (ModalityMirror phase 2, or any teacher → student): ``CE(s(x), y) + λ·T²·KL(softmax(t/T) ‖
-softmax(s/T))`` with the teacher frozen (:func:`kd_loss`).
+The models' dropout masks come from the client's generator (:func:`~fedcore.multimodal.models.seed_dropout`) for
+the round, so a round reproduces whatever thread runs it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,11 +28,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedcore.aggregation.base import ClientUpdate
-from fedcore.aggregation.state import StateDict, to_cpu_state
-from fedcore.algorithms.base import LocalSettings, check_finite, check_generator, check_settings, epoch_batches
+from fedcore.aggregation.state import StateDict
+from fedcore.algorithms.base import (
+    BatchLoss,
+    LocalAlgorithm,
+    LocalSettings,
+    Objective,
+    ObjectiveSession,
+    check_generator,
+    check_settings,
+    train_client,
+)
 from fedcore.algorithms.mutual import distillation_kl
 from fedcore.multimodal.models import AVModel, group_keys, seed_dropout
 from fedcore.registry import Registry
+
+#: The client-side rule of the audio-visual methods: plain local SGD (no extra term, no kept state).
+PLAIN_SGD = LocalAlgorithm()
+
+#: One batch of a client's rows: ``(audio, visual)`` (visual None for a client without video) and the labels.
+AVInputs = tuple[torch.Tensor, torch.Tensor | None]
 
 
 @dataclass
@@ -59,6 +79,34 @@ class AVClientData:
         """Whether the client holds the visual modality."""
         return self.visual is not None
 
+    def batch(self, index: torch.Tensor, device: torch.device) -> tuple[AVInputs, torch.Tensor]:
+        """Rows ``index``: ``((audio, visual or None), labels)`` on ``device`` (what :func:`train_client` reads)."""
+        visual = None if self.visual is None else self.visual[index].to(device, non_blocking=True)
+        return ((self.audio[index].to(device, non_blocking=True), visual),
+                self.labels[index].to(device, non_blocking=True))
+
+
+@dataclass(frozen=True)
+class AVData:
+    """The clients' audio-visual training data, the validation and test splits, as tensors.
+
+    ``val`` pools the clients' held-out rows (``partition.holdout_fraction``; None when there are none): the split
+    hyperparameters are chosen on, while ``test`` only reports. ``video``: the ids of the clients that hold video.
+    """
+
+    train: list[AVClientData]
+    test: AVClientData
+    num_classes: int
+    audio_shape: tuple[int, int, int]
+    visual_shape: tuple[int, ...]
+    video: list[int]
+    val: AVClientData | None = None
+
+    @property
+    def num_clients(self) -> int:
+        """Number of clients."""
+        return len(self.train)
+
 
 @dataclass(frozen=True)
 class LocalTask:
@@ -77,7 +125,8 @@ LOCAL_TASKS: Registry[LocalTask] = Registry("av_task")
 
 def _fused_logits(model: AVModel, audio: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
     assert visual is not None
-    return model(audio, visual)
+    logits: torch.Tensor = model(audio, visual)
+    return logits
 
 
 def _frozen_fusion_logits(model: AVModel, audio: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
@@ -110,6 +159,87 @@ def task_groups(tasks: Sequence[str]) -> tuple[str, ...]:
     return tuple(groups)
 
 
+class _SeededSession(ObjectiveSession):
+    """A session whose model draws its dropout masks from the client's generator until :meth:`finish`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._generator: torch.Generator | None = None
+
+    def seed(self, generator: torch.Generator) -> None:
+        """Point the model's dropout at ``generator`` (the loop's, the same for every batch of the round)."""
+        if generator is not self._generator:
+            seed_dropout(self.model, generator)
+            self._generator = generator
+
+    def finish(self) -> dict[str, float]:
+        """Detach the generator (the model stays picklable and draws from the global RNG again)."""
+        seed_dropout(self.model, None)
+        return {}
+
+
+class AVTasks(Objective):
+    """The summed cross-entropies of per-modality ``tasks`` on an :class:`AVModel` (module docstring).
+
+    Parameters
+    ----------
+    tasks : sequence of str
+        :data:`LOCAL_TASKS` names, at least one.
+    zero_fill : bool
+        A batch without video feeds zeros ``(batch, *model.visual_shape)`` to the tasks that read it (MultiFL).
+
+    Reported: ``train_loss`` (the summed task losses) and ``train_accuracy`` of the first task's logits.
+    """
+
+    def __init__(self, tasks: Sequence[str], zero_fill: bool = False) -> None:
+        if not tasks:
+            raise ValueError("AVTasks: 'tasks' must name at least one task. Got [].")
+        self.names = tuple(tasks)
+        self.tasks = tuple(LOCAL_TASKS.build(name) for name in tasks)
+        self.groups = task_groups(tasks)
+        self.zero_fill = zero_fill
+
+    @property
+    def needs_visual(self) -> bool:
+        """Whether a task reads the visual input."""
+        return any(task.needs_visual for task in self.tasks)
+
+    def start(self, model: nn.Module) -> ObjectiveSession:
+        """Bind to ``model`` (an :class:`AVModel` in train mode); frozen encoders go to eval mode."""
+        if not isinstance(model, AVModel):
+            raise TypeError(f"AVTasks: the model must be an AVModel. Got {type(model).__name__}.")
+        return _AVSession(self, model)
+
+
+class _AVSession(_SeededSession):
+    def __init__(self, objective: AVTasks, model: AVModel) -> None:
+        super().__init__(model)
+        self.objective, self.av = objective, model
+        frozen = {g for task in objective.tasks for g in task.frozen} - set(objective.groups)
+        for group in frozen:  # frozen encoders: no BatchNorm statistics update either
+            getattr(model, group).eval()
+
+    def parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
+        """The trained groups' parameters (the frozen and unused groups are left alone)."""
+        return [p for g in self.objective.groups for p in getattr(model, g).parameters()]
+
+    def loss(self, inputs: AVInputs, labels: torch.Tensor, generator: torch.Generator) -> BatchLoss:
+        """Σ over the tasks of CE(logits, labels); correct predictions of the first task."""
+        self.seed(generator)
+        audio, visual = inputs
+        if visual is None and self.objective.needs_visual:  # only with zero_fill (checked by the caller)
+            visual = torch.zeros((audio.shape[0], *self.av.visual_shape), dtype=audio.dtype, device=audio.device)
+        total: torch.Tensor | None = None
+        first: torch.Tensor | None = None
+        for task in self.objective.tasks:
+            logits = task.loss(self.av, audio, visual)
+            loss = F.cross_entropy(logits, labels)
+            total = loss if total is None else total + loss
+            first = logits if first is None else first
+        assert total is not None and first is not None
+        return BatchLoss(total, int((first.detach().argmax(dim=1) == labels).sum()))
+
+
 def train_av_client(*, client_id: int, model: AVModel, global_state: StateDict, data: AVClientData,
                     tasks: Sequence[str], settings: LocalSettings, generator: torch.Generator,
                     zero_fill: bool = False) -> ClientUpdate:
@@ -124,7 +254,7 @@ def train_av_client(*, client_id: int, model: AVModel, global_state: StateDict, 
         The full global state (not modified).
     data : AVClientData
     tasks : sequence of str
-        :data:`LOCAL_TASKS` names, at least one; their losses are summed on every minibatch.
+        :data:`LOCAL_TASKS` names, at least one; their losses are summed on every minibatch (:class:`AVTasks`).
     settings : LocalSettings
         SGD settings (a new optimiser over the trained groups' parameters).
     generator : torch.Generator
@@ -136,9 +266,9 @@ def train_av_client(*, client_id: int, model: AVModel, global_state: StateDict, 
     Returns
     -------
     ClientUpdate
-        ``state``: the entries (parameters and buffers) of the trained groups only; ``metrics``: ``train_loss``
-        (summed task losses, sample-weighted mean over the last epoch), ``train_accuracy`` of the first task's
-        logits, ``num_batches``.
+        ``state``: the entries (parameters and buffers) of the trained groups only; ``metrics``: those of
+        :func:`~fedcore.algorithms.base.train_client`: ``train_loss`` (summed task losses, per example, last
+        epoch), ``train_accuracy`` of the first task's logits, ``num_batches``.
 
     Raises
     ------
@@ -152,53 +282,16 @@ def train_av_client(*, client_id: int, model: AVModel, global_state: StateDict, 
     check_generator(generator, "train_av_client")
     if not tasks:
         raise ValueError(f"train_av_client: client {client_id}: 'tasks' must name at least one task. Got [].")
-    built = [LOCAL_TASKS.build(name) for name in tasks]
-    for name, task in zip(tasks, built, strict=True):
+    objective = AVTasks(tasks, zero_fill)
+    for name, task in zip(tasks, objective.tasks, strict=True):
         if task.needs_visual and not data.has_video and not zero_fill:
             raise ValueError(f"train_av_client: client {client_id} has no video, so it cannot train task {name!r} "
                              f"(it needs the visual input). Fix: give it audio-only tasks, or zero_fill=True.")
-    groups = task_groups(tasks)
-    model.load_state_dict(global_state, strict=True)
-    model.train()
-    seed_dropout(model, generator)  # dropout masks from the client's generator: reproducible across threads
-    frozen = {g for task in built for g in task.frozen} - set(groups)
-    for group in frozen:  # frozen encoders: no BatchNorm statistics update either
-        getattr(model, group).eval()
-    params = [p for g in groups for p in getattr(model, g).parameters()]
-    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
-    visual_all = data.visual
-    if visual_all is None and any(task.needs_visual for task in built):
-        visual_all = torch.zeros((len(data), *model.visual_shape), dtype=data.audio.dtype)
-    num_batches, loss_sum, correct, counted = 0, 0.0, 0, 0
-    for epoch, step, index in epoch_batches(len(data), settings, generator):
-        if step == 0:
-            loss_sum, correct, counted = 0.0, 0, 0
-        audio, labels = data.audio[index], data.labels[index]
-        visual = None if visual_all is None else visual_all[index]
-        optimizer.zero_grad(set_to_none=True)
-        total: torch.Tensor | None = None
-        first_logits: torch.Tensor | None = None
-        for task in built:
-            logits = task.loss(model, audio, visual)
-            loss = F.cross_entropy(logits, labels)
-            total = loss if total is None else total + loss
-            first_logits = logits if first_logits is None else first_logits
-        assert total is not None and first_logits is not None
-        check_finite("train_av_client", client_id, float(total.detach()), epoch, step)
-        total.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-        num_batches += 1
-        loss_sum += float(total.detach()) * index.numel()
-        correct += int((first_logits.detach().argmax(dim=1) == labels).sum())
-        counted += index.numel()
-    seed_dropout(model, None)
-    state = to_cpu_state(model)
-    keys = group_keys(list(state), groups)
-    metrics = {"train_loss": loss_sum / counted, "train_accuracy": correct / counted,
-               "num_batches": float(num_batches)}
-    return ClientUpdate(client_id=client_id, state={k: state[k] for k in keys}, num_examples=len(data),
-                        metrics=metrics)
+    trained = train_client(client_id=client_id, model=model, global_state=global_state, data=data,
+                           algorithm=PLAIN_SGD, settings=settings, generator=generator, objective=objective)
+    keys = group_keys(list(trained.state), objective.groups)
+    return ClientUpdate(client_id=client_id, state={k: trained.state[k] for k in keys},
+                        num_examples=trained.num_examples, metrics=trained.metrics)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
@@ -206,6 +299,64 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     """``CE(student, y) + λ·T²·KL( softmax(teacher/T) ‖ softmax(student/T) )`` (batchmean; teacher detached)."""
     return F.cross_entropy(student_logits, labels) + lambd * distillation_kl(
         student_logits, teacher_logits, temperature, t2_scale=True)
+
+
+#: The inputs a teacher may read, by name, from a batch's ``(audio, visual)``.
+TEACHER_INPUTS = ("audio", "visual")
+
+
+class Distillation(Objective):
+    """Knowledge distillation of a frozen ``teacher`` into the trained student (:func:`kd_loss`).
+
+    Parameters
+    ----------
+    teacher : callable
+        Frozen; called with the inputs named in ``teacher_inputs`` under ``torch.no_grad`` (a torch module is put
+        in eval mode here, and no session trains it).
+    teacher_inputs : sequence of str
+        ``("audio",)`` or ``("audio", "visual")`` (a batch without video cannot feed the latter).
+    lambd, temperature : float
+        λ >= 0 and T > 0 of :func:`kd_loss`.
+
+    Reported: ``train_loss`` (the KD loss), ``train_accuracy`` (student) and ``teacher_accuracy`` (the teacher on
+    the same batches, per example over the last epoch, like the loop's metrics).
+    """
+
+    def __init__(self, teacher: Callable[..., torch.Tensor], teacher_inputs: Sequence[str], *, lambd: float,
+                 temperature: float) -> None:
+        if lambd < 0 or not temperature > 0:
+            raise ValueError(f"Distillation: 'lambd' must be >= 0 and 'temperature' > 0. Got {lambd!r}, "
+                             f"{temperature!r}.")
+        unknown = sorted(set(teacher_inputs) - set(TEACHER_INPUTS))
+        if unknown or not teacher_inputs:
+            raise ValueError(f"Distillation: 'teacher_inputs' must name audio and/or visual. Got {teacher_inputs!r}.")
+        if isinstance(teacher, nn.Module):
+            teacher.eval()  # frozen: no dropout, no BatchNorm statistics update (its sessions never train it)
+        self.teacher, self.teacher_inputs = teacher, tuple(teacher_inputs)
+        self.lambd, self.temperature = float(lambd), float(temperature)
+
+    def start(self, model: nn.Module) -> ObjectiveSession:
+        """Bind to the student ``model``."""
+        return _DistillSession(self, model)
+
+
+class _DistillSession(_SeededSession):
+    def __init__(self, objective: Distillation, student: nn.Module) -> None:
+        super().__init__(student)
+        self.objective = objective
+
+    def loss(self, inputs: AVInputs, labels: torch.Tensor, generator: torch.Generator) -> BatchLoss:
+        """The KD loss of the student on the batch's audio; the teacher's correct predictions as a sum."""
+        self.seed(generator)
+        objective = self.objective
+        sources = dict(zip(TEACHER_INPUTS, inputs, strict=True))
+        with torch.no_grad():
+            teacher_logits = objective.teacher(*(sources[name] for name in objective.teacher_inputs))
+        logits = self.model(sources["audio"])
+        loss = kd_loss(logits, teacher_logits, labels, lambd=objective.lambd, temperature=objective.temperature)
+        correct = int((logits.detach().argmax(dim=1) == labels).sum())
+        teacher_correct = float((teacher_logits.argmax(dim=1) == labels).sum())
+        return BatchLoss(loss, correct, sums={"teacher_accuracy": teacher_correct})
 
 
 def train_student(*, client_id: int, student: nn.Module, student_state: StateDict,
@@ -234,43 +385,12 @@ def train_student(*, client_id: int, student: nn.Module, student_state: StateDic
     """
     check_settings(settings, "train_student")
     check_generator(generator, "train_student")
-    if lambd < 0 or not temperature > 0:
-        raise ValueError(f"train_student: 'lambd' must be >= 0 and 'temperature' > 0. Got {lambd!r}, "
-                         f"{temperature!r}.")
-    unknown = sorted(set(teacher_inputs) - {"audio", "visual"})
-    if unknown or not teacher_inputs:
-        raise ValueError(f"train_student: 'teacher_inputs' must name audio and/or visual. Got {teacher_inputs!r}.")
-    if "visual" in teacher_inputs and not data.has_video:
+    objective = Distillation(teacher, teacher_inputs, lambd=lambd, temperature=temperature)
+    if "visual" in objective.teacher_inputs and not data.has_video:
         raise ValueError(f"train_student: client {client_id} has no video, which the teacher reads. "
                          "Fix: distil on the clients that hold every input of the teacher.")
-    student.load_state_dict(student_state, strict=True)
-    student.train()
-    seed_dropout(student, generator)
-    optimizer = torch.optim.SGD(student.parameters(), lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
-    sources = {"audio": data.audio, "visual": data.visual}
-    num_batches, loss_sum, correct, teacher_correct, counted = 0, 0.0, 0, 0, 0
-    for epoch, step, index in epoch_batches(len(data), settings, generator):
-        if step == 0:
-            loss_sum, correct, teacher_correct, counted = 0.0, 0, 0, 0
-        labels = data.labels[index]
-        with torch.no_grad():
-            teacher_logits = teacher(*(sources[name][index] for name in teacher_inputs))  # type: ignore[index]
-        optimizer.zero_grad(set_to_none=True)
-        logits = student(data.audio[index])
-        loss = kd_loss(logits, teacher_logits, labels, lambd=lambd, temperature=temperature)
-        check_finite("train_student", client_id, float(loss.detach()), epoch, step)
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-        num_batches += 1
-        loss_sum += float(loss.detach()) * index.numel()
-        correct += int((logits.detach().argmax(dim=1) == labels).sum())
-        teacher_correct += int((teacher_logits.argmax(dim=1) == labels).sum())
-        counted += index.numel()
-    seed_dropout(student, None)
-    metrics = {"train_loss": loss_sum / counted, "train_accuracy": correct / counted,
-               "teacher_accuracy": teacher_correct / counted, "num_batches": float(num_batches)}
-    return ClientUpdate(client_id=client_id, state=to_cpu_state(student), num_examples=len(data), metrics=metrics)
+    return train_client(client_id=client_id, model=student, global_state=student_state, data=data,
+                        algorithm=PLAIN_SGD, settings=settings, generator=generator, objective=objective)
 
 
 @torch.no_grad()

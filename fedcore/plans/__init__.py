@@ -9,5 +9,6 @@
   group aggregated over the clients that trained it.
 - :mod:`fedcore.plans.distill`: federated distillation of a frozen teacher into a student (ModalityMirror phase 2;
   the :class:`~fedcore.multimodal.train.Distillation` objective), on the clients that hold the teacher's inputs.
-- :mod:`fedcore.plans.common`: what plans share (the run's fingerprint).
+- :mod:`fedcore.plans.common`: what plans share (the run's fingerprint; :class:`AggregatorPlan`, whose server state
+  is its aggregator's).
 """

@@ -1,4 +1,5 @@
-"""Audio-visual engine: modality-wise aggregation, the KD loss, per-task local training, the methods' phases."""
+"""Audio-visual engine: modality-wise aggregation, the KD loss, the objectives of local training, the methods' phases,
+the evaluation."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from fedcore.multimodal import (
     train_av_client,
     train_student,
 )
+from fedcore.multimodal.evaluate import evaluate_av
 from fedcore.multimodal.models import FUSIONS, AttentionFusion
+from fedcore.multimodal.train import accuracy
 
 AUDIO_SHAPE = (1, 16, 20)
 
@@ -277,3 +280,68 @@ def test_dropout_masks_come_from_the_client_generator_not_the_global_rng() -> No
                                     settings=SETTINGS, generator=torch.Generator().manual_seed(9)))
     assert all(torch.equal(runs[0].state[k], runs[1].state[k]) for k in runs[0].state)
     assert all(m.generator is None for m in model.modules() if hasattr(m, "generator"))  # picklable afterwards
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@pytest.mark.parametrize("fusion", ["concat", "attention"])
+def test_evaluation_shares_the_audio_embedding_and_equals_the_forward_passes(fusion: str) -> None:
+    model = build_av_model(audio_cfg=ModelConfig(name="cnn", width=4, depth=2), audio_shape=(1, 16, 20),
+                           visual_shape=(1, 8, 8), num_classes=3, fusion=fusion, embed_dim=8, hidden_dim=8,
+                           visual_width=4, dropout=0.1, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    data = AVClientData(torch.randn(50, 1, 16, 20, generator=g), torch.rand(50, 1, 8, 8, generator=g),
+                        torch.randint(0, 3, (50,), generator=g))
+    model.eval()
+    expected = {
+        "audio_branch_accuracy": accuracy(lambda r: model.audio_logits(data.audio[r]), data.labels, 16),
+        "av_accuracy": accuracy(lambda r: model(data.audio[r], data.visual[r]), data.labels, 16),  # type: ignore
+        "zero_video_accuracy": accuracy(lambda r: model(data.audio[r], torch.zeros_like(data.visual[r])),  # type: ignore
+                                        data.labels, 16),
+    }
+    multifl = evaluate_av(model, AV_METHODS.build("multifl"), data, 16)
+    assert {k: multifl[k] for k in expected} == expected
+    assert multifl["audio_accuracy"] == expected["zero_video_accuracy"]
+    unifl = evaluate_av(model, AV_METHODS.build("unifl"), data, 7)
+    assert unifl == {"audio_branch_accuracy": expected["audio_branch_accuracy"],
+                     "audio_accuracy": expected["audio_branch_accuracy"]}
+
+
+def test_audio_task_training_equals_a_hand_written_sgd_loop_on_the_audio_branch() -> None:
+    """The objective in the one client loop: the same steps as plain SGD on the audio branch's cross-entropy."""
+    model = _model()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    data = _data(n=10)
+    settings = LocalSettings(epochs=2, batch_size=4, lr=0.1, momentum=0.5, weight_decay=0.01)
+    update = train_av_client(client_id=0, model=model, global_state=start, data=data, tasks=["audio"],
+                             settings=settings, generator=torch.Generator().manual_seed(3))
+    reference = _model()
+    reference.load_state_dict(start)
+    reference.train()
+    branch = [*reference.audio.parameters(), *reference.audio_head.parameters()]
+    optimizer = torch.optim.SGD(branch, lr=0.1, momentum=0.5, weight_decay=0.01)
+    g = torch.Generator().manual_seed(3)
+    losses = []
+    for _ in range(2):
+        order = torch.randperm(len(data), generator=g)
+        losses = []
+        for i in range(0, len(data), 4):
+            rows = order[i:i + 4]
+            optimizer.zero_grad()
+            loss = F.cross_entropy(reference.audio_logits(data.audio[rows]), data.labels[rows])
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()) * len(rows))
+    trained = reference.state_dict()
+    assert all(torch.equal(update.state[k], trained[k]) for k in update.state)
+    assert update.metrics["train_loss"] == pytest.approx(sum(losses) / len(data), rel=1e-12)
+    assert update.metrics["num_batches"] == 6.0
+
+
+def test_client_rows_come_as_audio_visual_pairs_with_their_labels() -> None:
+    data = _data(n=6)
+    (audio, visual), labels = data.batch(torch.tensor([4, 1]), torch.device("cpu"))
+    assert visual is not None
+    assert torch.equal(audio, data.audio[[4, 1]]) and torch.equal(labels, data.labels[[4, 1]])
+    assert torch.equal(visual, data.visual[[4, 1]])  # type: ignore[index]
+    (_, missing), _ = _data(n=6, video=False).batch(torch.tensor([0]), torch.device("cpu"))
+    assert missing is None

@@ -14,6 +14,7 @@ import yaml
 
 from fedcore.federation.checkpoint import load_state
 from fedcore.multimodal.data import video_clients
+from flows import av as av_flow
 from flows import distill as distill_flow
 from flows import download, features, partition
 from flows import modality as modality_flow
@@ -49,13 +50,12 @@ def avwork(tmp_path_factory: pytest.TempPathFactory, small_mirror: Path, prefect
     assert download.main(["--params", p, "--out", str(root / "raw"), "--downloads", str(root / "dl")]) == 0
     assert features.main(["--params", p, "--raw", str(root / "raw"), "--out", str(root / "features")]) == 0
     assert partition.main(["--params", p, "--features", str(root / "features"), "--out", str(root / "part")]) == 0
-    assert modality_flow.main(["av", "--params", p, "--features", str(root / "features"), "--visual",
-                               str(root / "av")]) == 0
+    assert av_flow.main(["--params", p, "--features", str(root / "features"), "--visual", str(root / "av")]) == 0
     return root
 
 
 def _train_args(p: str, name: str) -> list[str]:
-    return ["train", "--params", p, "--features", "features", "--partition", "part/partition.json", "--visual",
+    return ["--params", p, "--features", "features", "--partition", "part/partition.json", "--visual",
             "av", "--checkpoints", f"ck-{name}", "--model", f"{name}.st", "--metrics", f"{name}.json", "--plots",
             f"plots-{name}"]
 
@@ -84,7 +84,7 @@ def test_modality_mirror_then_distill_through_the_registry(avwork: Path, small_m
 
     monkeypatch.chdir(avwork)
     p = _write(avwork / "mm.yaml", _params(small_mirror, "modality_mirror"))
-    assert modality_flow.main(_train_args(p, "mm")) == 0
+    assert modality_flow.main(["train", *_train_args(p, "mm")]) == 0
     metrics = json.loads(Path("mm.json").read_text())
     video = video_clients(3, 0.34, 0)
     assert len(video) == 2 and metrics["video_clients"] == video  # exactly round(0.34 * 3) = 1 client without
@@ -112,8 +112,9 @@ def test_modality_mirror_then_distill_through_the_registry(avwork: Path, small_m
     assert distilled["audio_accuracy_before"] == pytest.approx(metrics["audio_branch_accuracy"], abs=1e-6)
     # the registered student, loaded as a user would, reproduces the logged score
     reloaded, _ = load_logged_model("models:/student-modality_mirror@final")
+    from fedcore.multimodal.evaluate import evaluate_student
     from tasks.common import read_params
-    from tasks.modality import evaluate_student, load_av_data
+    from tasks.modality import load_av_data
 
     data = load_av_data(Path("features"), Path("part/partition.json"), Path("av"), read_params(p).modality)
     assert evaluate_student(reloaded, data.test, 64)["audio_accuracy"] == pytest.approx(
