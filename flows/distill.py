@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +33,10 @@ from fedcore.federation.checkpoint import Checkpointer, file_digest, save_state
 from fedcore.federation.engine import run_rounds
 from fedcore.plans.distill import DistillPlan, run_fingerprint
 from flows import stage
-from flows.runners import task_runner
+from flows.runners import stage_runner
 from tasks.common import read_params, write_json, write_text
 from tasks.federate import rounds_tsv
-from tasks.modality import AUDIO_INPUTS, load_av_data, parallel_workers, plot_av_rounds
+from tasks.modality import AUDIO_INPUTS, load_av_data, plot_av_rounds
 from tasks.rounds import (
     ProgressCallback,
     TaskRunnerExecutor,
@@ -68,7 +67,7 @@ class DistillPaths:
 
 def distill(params: Params, paths: DistillPaths) -> dict[str, Any]:
     """Run the distill flow with the task runner of ``federation.runner`` (threads by default)."""
-    runner = task_runner(params.federation, parallel_workers(params))
+    runner = stage_runner(params)
     return distillation.with_options(task_runner=runner)(params, paths)
 
 
@@ -98,7 +97,6 @@ def distillation(params: Params, paths: DistillPaths) -> dict[str, Any]:
     progress = ProgressCallback(cfg.rounds, "distill rounds", "distill-progress", postfix)
     print(f"distill: teacher {cfg.teacher} (inputs {', '.join(teacher_inputs)}) → student {cfg.student} on "
           f"{len(plan.eligible)} clients: {plan.eligible}")
-    torch.set_num_threads(os.cpu_count() or 1)  # the server's threads (as in every round) for round 0's score
     run = run_rounds(plan, TaskRunnerExecutor(), checkpointer, [tracking, progress],
                      client_threads=fed.client_threads)
     history = [{"round": 0.0, **run.initial}, *run.history] if run.initial else run.history

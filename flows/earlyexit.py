@@ -32,9 +32,9 @@ from fedcore.federation.checkpoint import Checkpointer, file_digest, save_state
 from fedcore.federation.engine import run_rounds
 from fedcore.plans.earlyexit import EarlyExitPlan, run_fingerprint
 from flows import stage
-from flows.runners import task_runner
+from flows.runners import stage_runner
 from tasks.common import read_params, write_json, write_text
-from tasks.earlyexit import initial_state, new_model, new_model_spec, parallel_workers, plot_exits
+from tasks.earlyexit import initial_state, new_model, new_model_spec, plot_exits
 from tasks.federate import load_federated_data, rounds_tsv
 from tasks.rounds import (
     ProgressCallback,
@@ -62,7 +62,7 @@ class EarlyExitPaths:
 
 def earlyexit(params: Params, paths: EarlyExitPaths) -> dict[str, Any]:
     """Run the earlyexit flow with the task runner of ``federation.runner``."""
-    runner = task_runner(params.federation, parallel_workers(params))
+    runner = stage_runner(params)
     return earlyexit_training.with_options(task_runner=runner)(params, paths)
 
 

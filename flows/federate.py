@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ from fedcore.config import MlflowConfig, Params, flatten
 from fedcore.evaluation.downstream import load_downstream
 from fedcore.federation.checkpoint import Checkpointer, file_digest, save_state
 from fedcore.federation.engine import run_rounds
-from fedcore.federation.sampling import num_sampled
 from fedcore.models.spec import federate_model_spec
 from fedcore.plans.supervised import (
     SupervisedPlan,
@@ -40,7 +38,7 @@ from fedcore.plans.supervised import (
     run_fingerprint,
 )
 from flows import stage
-from flows.runners import task_runner
+from flows.runners import stage_runner
 from tasks.common import read_params, write_json, write_text
 from tasks.federate import ROUND_COLUMNS, load_federated_data, plot_downstream, plot_rounds, rounds_tsv
 from tasks.rounds import (
@@ -72,12 +70,6 @@ class FederatePaths:
     downstream: Path = Path("data/downstream")
 
 
-def parallel_workers(params: Params) -> int:
-    """Clients trained at once: ``max_workers`` or the cores, never more than the clients of a round."""
-    fed = params.federation
-    cores = os.cpu_count() or 1
-    per_round = num_sampled(params.partition.num_clients, fed.client_fraction, fed.min_clients)
-    return max(1, min(fed.max_workers or cores, per_round))
 
 
 def intra_op_threads(params: Params) -> int:
@@ -91,7 +83,7 @@ def intra_op_threads(params: Params) -> int:
 
 def federate(params: Params, paths: FederatePaths) -> dict[str, Any]:
     """Run the federate flow with the task runner named in ``federation.runner``."""
-    runner = task_runner(params.federation, parallel_workers(params))
+    runner = stage_runner(params)
     return federated_training.with_options(task_runner=runner)(params, paths)
 
 

@@ -34,10 +34,10 @@ from fedcore.models.spec import audio_branch_spec
 from fedcore.multimodal import AVModel, audio_branch
 from fedcore.plans.modality import ModalityPlan, run_fingerprint
 from flows import stage
-from flows.runners import task_runner
+from flows.runners import stage_runner
 from tasks.common import read_params, write_json, write_text
 from tasks.federate import rounds_tsv
-from tasks.modality import AUDIO_INPUTS, AV_INPUTS, load_av_data, new_model_spec, parallel_workers, plot_av_rounds
+from tasks.modality import AUDIO_INPUTS, AV_INPUTS, load_av_data, new_model_spec, plot_av_rounds
 from tasks.rounds import (
     ProgressCallback,
     TaskRunnerExecutor,
@@ -71,7 +71,7 @@ class ModalityPaths:
 
 def modality(params: Params, paths: ModalityPaths) -> dict[str, Any]:
     """Run the modality flow with the task runner of ``federation.runner`` (threads by default)."""
-    runner = task_runner(params.federation, parallel_workers(params))
+    runner = stage_runner(params)
     return modality_training.with_options(task_runner=runner)(params, paths)
 
 

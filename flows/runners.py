@@ -7,6 +7,7 @@ A cluster at ``federation.address`` is used as it is: secure it by its own means
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -14,8 +15,9 @@ from typing import Any
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from fedcore.config import FederationConfig, register_names_lookup
+from fedcore.config import FederationConfig, Params, register_names_lookup
 from fedcore.errors import ConfigError
+from fedcore.federation.sampling import num_sampled
 from fedcore.registry import Registry
 
 RUNNERS: Registry[TaskRunner[Any]] = Registry("runner")
@@ -23,6 +25,22 @@ register_names_lookup("runner", RUNNERS.names)
 
 LOOPBACK = "127.0.0.1"
 """The only interface a local cluster listens on."""
+
+
+def parallel_workers(params: Params) -> int:
+    """Clients trained at once (the runner's workers): ``max_workers`` or the cores, at most a round's clients.
+
+    Only a knob of speed: each client runs on ``federation.client_threads`` torch threads whatever this is (the
+    round loop's thread policy), so the metrics are the same at any ``max_workers``.
+    """
+    fed = params.federation
+    per_round = num_sampled(params.partition.num_clients, fed.client_fraction, fed.min_clients)
+    return max(1, min(fed.max_workers or os.cpu_count() or 1, per_round))
+
+
+def stage_runner(params: Params) -> TaskRunner[Any]:
+    """The task runner of a training stage: ``federation.runner`` with :func:`parallel_workers` workers."""
+    return task_runner(params.federation, parallel_workers(params))
 
 
 def task_runner(fed: FederationConfig, max_workers: int) -> TaskRunner[Any]:

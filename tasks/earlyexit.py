@@ -5,7 +5,6 @@ Client training, aggregation and evaluation are the plan's (:mod:`fedcore.plans.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ import torch
 from fedcore.aggregation.state import StateDict
 from fedcore.config import Params
 from fedcore.earlyexit.models import EarlyExitModel
-from fedcore.federation.sampling import num_sampled
 from fedcore.models.spec import ModelSpec, check_finite, exit_model_spec, read_state
 from fedcore.plans.earlyexit import exit_model, exit_spec
 from tasks.common import pyplot, save_figure
@@ -89,14 +87,6 @@ def initial_state(params: Params, num_classes: int, input_shape: tuple[int, int,
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, left
 
 
-def parallel_workers(params: Params) -> int:
-    """Clients trained at once: ``max_workers`` or the cores, never more than the clients of a round.
-
-    Only a knob of speed: each client runs on ``federation.client_threads`` threads whatever this is.
-    """
-    fed = params.federation
-    per_round = num_sampled(params.partition.num_clients, fed.client_fraction, fed.min_clients)
-    return max(1, min(fed.max_workers or os.cpu_count() or 1, per_round))
 
 
 def plot_exits(history: Sequence[dict[str, Any]], exits: Sequence[int], path: Path, title: str) -> None:

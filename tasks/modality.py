@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ import torch
 
 from fedcore.config import ModalityConfig, Params
 from fedcore.data.features import FeatureStore
-from fedcore.federation.sampling import num_sampled
 from fedcore.models.spec import ModelSpec, av_model_spec
 from fedcore.multimodal.data import (
     digit_images,
@@ -39,8 +37,8 @@ from tasks.common import pyplot, read_json, save_figure, write_json, write_text
 
 #: The inputs of the audio-visual model, in call order (an MLflow tag; an audio-only model's: AUDIO_INPUTS).
 AV_INPUTS = ("audio", "visual")
-__all__ = ["AUDIO_INPUTS", "AV_INPUTS", "AVData", "load_av_data", "new_model", "new_model_spec", "parallel_workers",
-           "plot_av_rounds", "write_visual_store"]
+__all__ = ["AUDIO_INPUTS", "AV_INPUTS", "AVData", "load_av_data", "new_model", "new_model_spec", "plot_av_rounds",
+           "write_visual_store"]
 
 VISUAL_FILE = "visual.npy"
 
@@ -144,15 +142,6 @@ def new_model_spec(params: Params, data: AVData) -> ModelSpec:
     return av_model_spec(params.model, params.modality, data.audio_shape, data.visual_shape, data.num_classes)
 
 
-def parallel_workers(params: Params) -> int:
-    """Clients trained at once (the task runner's workers): ``max_workers`` or the cores, at most the clients.
-
-    Only a knob of speed: each client runs on ``federation.client_threads`` torch threads whatever this is (the
-    round loop's thread policy), so the metrics are the same at any ``max_workers``.
-    """
-    fed = params.federation
-    per_round = num_sampled(params.partition.num_clients, fed.client_fraction, fed.min_clients)
-    return max(1, min(fed.max_workers or os.cpu_count() or 1, per_round))
 
 
 def plot_av_rounds(history: Sequence[dict[str, float]], path: Path, title: str) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,10 +26,8 @@ from prefect.cache_policies import NO_CACHE
 from typing_extensions import override
 
 from fedcore.aggregation.state import StateDict
-from fedcore.config import FederationConfig
-from fedcore.federation.checkpoint import Checkpointer, save_state
+from fedcore.federation.checkpoint import save_state
 from fedcore.federation.engine import Callback, Job, Result, RoundResult, Run, run_job
-from fedcore.federation.policy import required_updates
 from tasks.common import read_json, write_json
 from tasks.progress import Progress
 from tasks.tracking import WEIGHTS_FILE
@@ -39,38 +36,6 @@ log = logging.getLogger(__name__)
 
 #: Suffix of the run record beside a stage's metrics file (``metrics/federate.json`` -> ``federate.run.json``).
 RUN_RECORD_SUFFIX = ".run.json"
-
-
-def quorum_of(fed: FederationConfig, num_jobs: int) -> int:
-    """The accepted updates a round of ``num_jobs`` client jobs needs (``federation.min_accepted``)."""
-    return required_updates(fed.min_accepted, num_jobs)
-
-
-def rejection_record(server_round: int, failed: Mapping[int, str], rejected: Mapping[int, str]) -> dict[str, Any]:
-    """One round's rejected clients with their reasons (failed ones included), for the round log."""
-    return {"round": server_round, "failed": sorted(failed),
-            "rejected": {str(client): reason for client, reason in sorted(rejected.items())}}
-
-
-def resume_from(checkpointer: Checkpointer, stage: str, *, reference: StateDict | None = None,
-                also_verify: Callable[[int], list[str]] | None = None,
-                ) -> tuple[tuple[int, StateDict, dict[str, Any], dict[str, Any]] | None, list[str]]:
-    """The newest verified checkpoint of ``checkpointer`` (or None) and what was reported while looking for it.
-
-    Each damaged or mismatching file is reported on stderr as ``<stage>: <message>`` (and kept on disk); the run
-    falls back to the newest round whose file verifies against ``reference`` (keys, shapes, dtypes, finite
-    values) and for which ``also_verify(round)`` (e.g. the client store's check) finds nothing.
-    :class:`~fedcore.errors.CheckpointError` (files there, none usable) propagates: its message names the fix.
-    """
-    reports: list[str] = []
-
-    def report(message: str) -> None:
-        reports.append(message)
-        sys.stderr.write(f"{stage}: {message}\n")  # stderr directly: Prefect's log_prints captures print
-        sys.stderr.flush()
-
-    loaded = checkpointer.load_latest(reference=reference, also_verify=also_verify, report=report)
-    return loaded, reports
 
 
 # ------------------------------------------------------------------------------------- executor and callbacks

@@ -370,6 +370,8 @@ def run_rounds(plan: Plan, executor: Executor, checkpointer: Checkpointer, callb
     CheckpointError
         If the checkpoint folder holds files of this run of which none verifies.
     """
+    server = server_threads or os.cpu_count() or 1
+    torch.set_num_threads(server)  # the initial state's scores are the server's work too
     run = _resume(plan, checkpointer, plan.initial_state())
     store = plan.client_store
     try:
@@ -381,7 +383,7 @@ def run_rounds(plan: Plan, executor: Executor, checkpointer: Checkpointer, callb
             torch.set_num_threads(client_threads)  # clients in parallel, each on its share of the cores
             submitted = [(job.client, executor.submit(job)) for job in jobs]
             updates, failed = gather_updates(submitted)
-            torch.set_num_threads(server_threads or os.cpu_count() or 1)  # no client trains now: the server's turn
+            torch.set_num_threads(server)  # no client trains now: the server's turn
             try:
                 result = plan.combine(run.state, updates, failed, server_round,
                                       required_updates(plan.min_accepted, len(jobs)))

@@ -7,7 +7,7 @@ aggregation; ``evaluate``: the scores of an AV model and of an audio-only studen
 methods. Their rounds are plans of the one round loop: :mod:`fedcore.plans.modality`, :mod:`fedcore.plans.distill`.
 """
 
-from fedcore.multimodal.aggregate import ModalityAggregate, modality_wise
+from fedcore.multimodal.aggregate import modality_wise
 from fedcore.multimodal.evaluate import evaluate_av, evaluate_student
 from fedcore.multimodal.methods import AV_METHODS, AVMethod, Phase
 from fedcore.multimodal.models import FUSIONS, GROUPS, AudioBranch, AVModel, audio_branch, build_av_model
@@ -24,6 +24,6 @@ from fedcore.multimodal.train import (
 
 __all__ = [
     "AV_METHODS", "FUSIONS", "GROUPS", "LOCAL_TASKS", "AVClientData", "AVData", "AVMethod", "AVModel", "AVTasks",
-    "AudioBranch", "Distillation", "ModalityAggregate", "Phase", "audio_branch", "build_av_model", "evaluate_av",
+    "AudioBranch", "Distillation", "Phase", "audio_branch", "build_av_model", "evaluate_av",
     "evaluate_student", "kd_loss", "modality_wise", "train_av_client", "train_student",
 ]

@@ -7,42 +7,34 @@ group, restricted to its keys; a group no client sent this round keeps its globa
 phase 1 ("audio encoder: FedAvg over every client with audio; video encoder and fusion: over the multimodal
 clients") and Harmony's modality-wise stage.
 
-Updates are screened whole first (:func:`~fedcore.aggregation.base.screen_updates` with partial updates): a client
-whose update is malformed or holds a non-finite value in any group is left out of every group, with its reason,
-and so is a client whose training failed; fewer than ``min_accepted`` accepted clients raise
+This is the one partial aggregation (:func:`fedcore.aggregation.partial.aggregate_partial`) with a group per
+parameter group and each client's n_k as its weight: its screening applies, so a client whose update is malformed,
+holds a non-finite value in any group or part of a group without the rest is left out of every group, with its
+reason, and so is a client whose training failed; fewer than ``min_accepted`` accepted clients raise
 :class:`~fedcore.errors.QuorumError` (the round is not applied).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
-from fedcore.aggregation.base import Aggregator, ClientUpdate, screen_round
+from fedcore.aggregation.base import Aggregator, ClientUpdate
+from fedcore.aggregation.partial import PartialAggregate, aggregate_partial
 from fedcore.aggregation.state import StateDict
 from fedcore.multimodal.models import group_of
 
-
-@dataclass(frozen=True)
-class ModalityAggregate:
-    """The new global state and, per group, the ids of the clients it was aggregated over (sorted)."""
-
-    state: StateDict
-    participants: dict[str, list[int]]
-    #: ``"client <id>: <reason>"`` of every client left out of the round (failed or screened out).
-    rejected: Mapping[int, str] = dataclasses.field(default_factory=dict)
+__all__ = ["modality_wise"]
 
 
 def modality_wise(aggregator: Aggregator, global_state: StateDict, updates: Sequence[ClientUpdate],
                   server_round: int, *, failed: Mapping[int, str] | None = None,
-                  min_accepted: int = 1) -> ModalityAggregate:
+                  min_accepted: int = 1) -> PartialAggregate:
     """Aggregate each parameter group of ``global_state`` over the updates that carry it.
 
     Parameters
     ----------
     aggregator : Aggregator
-        Applied once per group to the group's keys (its screening, weighting and casting apply per group).
+        Applied once per group to the group's keys (its weighting and casting apply per group).
     global_state : dict of str to Tensor
         The full global state w_t (not modified).
     updates : sequence of ClientUpdate
@@ -55,7 +47,8 @@ def modality_wise(aggregator: Aggregator, global_state: StateDict, updates: Sequ
 
     Returns
     -------
-    ModalityAggregate
+    PartialAggregate
+        ``state``: the full next state; ``participants``: per group (``audio``, ``visual``, ...), the clients.
 
     Raises
     ------
@@ -64,28 +57,5 @@ def modality_wise(aggregator: Aggregator, global_state: StateDict, updates: Sequ
     AggregationError
         If a client id repeats (also between ``updates`` and ``failed``).
     """
-    keys_of: dict[str, list[str]] = {}
-    for key in global_state:
-        keys_of.setdefault(group_of(key), []).append(key)
-
-    def partial_group(update: ClientUpdate) -> str | None:
-        groups = sorted({group_of(key) for key in update.state})
-        missing = [k for g in groups for k in keys_of[g] if k not in update.state]
-        return f"must send all of a group or none of it; missing {missing[:5]!r}" if missing else None
-
-    updates, rejected = screen_round(global_state, updates, server_round, failed=failed, min_accepted=min_accepted,
-                                     partial=True, required_metrics=aggregator.required_metrics, also=partial_group,
-                                     where="modality_wise")
-    state = dict(global_state)
-    participants: dict[str, list[int]] = {}
-    for group, keys in keys_of.items():
-        holders = [u for u in updates if keys[0] in u.state]
-        if not holders:
-            continue
-        sub_global = {k: global_state[k] for k in keys}
-        sub_updates = [ClientUpdate(u.client_id, {k: u.state[k] for k in keys}, u.num_examples, u.metrics)
-                       for u in holders]
-        result = aggregator.aggregate(sub_global, sub_updates, server_round)
-        state.update(result.state)
-        participants[group] = sorted(u.client_id for u in holders if u.client_id not in result.rejected)
-    return ModalityAggregate(state=state, participants=participants, rejected=rejected)
+    return aggregate_partial(aggregator, global_state, updates, server_round, group_of=group_of, failed=failed,
+                             min_accepted=min_accepted, where="modality_wise")

@@ -26,12 +26,13 @@ import torch
 from typing_extensions import override
 
 from fedcore.aggregation.base import ClientUpdate
+from fedcore.aggregation.partial import PartialAggregate
 from fedcore.aggregation.state import StateDict, to_cpu_state
 from fedcore.config import FederationConfig, ModalityConfig, ModelConfig, Params
 from fedcore.federation.engine import Job, RoundResult
 from fedcore.federation.sampling import client_generator, round_rng, sample_clients
 from fedcore.federation.schedules import learning_rate
-from fedcore.multimodal.aggregate import ModalityAggregate, modality_wise
+from fedcore.multimodal.aggregate import modality_wise
 from fedcore.multimodal.evaluate import evaluate_av
 from fedcore.multimodal.methods import AV_METHODS, AVMethod, Phase
 from fedcore.multimodal.models import AVModel, build_av_model
@@ -152,17 +153,20 @@ class ModalityPlan(AggregatorPlan):
         # a round whose sampled clients have nothing to train in this phase leaves the model as it is
         result = (modality_wise(self.aggregator, state, updates, server_round, failed=failed,
                                 min_accepted=min_accepted)
-                  if updates or failed else ModalityAggregate(state, {}))
+                  if updates or failed else PartialAggregate(state, {}))
         number, _ = self.phase(server_round)
+        accepted = [u for u in updates if u.client_id not in result.rejected]
         metrics = {
             "phase": float(number),
-            "train_loss_mean": sum(float(u.metrics["train_loss"]) for u in updates) / max(1, len(updates)),
+            "train_loss_mean": sum(float(u.metrics["train_loss"]) for u in accepted) / max(1, len(accepted)),
             "num_clients": float(len(updates) + len(failed) - len(result.rejected)),
             "num_audio_clients": float(len(result.participants.get("audio", []))),
             "num_visual_clients": float(len(result.participants.get("visual", []))),
             "lr": learning_rate(self.params.federation, server_round),
         }
-        return RoundResult(result.state, result.rejected, metrics, {"participants": result.participants})
+        record = {"participants": {str(group): clients for group, clients in result.participants.items()},
+                  "flagged": sorted(result.flagged)}
+        return RoundResult(result.state, result.rejected, metrics, record)
 
     @override
     def evaluate(self, state: StateDict, server_round: int, result: RoundResult) -> dict[str, float]:
