@@ -14,7 +14,6 @@ The executor, tracking and progress callbacks:
 
 from __future__ import annotations
 
-import logging
 import platform
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -31,8 +30,6 @@ from fedcore.federation.engine import Callback, Job, Result, RoundResult, Run, r
 from tasks.common import read_json, write_json
 from tasks.progress import Progress
 from tasks.tracking import WEIGHTS_FILE
-
-log = logging.getLogger(__name__)
 
 #: Suffix of the run record beside a stage's metrics file (``metrics/federate.json`` -> ``federate.run.json``).
 RUN_RECORD_SUFFIX = ".run.json"
