@@ -35,6 +35,19 @@ class Study:
 STUDIES: dict[str, Study] = {
     "fedavg": Study("download → features → partition → poison → federate: the FedAvg family, robust aggregation, "
                     "personalised local algorithms and attacks, as params.yaml sets them"),
+    "personalised": Study("personalised FL: FedMLAC's heterogeneous personal models + shared Plug-in with lpa (or "
+                          "FML, local-only), download → … → poison → federate", "studies/personalised/dvc.yaml",
+                          "studies/personalised/params.yaml", "metrics/personalised/federate.json"),
+    "fassl": Study("federated self-supervised pretraining (SimCLR) scored per round on downstream tasks, then the "
+                   "best round per task registered (select)", "studies/fassl/dvc.yaml", "studies/fassl/params.yaml",
+                   "metrics/fassl/federate.json"),
+    "modalitymirror": Study("audio-visual FL with missing video (ModalityMirror phase 1: av → modality), then "
+                            "federated distillation into the audio model (distill)",
+                            "studies/modalitymirror/dvc.yaml", "studies/modalitymirror/params.yaml",
+                            "metrics/modalitymirror/distill.json"),
+    "earlyexit": Study("early-exit fine-tuning of a transformer by clients of three compute tiers, depth-aware "
+                       "aggregation", "studies/earlyexit/dvc.yaml", "studies/earlyexit/params.yaml",
+                       "metrics/earlyexit/earlyexit.json"),
 }
 """Study name → its pipeline. Add an entry (and its dvc.yaml) to offer a study in the CLI and the deployment."""
 

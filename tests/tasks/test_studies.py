@@ -68,7 +68,7 @@ def test_every_field_is_described() -> None:
 @pytest.mark.parametrize(("request_", "message"), [
     ({"aggregator": "fedsgd"}, "aggregator\n  Input should be 'fairavg', 'fedadam'"),
     ({"attack": "flip"}, "attack\n  Input should be"),
-    ({"study": "fassl"}, "study\n  Input should be 'fedavg'"),
+    ({"study": "nosuchstudy"}, "study\n  Input should be 'fedavg'"),
     ({"rounds": 0}, "rounds\n  Input should be greater than or equal to 1"),
     ({"attack_fraction": 1.5}, "attack_fraction\n  Input should be less than or equal to 1"),
     ({"params_file": "tiny.yaml"}, "params_file\n  Extra inputs are not permitted"),
