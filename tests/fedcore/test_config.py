@@ -155,7 +155,8 @@ def test_string_fields_spelled_nan_or_inf_stay_valid(tmp_path: Path) -> None:
 def test_each_rule_declares_its_own_options_and_unknown_ones_are_refused() -> None:
     from fedcore.config import load_params
 
-    params = load_params({"aggregation": {"rules": {"fedadam": {"server_lr": 0.3}, "trimmed_mean": {"trim_beta": 0.1}}},
+    rules = {"fedadam": {"server_lr": 0.3}, "trimmed_mean": {"trim_beta": 0.1}}
+    params = load_params({"aggregation": {"rules": rules},
                           "attack": {"name": "scaling", "options": {"scaling": {"scaling_boost": 3.0}}}})
     assert params.aggregation.options_of("fedadam") == {"flag_ratio": 0.5, "server_lr": 0.3}
     assert params.aggregation.options_of("median") == {"flag_ratio": 0.5}  # not listed: its defaults
