@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 params["model"].update(name="cnn", width=args.width, depth=args.depth)
                 params["federation"].update(rounds=args.rounds, client_fraction=min(1.0, sampled / count),
                                             min_clients=sampled, local_algorithm=args.algorithm,
-                                            aggregator=None, log_model_every=args.rounds)
+                                            aggregator=None)
+                params.setdefault("execution", {}).update(log_model_every=args.rounds)
                 params["mlflow"].update(experiment="fedaudio-client-scale", registered_model="")
                 params_file = scratch / f"{name}.yaml"
                 params_file.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -133,10 +133,11 @@ def run_flower(workload: Path, work: Path, rounds: int) -> dict[str, Any] | None
 
 
 def run_fedaudio(params_file: Path, work: Path, variant: str, rounds: int) -> dict[str, Any]:
-    """The project's federate flow in a child process, with ``federation.runner[:max_workers]`` from ``variant``."""
+    """The project's federate flow in a child process, with ``execution.runner[:max_workers]`` from ``variant``."""
     runner, _, workers = variant.partition(":")
     raw = yaml.safe_load(params_file.read_text())
-    raw["federation"].update(runner=runner, max_workers=int(workers) if workers else None, rounds=rounds)
+    raw.setdefault("execution", {}).update(runner=runner, max_workers=int(workers) if workers else None)
+    raw["federation"].update(rounds=rounds)
     name = variant.replace(":", "-")
     folder = work / f"fedaudio-{name}"
     shutil.rmtree(folder, ignore_errors=True)  # a fresh run, never a resumed one

@@ -80,6 +80,7 @@ def main() -> None:
                              "is the product)")
     args = parser.parse_args()
     base = yaml.safe_load(args.params.read_text()) or {}
+    rules = dict((base.get("aggregation") or {}).get("rules") or {})
     data = load_federated_data(args.features, args.partition)
     axes = [[(name, float(value)) for value in values.split(",")]
             for name, values in (option.split("=", 1) for option in args.option)]
@@ -96,7 +97,8 @@ def main() -> None:
                               "momentum": momentum, "lr_schedule": schedule, "batch_size": args.batch_size,
                               "aggregator": args.aggregator, "local_algorithm": "fedavg", "client_fraction": 1.0,
                               "min_accepted": 1},
-               "aggregation": {**base.get("aggregation", {}), **option}}
+               "aggregation": {**base.get("aggregation", {}), "rules": {
+                   **rules, args.aggregator: {**(rules.get(args.aggregator) or {}), **option}}}}
         started = time.perf_counter()
         curve = sweep_point(raw, data, args.threads)
         print(f"{args.aggregator} {option} E={epochs} lr={lr} ({schedule}) momentum={momentum}: "

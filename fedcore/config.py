@@ -26,11 +26,25 @@ C = TypeVar("C")
 
 # Registries are looked up lazily by name so that importing the config does not import torch.
 _REGISTRY_LOOKUP: dict[str, Callable[[], list[str]]] = {}
+_REGISTRIES: dict[str, Any] = {}
 
 
 def register_names_lookup(family: str, names: Callable[[], list[str]]) -> None:
     """Let configs check a field against a registry family without importing it eagerly."""
     _REGISTRY_LOOKUP[family] = names
+
+
+def register_registry(family: str, registry: Any) -> None:
+    """Let configs check a field, and a mapping of members to their options, against a registry family."""
+    _REGISTRIES[family] = registry
+    _REGISTRY_LOOKUP[family] = registry.names
+
+
+def _registry(family: str) -> Any:
+    """The registry of ``family`` (None when no layer registered it)."""
+    if family not in _REGISTRIES:
+        import fedcore.plugins  # noqa: F401  (imports every pluggable family, which registers it)
+    return _REGISTRIES.get(family)
 
 
 def _registry_names(family: str) -> list[str] | None:
@@ -175,10 +189,6 @@ class FederationConfig:
     send: str = _opt("all", "parameter group clients send and the server aggregates: all, backbone, head",
                      registry="param_group")
     eval_batch_size: int = _opt(256, "batch size of evaluation", ge=1)
-    log_model_every: int = _opt(1, "log the global model to MLflow every k rounds (and the last)", ge=1)
-    runner: str = _opt("threads", "task runner of client updates: threads, processes, dask or ray", registry="runner")
-    max_workers: int | None = _opt(None, "parallel clients (None: number of cores)", ge=1)
-    address: str | None = _opt(None, "dask/ray: address of a running cluster (None: start a local one)")
     seed: int = _opt(0, "seed of model init, client sampling and shuffling", ge=0)
     min_accepted: int | float = _opt(0.5, "quorum of a round: accepted updates needed, as a count (int >= 1) or a "
                                           "share of the round's clients (float in (0, 1]); below it the round is "
@@ -356,43 +366,86 @@ class DownstreamConfig:
         return [DownstreamTaskConfig(**spec) for spec in self.tasks]
 
 
+def member_options_problems(section: str, name: str, family: str, options: Any) -> list[str]:
+    """Problems of a ``{member: {option: value}}`` mapping of a registry family (every member declares its own).
+
+    A member's options are its factory's keyword arguments: each member named must be registered, each option
+    must be one its factory takes (unknown ones are refused, never dropped), and the member must build with them
+    (its own range checks). Members not named take their defaults.
+    """
+    if not isinstance(options, Mapping):
+        return [f"{section}: '{name}' must be a mapping of {family} names to their options. Got {options!r}."]
+    registry = _registry(family)
+    problems: list[str] = []
+    for member, values in options.items():
+        where = f"{section}: '{name}.{member}'"
+        if registry is None:
+            break
+        if member not in registry:
+            problems.append(f"{where}: no {family} is registered as {member!r}; registered: "
+                            f"{', '.join(registry.names())}.")
+            continue
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            problems.append(f"{where} must be a mapping of option names to values. Got {values!r}.")
+            continue
+        accepted = registry.options(member)
+        if unknown := sorted(set(values) - set(accepted)):
+            problems.append(f"{where}: unknown options {unknown}; {member} takes {sorted(accepted)}.")
+            continue
+        if non_finite := _non_finite_problems(section, f"{name}.{member}", dict(values)):
+            problems.extend(non_finite)
+            continue
+        try:
+            registry.build(member, **dict(values))
+        except (TypeError, ValueError) as error:
+            problems.append(f"{where}: {error}")
+    return problems
+
+
 @dataclass(frozen=True, kw_only=True)
 class AggregationConfig:
-    """Options of the server-side rules; each rule takes the ones named after it (fedcore/aggregation)."""
+    """Server-side rules (fedcore/aggregation): ``flag_ratio`` for every rule, and each rule's own options.
+
+    ``rules`` maps a rule's name to its options, the keyword arguments of its class (e.g. ``fedadam: {server_lr:
+    0.1}``); a rule not listed takes its defaults. A plugin rule's options go here too.
+    """
 
     flag_ratio: float = _opt(0.5, "flag a client whose effective weight < this × its nominal weight [A]",
                              ge=0.0, le=1.0)
-    loss_gamma: float = _opt(0.0, "loss: FedAvg share γ of the mix (FedVSSL: 0.2)", ge=0.0, le=1.0)
-    ldawa_warmup_rounds: int = _opt(2, "ldawa: FedAvg rounds before L-DAWA (reference code: 2)", ge=0)
-    lpa_rule: Literal["mad", "fraction"] = _opt("mad", "lpa: prune by median + κ·MAD, or a fixed top fraction")
-    lpa_kappa: float = _opt(2.5, "lpa: κ of the MAD rule [A]", ge=0.0)
-    lpa_fraction: float = _opt(0.2, "lpa: fraction pruned per layer by the fraction rule [A]", ge=0.0, lt=1.0)
-    lpa_center: Literal["median", "global"] = _opt("median", "lpa: deviations from the coordinate median or w_t")
-    trim_beta: float = _opt(0.2, "trimmed_mean: β trimmed from each side [A]", ge=0.0, lt=0.5)
-    krum_f: int | None = _opt(None, "krum/multikrum: Byzantine clients tolerated (None: ⌊(K−3)/2⌋)", ge=0)
-    multikrum_m: int | None = _opt(None, "multikrum: clients averaged (None: K − f)", ge=1)
-    server_lr: float = _opt(0.1, "fedadam/fedyogi: server learning rate η [A] (chosen on validation)", gt=0.0)
-    server_beta1: float = _opt(0.9, "fedadam/fedyogi: β₁", ge=0.0, lt=1.0)
-    server_beta2: float = _opt(0.99, "fedadam/fedyogi: β₂", ge=0.0, lt=1.0)
-    server_tau: float = _opt(1e-3, "fedadam/fedyogi: adaptivity τ", gt=0.0)
-    server_averaged: list[str] = _opt(["running_mean", "running_var"],
-                                      "fedadam/fedyogi: entries (by name suffix) that get FedAvg's mean instead of "
-                                      "the optimiser step: statistics, not parameters [A]")
+    rules: dict[str, Any] = _opt({}, "options of each rule, by rule name (the keyword arguments of its class)")
+
+    def check(self) -> list[str]:
+        """Every rule named is registered and builds with its options."""
+        return member_options_problems("aggregation", "rules", "aggregator", self.rules)
+
+    def options_of(self, name: str) -> dict[str, Any]:
+        """The keyword arguments rule ``name`` is built with: ``flag_ratio`` and its own options."""
+        return {"flag_ratio": self.flag_ratio, **dict(self.rules.get(name) or {})}
 
 
 @dataclass(frozen=True, kw_only=True)
 class AttackConfig:
-    """Byzantine attack on model updates by a fixed, seeded set of clients (fedcore/attacks)."""
+    """Byzantine attack on model updates by a fixed, seeded set of clients (fedcore/attacks).
+
+    ``options`` maps an attack's name to its options, the keyword arguments of its class (e.g. ``sign_flip:
+    {sign_flip_scale: 4.0}``); an attack not listed takes its defaults.
+    """
 
     name: str = _opt("none", "none | sign_flip | scaling | gaussian | alie | nan", registry="attack")
     client_fraction: float = _opt(0.0, "fraction of clients that are malicious", ge=0.0, le=1.0)
-    sign_flip_scale: float = _opt(4.0, "sign_flip: send w_t − s·Δ (RSA uses s = 4)", gt=0.0)
-    scaling_boost: float = _opt(10.0, "scaling: send w_t + s·Δ [A]", gt=0.0)
-    gaussian_sigma: float = _opt(1.0, "gaussian: send w_t + σ·N(0, I) [A]", gt=0.0)
-    alie_z: float | None = _opt(None, "alie: z (None: z_max of Baruah et al. 2019)", ge=0.0)
-    nan_value: Literal["nan", "inf"] = _opt("nan", "nan: the value sent")
     include_buffers: bool = _opt(False, "also corrupt floating buffers (BatchNorm statistics)")
     seed: int = _opt(0, "seed of the malicious set and of random attacks", ge=0)
+    options: dict[str, Any] = _opt({}, "options of each attack, by attack name (the keyword arguments of its class)")
+
+    def check(self) -> list[str]:
+        """Every attack named is registered and builds with its options."""
+        return member_options_problems("attack", "options", "attack", self.options)
+
+    def options_of(self, name: str) -> dict[str, Any]:
+        """The keyword arguments attack ``name`` is built with."""
+        return dict(self.options.get(name) or {})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -504,6 +557,20 @@ class MlflowConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExecutionConfig:
+    """How a run is carried out, never what it computes: outside every result's fingerprint and DVC's params.
+
+    Changing these reruns nothing and resumes a run where it stopped: clients train on
+    ``federation.client_threads`` threads whatever the runner and its workers, and updates combine in client order.
+    """
+
+    runner: str = _opt("threads", "task runner of client updates: threads, processes, dask or ray", registry="runner")
+    max_workers: int | None = _opt(None, "parallel clients (None: number of cores)", ge=1)
+    address: str | None = _opt(None, "dask/ray: address of a running cluster (None: start a local one)")
+    log_model_every: int = _opt(1, "log the global model to MLflow every k rounds (and the last)", ge=1)
+
+
+@dataclass(frozen=True, kw_only=True)
 class PluginsConfig:
     """Your own registry members (an aggregator, a local algorithm, an attack, ...): modules imported first."""
 
@@ -520,6 +587,7 @@ class PluginsConfig:
 
 SECTIONS: dict[str, type] = {
     "plugins": PluginsConfig,
+    "execution": ExecutionConfig,
     "download": DownloadConfig,
     "features": FeaturesConfig,
     "partition": PartitionConfig,
@@ -546,6 +614,7 @@ class Params:
     """Every section of params.yaml, typed."""
 
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)

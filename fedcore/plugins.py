@@ -9,7 +9,7 @@ from typing import Any
 from fedcore.aggregation import AGGREGATORS
 from fedcore.algorithms import LOCAL_ALGORITHMS
 from fedcore.attacks import ATTACKS
-from fedcore.config import register_names_lookup
+from fedcore.config import register_registry
 from fedcore.data.datasets import DATASETS
 from fedcore.data.partition import PARTITIONERS
 from fedcore.data.poison import POISONS
@@ -48,7 +48,7 @@ FAMILIES: dict[str, Registry[Any]] = {
 }
 
 for _family, _registry in FAMILIES.items():
-    register_names_lookup(_family, _registry.names)
+    register_registry(_family, _registry)
 
 
 def import_modules(names: Sequence[str]) -> None:

@@ -60,6 +60,11 @@ class Registry(Generic[T]):
         """Build the object registered under ``name`` with ``kwargs``."""
         return self.get(name)(**kwargs)
 
+    def options(self, name: str) -> list[str]:
+        """The option names member ``name`` takes: its factory's keyword arguments."""
+        parameters = inspect.signature(self.get(name)).parameters.values()
+        return [p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
     def build_from(self, name: str, options: Mapping[str, Any]) -> T:
         """Build ``name`` with the entries of ``options`` its factory accepts as keyword arguments.
 

@@ -66,7 +66,7 @@ class DistillPaths:
 
 
 def distill(params: Params, paths: DistillPaths) -> dict[str, Any]:
-    """Run the distill flow with the task runner of ``federation.runner`` (threads by default)."""
+    """Run the distill flow with the task runner of ``execution.runner`` (threads by default)."""
     runner = stage_runner(params)
     return distillation.with_options(task_runner=runner)(params, paths)
 

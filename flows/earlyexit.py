@@ -61,7 +61,7 @@ class EarlyExitPaths:
 
 
 def earlyexit(params: Params, paths: EarlyExitPaths) -> dict[str, Any]:
-    """Run the earlyexit flow with the task runner of ``federation.runner``."""
+    """Run the earlyexit flow with the task runner of ``execution.runner``."""
     runner = stage_runner(params)
     return earlyexit_training.with_options(task_runner=runner)(params, paths)
 
@@ -81,7 +81,7 @@ def earlyexit_training(params: Params, paths: EarlyExitPaths) -> dict[str, Any]:
     last = cfg.exits[-1]
 
     def log_model(server_round: int, row: Mapping[str, float]) -> bool:
-        return server_round % fed.log_model_every == 0 or server_round == fed.rounds
+        return server_round % params.execution.log_model_every == 0 or server_round == fed.rounds
 
     def postfix(row: Mapping[str, float]) -> dict[str, object]:
         return {"acc": f"{row[f'exit{last}_accuracy']:.3f}", "GFLOPs": f"{row['client_gflops_mean']:.2f}"}

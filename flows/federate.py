@@ -82,7 +82,7 @@ def intra_op_threads(params: Params) -> int:
 
 
 def federate(params: Params, paths: FederatePaths) -> dict[str, Any]:
-    """Run the federate flow with the task runner named in ``federation.runner``."""
+    """Run the federate flow with the task runner named in ``execution.runner``."""
     runner = stage_runner(params)
     return federated_training.with_options(task_runner=runner)(params, paths)
 
@@ -109,8 +109,9 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
     primary = primary_metric(params)
 
     def log_model(server_round: int, row: dict[str, float]) -> bool:
+        every = params.execution.log_model_every
         return evaluated_round(params, server_round) and (
-            server_round % fed.log_model_every == 0 or server_round == fed.rounds or downstream is not None)
+            server_round % every == 0 or server_round == fed.rounds or downstream is not None)
 
     def postfix(row: dict[str, float]) -> dict[str, object]:
         shown: dict[str, object] = {"acc": f"{row[primary]:.3f}"} if primary in row else {}

@@ -70,7 +70,7 @@ class ModalityPaths:
 
 
 def modality(params: Params, paths: ModalityPaths) -> dict[str, Any]:
-    """Run the modality flow with the task runner of ``federation.runner`` (threads by default)."""
+    """Run the modality flow with the task runner of ``execution.runner`` (threads by default)."""
     runner = stage_runner(params)
     return modality_training.with_options(task_runner=runner)(params, paths)
 
@@ -89,7 +89,7 @@ def modality_training(params: Params, paths: ModalityPaths) -> dict[str, Any]:
     video = sorted(plan.video)
 
     def log_model(server_round: int, row: Mapping[str, float]) -> bool:
-        return server_round % fed.log_model_every == 0 or server_round == fed.rounds
+        return server_round % params.execution.log_model_every == 0 or server_round == fed.rounds
 
     def postfix(row: Mapping[str, float]) -> dict[str, object]:
         return {"audio": f"{row['audio_accuracy']:.3f}", "phase": plan.phase(int(row["round"]))[1].name}

@@ -1,8 +1,8 @@
-"""Task runners for the client fan-out, by name (``federation.runner``): threads, processes, dask or ray.
+"""Task runners for the client fan-out, by name (``execution.runner``): threads, processes, dask or ray.
 
-A local Dask or Ray cluster (no ``federation.address``) listens on the loopback interface only (127.0.0.1), so
+A local Dask or Ray cluster (no ``execution.address``) listens on the loopback interface only (127.0.0.1), so
 no other machine can reach it; its processes end with the stage (``flows.stage`` reaps them after a kill -9).
-A cluster at ``federation.address`` is used as it is: secure it by its own means (README, "Runners").
+A cluster at ``execution.address`` is used as it is: secure it by its own means (README, "Runners").
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from fedcore.config import FederationConfig, Params, register_names_lookup
+from fedcore.config import ExecutionConfig, Params, register_names_lookup
 from fedcore.errors import ConfigError
 from fedcore.federation.sampling import num_sampled
 from fedcore.registry import Registry
@@ -35,19 +35,19 @@ def parallel_workers(params: Params) -> int:
     """
     fed = params.federation
     per_round = num_sampled(params.partition.num_clients, fed.client_fraction, fed.min_clients)
-    return max(1, min(fed.max_workers or os.cpu_count() or 1, per_round))
+    return max(1, min(params.execution.max_workers or os.cpu_count() or 1, per_round))
 
 
 def stage_runner(params: Params) -> TaskRunner[Any]:
-    """The task runner of a training stage: ``federation.runner`` with :func:`parallel_workers` workers."""
-    return task_runner(params.federation, parallel_workers(params))
+    """The task runner of a training stage: ``execution.runner`` with :func:`parallel_workers` workers."""
+    return task_runner(params.execution, parallel_workers(params))
 
 
-def task_runner(fed: FederationConfig, max_workers: int) -> TaskRunner[Any]:
-    """The task runner of ``federation.runner``, on the cluster at ``federation.address`` if one is given."""
-    if fed.address is None:
-        return RUNNERS.build(fed.runner, max_workers=max_workers)
-    return RUNNERS.build(fed.runner, max_workers=max_workers, address=fed.address)
+def task_runner(execution: ExecutionConfig, max_workers: int) -> TaskRunner[Any]:
+    """The task runner of ``execution.runner``, on the cluster at ``execution.address`` if one is given."""
+    if execution.address is None:
+        return RUNNERS.build(execution.runner, max_workers=max_workers)
+    return RUNNERS.build(execution.runner, max_workers=max_workers, address=execution.address)
 
 
 @RUNNERS.register("threads")
@@ -153,4 +153,4 @@ def _check_ray_node_on_loopback(runner: TaskRunner[Any]) -> None:
         runner.__exit__(None, None, None)
         raise RuntimeError(f"runner ray: the local Ray instance must listen on {LOOPBACK} only. Got node address "
                            f"{node_ip!r} (this Ray version no longer honours the loopback setting). Fix: start a "
-                           "cluster yourself, secured as the README says, and set federation.address.")
+                           "cluster yourself, secured as the README says, and set execution.address.")

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 from typing_extensions import override
 
-from fedcore.aggregation import AGGREGATORS
 from fedcore.aggregation.base import ClientUpdate
 from fedcore.aggregation.state import StateDict, to_cpu_state
 from fedcore.algorithms.base import ClientData
@@ -43,7 +42,7 @@ from fedcore.federation.checkpoint import fingerprint
 from fedcore.federation.engine import Job, Plan, RoundResult, Stateful
 from fedcore.federation.sampling import client_generator, round_rng, sample_clients
 from fedcore.plans.common import params_fingerprint
-from fedcore.plans.supervised import local_settings
+from fedcore.plans.supervised import build_aggregator, local_settings
 
 
 @dataclass(frozen=True)
@@ -173,7 +172,7 @@ class EarlyExitPlan(Plan):
         self.rounds, self.min_accepted = fed.rounds, fed.min_accepted
         self.spec = exit_spec(params, data.num_classes, data.input_shape)
         self.tiers, self.depths = client_depths(cfg, data.num_clients)
-        self.server = AGGREGATORS.build_from(cfg.server, to_dict(params.aggregation))
+        self.server = build_aggregator(params, cfg.server)
         #: The server's instance of the model: layer of every entry, evaluation.
         self.model = exit_model(self.spec, fed.seed)
         self._initial = to_cpu_state(self.model) if initial is None else dict(initial)

@@ -58,7 +58,7 @@ from fedcore.ssl.methods import build_method
 ALGORITHM_SECTIONS = {"fedprox": "fedprox", "fedu": "fedu", "fml": "mutual", "fedmlac": "mutual"}
 
 # Federation fields that do not change the arithmetic, so they do not invalidate checkpoints.
-NOT_IN_FINGERPRINT = {"runner", "max_workers", "address", "log_model_every", "eval_batch_size", "min_accepted"}
+NOT_IN_FINGERPRINT = {"eval_batch_size", "min_accepted"}
 
 
 @dataclass(frozen=True)
@@ -127,14 +127,15 @@ def aggregator_name(params: Params) -> str:
     return fed.aggregator or algorithm_class(fed.local_algorithm).default_aggregator
 
 
-def build_aggregator(params: Params) -> Aggregator:
-    """The server-side rule of :func:`aggregator_name`, with its options from the aggregation section."""
-    return AGGREGATORS.build_from(aggregator_name(params), to_dict(params.aggregation))
+def build_aggregator(params: Params, name: str | None = None) -> Aggregator:
+    """The server-side rule ``name`` (default :func:`aggregator_name`), with its options (``aggregation.rules``)."""
+    name = name or aggregator_name(params)
+    return AGGREGATORS.build(name, **params.aggregation.options_of(name))
 
 
 def build_attack(params: Params) -> UpdateAttack:
-    """The update attack named in ``attack.name``, with its options from the attack section."""
-    return ATTACKS.build_from(params.attack.name, to_dict(params.attack))
+    """The update attack named in ``attack.name``, with its options (``attack.options``)."""
+    return ATTACKS.build(params.attack.name, **params.attack.options_of(params.attack.name))
 
 
 def sent_keys(spec: TrainSpec) -> list[str]:

@@ -143,10 +143,40 @@ def test_non_finite_values_inside_lists_and_mappings_are_named_by_their_place(tm
 
 def test_string_fields_spelled_nan_or_inf_stay_valid(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text("attack:\n  name: nan\n  nan_value: nan\n")
-    assert read_params(params).attack.nan_value == "nan"
-    params.write_text("attack:\n  name: nan\n  nan_value: inf\n")
-    assert read_params(params).attack.nan_value == "inf"
+    params.write_text("attack:\n  name: nan\n  options: {nan: {nan_value: nan}}\n")
+    assert read_params(params).attack.options_of("nan") == {"nan_value": "nan"}
+    params.write_text("attack:\n  name: nan\n  options: {nan: {nan_value: inf}}\n")
+    assert read_params(params).attack.options_of("nan") == {"nan_value": "inf"}
     params.write_text("mlflow:\n  experiment: .nan\n")  # a string field: YAML's float NaN is the wrong type
     with pytest.raises(ConfigError, match=r"mlflow: 'experiment' must be a str. Got nan."):
         read_params(params)
+
+
+def test_each_rule_declares_its_own_options_and_unknown_ones_are_refused() -> None:
+    from fedcore.config import load_params
+
+    rules = {"fedadam": {"server_lr": 0.3}, "trimmed_mean": {"trim_beta": 0.1}}
+    params = load_params({"aggregation": {"rules": rules},
+                          "attack": {"name": "scaling", "options": {"scaling": {"scaling_boost": 3.0}}}})
+    assert params.aggregation.options_of("fedadam") == {"flag_ratio": 0.5, "server_lr": 0.3}
+    assert params.aggregation.options_of("median") == {"flag_ratio": 0.5}  # not listed: its defaults
+    assert params.attack.options_of("scaling") == {"scaling_boost": 3.0}
+    with pytest.raises(ConfigError) as info:
+        load_params({"aggregation": {"rules": {"fedadam": {"server_lr": 0.3, "trim_beta": 0.1},
+                                               "fedsgd": {"lr": 1.0}, "trimmed_mean": {"trim_beta": 0.7}}},
+                     "attack": {"options": {"gaussian": {"sigma": 2.0}}}})
+    text = str(info.value)
+    assert "aggregation: 'rules.fedadam': unknown options ['trim_beta']; fedadam takes" in text  # never dropped
+    assert "aggregation: 'rules.fedsgd': no aggregator is registered as 'fedsgd'" in text
+    assert "aggregation: 'rules.trimmed_mean': TrimmedMean: 'trim_beta' must be" in text  # the rule's own check
+    assert "attack: 'options.gaussian': unknown options ['sigma']; gaussian takes ['gaussian_sigma']" in text
+
+
+def test_execution_knobs_are_their_own_section() -> None:
+    from fedcore.config import load_params
+
+    params = load_params({"execution": {"runner": "processes", "max_workers": 2, "log_model_every": 5}})
+    assert (params.execution.runner, params.execution.max_workers, params.execution.log_model_every) == (
+        "processes", 2, 5)
+    with pytest.raises(ConfigError, match="federation: unknown keys \\['runner'\\]"):
+        load_params({"federation": {"runner": "threads"}})

@@ -45,7 +45,7 @@ def small_params(method: str = "unifl", **sections: dict[str, Any]) -> Params:
         "model": {"name": "cnn", "width": 2, "depth": 2},
         "federation": {"rounds": 4, "batch_size": 4, "lr": 0.05, "momentum": 0.5, "client_fraction": 0.75,
                        "seed": 3, "aggregator": "fedadam"},
-        "aggregation": {"server_lr": 0.05},
+        "aggregation": {"rules": {"fedadam": {"server_lr": 0.05}}},
         "partition": {"num_clients": 4},
         "modality": {"method": method, "fusion_rounds": 1, "embed_dim": 4, "hidden_dim": 4, "visual_width": 2,
                      "dropout": 0.2},

@@ -137,7 +137,7 @@ def test_cluster_runners_give_the_same_metrics_as_threads(workdir: Path, small_m
     monkeypatch.chdir(workdir)
     results = {}
     for name in ("threads", runner):
-        params = tiny_params(small_mirror, federation={"runner": name, "max_workers": 2})
+        params = tiny_params(small_mirror, execution={"runner": name, "max_workers": 2})
         p = str(write_params(workdir / f"{name}.yaml", params))
         assert poison.main(["--params", p, "--raw", "raw", "--features", "features", "--partition",
                             "part/partition.json", "--out", "poison-none"]) == 0
@@ -196,9 +196,9 @@ def test_a_running_ray_cluster_gives_the_same_metrics_as_threads(workdir: Path, 
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(workdir)
     results = {}
-    for name, federation in (("threads", {"runner": "threads", "max_workers": 2}),
-                             ("cluster", {"runner": "ray", "max_workers": 2, "address": ray_cluster})):
-        params = tiny_params(small_mirror, federation=federation)
+    for name, execution in (("threads", {"runner": "threads", "max_workers": 2}),
+                            ("cluster", {"runner": "ray", "max_workers": 2, "address": ray_cluster})):
+        params = tiny_params(small_mirror, execution=execution)
         p = str(write_params(workdir / f"{name}-addr.yaml", params))
         assert poison.main(["--params", p, "--raw", "raw", "--features", "features", "--partition",
                             "part/partition.json", "--out", "poison-none"]) == 0
@@ -259,8 +259,9 @@ def test_update_attack_is_detected_and_logged(workdir: Path, small_mirror: Path,
     import mlflow
 
     monkeypatch.chdir(workdir)
-    params = tiny_params(small_mirror, federation={"aggregator": "lpa"}, aggregation={"lpa_rule": "fraction",
-                         "lpa_fraction": 0.34}, attack={"name": "sign_flip", "client_fraction": 0.34})
+    params = tiny_params(small_mirror, federation={"aggregator": "lpa"},
+                         aggregation={"rules": {"lpa": {"lpa_rule": "fraction", "lpa_fraction": 0.34}}},
+                         attack={"name": "sign_flip", "client_fraction": 0.34})
     p = str(write_params(workdir / "attack.yaml", params))
     assert poison.main(["--params", p, "--raw", "raw", "--features", "features", "--partition",
                         "part/partition.json", "--out", "poison-none"]) == 0
@@ -341,7 +342,8 @@ def test_resume_restores_server_moments_and_client_kept_heads(workdir: Path, sma
 
     monkeypatch.chdir(workdir)
     params = tiny_params(small_mirror, federation={"rounds": 3, "aggregator": "fedadam", "send": "backbone",
-                                                   "local_algorithm": "fedu"}, aggregation={"server_lr": 0.1})
+                                                   "local_algorithm": "fedu"},
+                         aggregation={"rules": {"fedadam": {"server_lr": 0.1}}})
     p = str(write_params(workdir / "resume.yaml", params))
     assert poison.main(["--params", p, "--raw", "raw", "--features", "features", "--partition",
                         "part/partition.json", "--out", "poison-none"]) == 0
@@ -424,7 +426,7 @@ def test_max_workers_does_not_change_any_output(workdir: Path, small_mirror: Pat
     monkeypatch.chdir(workdir)
     outputs = {}
     for workers in (1, 2):
-        params = tiny_params(small_mirror, federation={"max_workers": workers})
+        params = tiny_params(small_mirror, execution={"max_workers": workers})
         p = str(write_params(workdir / f"workers{workers}.yaml", params))
         assert poison.main(["--params", p, "--raw", "raw", "--features", "features", "--partition",
                             "part/partition.json", "--out", "poison-none"]) == 0

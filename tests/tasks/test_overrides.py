@@ -61,7 +61,7 @@ def test_render_gives_the_values_dvc_computes_and_the_stages_read_them_alike(tmp
     from dvc.utils.hydra import apply_overrides
 
     overrides = ["federation.lr=1e-5", "download.mirror=/data/mirror", "download.max_per_class=20",
-                 "features.f_max=null", "poison.source='yes'", "attack.alie_z=2"]
+                 "features.f_max=null", "poison.source='yes'", "attack.options.alie.alie_z=2"]
     copy = tmp_path / "params.yaml"
     copy.write_text(PARAMS)
     apply_overrides(copy, overrides)
