@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -114,15 +113,16 @@ def pipeline(run: PipelineRun = PipelineRun()) -> dict[str, Any]:  # noqa: B008 
     metrics_file = root / study.metrics
     metrics = read_json(metrics_file) if metrics_file.exists() else {}
     uri = tracking_uri(params.mlflow, root)
-    again = "dvc exp run" + "".join(f" -S {shlex.quote(o)}" for o in overrides) if overrides else "dvc repro"
+    headline = metrics.get(study.headline)
+    best = metrics.get(f"best_{study.headline}")
     message = "\n".join([
         f"# pipeline finished: study `{run.study}`",
-        f"- final global test accuracy: **{metrics.get('global_accuracy', float('nan')):.4f}** "
-        f"(best {metrics.get('best_global_accuracy', float('nan')):.4f} at round {metrics.get('best_round')})",
+        f"- {study.headline}: **{headline:.4f}**" + (f" (best {best:.4f} at round {metrics.get('best_round')})"
+                                                     if isinstance(best, float) else "")
+        if isinstance(headline, (int, float)) else f"- metrics: {study.metrics}",
         *_changes_table(changes),
-        f"- the same run from a shell: `{again}`",
-        f"- metrics: `dvc metrics show` ({study.metrics}); per-round plot: plots/federate/rounds.png",
-        "- partition heatmap: data/partition/heatmap.png",
+        f"- the same run from a shell: `{study.shell_command(overrides)}`",
+        f"- metrics: `dvc metrics show` ({study.metrics}); per-round plot: {study.plot}",
         f"- MLflow: `mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --workers 1`, experiment "
         f"`{params.mlflow.experiment}`, parent run `{parent}`; every round's model is a LoggedModel.",
     ])

@@ -11,6 +11,8 @@ the params file before any stage runs (:mod:`tasks.overrides`), so DVC, Prefect 
 
 from __future__ import annotations
 
+import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
@@ -30,6 +32,20 @@ class Study:
     dvc_file: str = "dvc.yaml"
     params_file: str = "params.yaml"
     metrics: str = "metrics/federate.json"
+    #: The metric of ``metrics`` the summary leads with, and the per-round plot.
+    headline: str = "global_accuracy"
+    plot: str = "plots/federate/rounds.png"
+
+    def override_prefix(self) -> str:
+        """What ``dvc exp run -S`` needs before a key of this study's params file (nothing for params.yaml)."""
+        return "" if self.params_file == "params.yaml" else f"{self.params_file}:"
+
+    def shell_command(self, overrides: Sequence[str]) -> str:
+        """The same run from a shell: ``dvc exp run [<dvc file>] -S <file>:<key>=<value> ...``, or ``dvc repro``."""
+        target = "" if self.dvc_file == "dvc.yaml" else f" {self.dvc_file}"
+        if not overrides:
+            return f"dvc repro{target}"
+        return f"dvc exp run{target}" + "".join(f" -S {shlex.quote(self.override_prefix() + o)}" for o in overrides)
 
 
 STUDIES: dict[str, Study] = {
@@ -37,17 +53,20 @@ STUDIES: dict[str, Study] = {
                     "personalised local algorithms and attacks, as params.yaml sets them"),
     "personalised": Study("personalised FL: FedMLAC's heterogeneous personal models + shared Plug-in with lpa (or "
                           "FML, local-only), download → … → poison → federate", "studies/personalised/dvc.yaml",
-                          "studies/personalised/params.yaml", "metrics/personalised/federate.json"),
+                          "studies/personalised/params.yaml", "metrics/personalised/federate.json",
+                          "personalised_accuracy_mean", "plots/personalised/federate/rounds.png"),
     "fassl": Study("federated self-supervised pretraining (SimCLR) scored per round on downstream tasks, then the "
                    "best round per task registered (select)", "studies/fassl/dvc.yaml", "studies/fassl/params.yaml",
-                   "metrics/fassl/federate.json"),
+                   "metrics/fassl/federate.json", "best_mean_knn1_val", "plots/fassl/federate/rounds.png"),
     "modalitymirror": Study("audio-visual FL with missing video (ModalityMirror phase 1: av → modality), then "
                             "federated distillation into the audio model (distill)",
                             "studies/modalitymirror/dvc.yaml", "studies/modalitymirror/params.yaml",
-                            "metrics/modalitymirror/distill.json"),
+                            "metrics/modalitymirror/distill.json", "audio_accuracy",
+                            "plots/modalitymirror/distill/rounds.png"),
     "earlyexit": Study("early-exit fine-tuning of a transformer by clients of three compute tiers, depth-aware "
                        "aggregation", "studies/earlyexit/dvc.yaml", "studies/earlyexit/params.yaml",
-                       "metrics/earlyexit/earlyexit.json"),
+                       "metrics/earlyexit/earlyexit.json", "final_exit_accuracy",
+                       "plots/earlyexit/earlyexit/rounds.png"),
 }
 """Study name → its pipeline. Add an entry (and its dvc.yaml) to offer a study in the CLI and the deployment."""
 

@@ -92,3 +92,10 @@ def test_every_study_names_files_of_the_project() -> None:
     assert "fedavg" in STUDIES
     for study in STUDIES.values():
         assert (REPO_ROOT / study.dvc_file).is_file() and (REPO_ROOT / study.params_file).is_file()
+
+
+def test_the_same_run_from_a_shell_names_the_study_and_its_params_file() -> None:
+    assert STUDIES["fedavg"].shell_command(["federation.rounds=2"]) == "dvc exp run -S federation.rounds=2"
+    assert STUDIES["fassl"].shell_command(["federation.rounds=2"]) == (
+        "dvc exp run studies/fassl/dvc.yaml -S studies/fassl/params.yaml:federation.rounds=2")
+    assert STUDIES["earlyexit"].shell_command([]) == "dvc repro studies/earlyexit/dvc.yaml"
