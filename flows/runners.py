@@ -54,7 +54,7 @@ def task_runner(execution: ExecutionConfig, max_workers: int) -> TaskRunner[Any]
 def threads(*, max_workers: int, address: str | None = None) -> TaskRunner[Any]:
     """Clients of a round run in threads of this process (no start-up cost; torch releases the GIL)."""
     if address is not None:
-        raise ConfigError(f"federation: 'address' must be null with runner 'threads' (it runs in this process). "
+        raise ConfigError(f"execution: 'address' must be null with runner 'threads' (it runs in this process). "
                           f"Got {address!r}. Use runner dask or ray for a cluster.")
     return ThreadPoolTaskRunner(max_workers=max_workers)
 
@@ -66,7 +66,7 @@ def processes(*, max_workers: int, address: str | None = None) -> TaskRunner[Any
     No shared interpreter lock between clients, at the price of sending each client's data to its worker.
     """
     if address is not None:
-        raise ConfigError(f"federation: 'address' must be null with runner 'processes' (they run on this machine). "
+        raise ConfigError(f"execution: 'address' must be null with runner 'processes' (they run on this machine). "
                           f"Got {address!r}. Use runner dask or ray for a cluster.")
     return ProcessPoolTaskRunner(max_workers=max_workers)
 

@@ -212,7 +212,7 @@ def test_a_running_ray_cluster_gives_the_same_metrics_as_threads(workdir: Path, 
 
 def test_threads_runner_rejects_a_cluster_address(workdir: Path, small_mirror: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    params = tiny_params(small_mirror, federation={"address": "127.0.0.1:6379"})
+    params = tiny_params(small_mirror, execution={"address": "127.0.0.1:6379"})
     p = str(write_params(workdir / "addr.yaml", params))
     assert federate.main(_federate_args(p, "addr")) == 2
     assert "'address' must be null with runner 'threads'" in capsys.readouterr().err
