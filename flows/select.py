@@ -27,7 +27,7 @@ from fedcore.evaluation.downstream import load_downstream, score_encoder
 from fedcore.evaluation.selection import TaskSelection
 from flows import stage
 from tasks.common import read_json, read_params, write_json, write_text
-from tasks.rounds import read_run_record, run_record_path
+from tasks.rounds import read_run_record, run_record_path, write_run_record
 from tasks.selection import load_selected, register_selection, select_rounds, selection_markdown
 from tasks.tracking import setup
 
@@ -49,8 +49,13 @@ def select(params: Params, run_id: str, out: Path, root: Path = Path("."), metri
     result = {"run_id": run_id, "registered_model": name, "metric": selections[0].metric,
               "tasks": {s.task: s.as_dict() for s in selections}}
     text = selection_markdown(selections, run_id, name)
-    write_json(out / "selection.json", result)
-    write_text(out / "selection.md", text)
+    # The DVC outputs hold what the run's scores determine; ids and registry versions go to the run record.
+    ids = ("model_id", "version")
+    write_run_record(out / "selection.json", {"stage": "select", "mlflow_run_id": run_id, "tasks": {
+        s.task: {k: getattr(s, k) for k in ids} for s in selections}})
+    write_json(out / "selection.json", {**{k: v for k, v in result.items() if k != "run_id"}, "tasks": {
+        s.task: {k: v for k, v in s.as_dict().items() if k not in ids} for s in selections}})
+    write_text(out / "selection.md", selection_markdown(selections, None, name))
     create_table_artifact([{k: v for k, v in s.as_dict().items() if k != "model_id"} for s in selections],
                           key="fassl-selection", description=f"best round per task of run {run_id}")
     create_markdown_artifact(f"# FASSL selection\n\n{text}", key="fassl-selection-table")

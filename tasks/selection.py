@@ -156,16 +156,23 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
 
 
-def selection_markdown(selections: Sequence[TaskSelection], run_id: str, registered_model: str) -> str:
-    """The selection table: per task, the best round and its scores beside the last round's and the floor."""
+def selection_markdown(selections: Sequence[TaskSelection], run_id: str | None, registered_model: str) -> str:
+    """The selection table: per task, the best round and its scores beside the last round's and the floor.
+
+    ``run_id`` None leaves out what differs between two runs of the same inputs (run id, registry versions): the
+    table a DVC output holds.
+    """
     metric = selections[0].metric if selections else "knn1"
-    lines = [f"FASSL selection of run `{run_id}`: per task, the round with the best validation {metric} "
+    source = f"FASSL selection of run `{run_id}`" if run_id else "FASSL selection"
+    ids = run_id is not None
+    lines = [f"{source}: per task, the round with the best validation {metric} "
              f"(registered as `{registered_model}@<task>`), its test {metric}, the last round's, and the random-init "
              "encoder's (round 0).", "",
-             "| task | best round | val | test | last round | last val | last test | random-init test | version |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| task | best round | val | test | last round | last val | last test | random-init test |"
+             + (" version |" if ids else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if ids else "")]
     for s in selections:
         lines.append(f"| {s.task} | {s.best_round} | {_fmt(s.best_val)} | {_fmt(s.best_test)} | {s.last_round} | "
-                     f"{_fmt(s.last_val)} | {_fmt(s.last_test)} | {_fmt(s.floor_test)} | "
-                     f"{'—' if s.version is None else s.version} |")
+                     f"{_fmt(s.last_val)} | {_fmt(s.last_test)} | {_fmt(s.floor_test)} |"
+                     + (f" {'—' if s.version is None else s.version} |" if ids else ""))
     return "\n".join(lines) + "\n"

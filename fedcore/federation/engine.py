@@ -380,13 +380,19 @@ def run_rounds(plan: Plan, executor: Executor, checkpointer: Checkpointer, callb
         for server_round in range(run.start_round + 1, plan.rounds + 1):
             started = time.perf_counter()
             sampled, jobs = plan.jobs(server_round, run.state)
+            clients = [job.client for job in jobs]
             torch.set_num_threads(client_threads)  # clients in parallel, each on its share of the cores
-            submitted = [(job.client, executor.submit(job)) for job in jobs]
+            submitted = []
+            while jobs:  # the loop keeps no job (its data) once submitted: memory follows the jobs running
+                job = jobs.pop(0)
+                submitted.append((job.client, executor.submit(job)))
+                del job
             updates, failed = gather_updates(submitted)
+            del submitted
             torch.set_num_threads(server)  # no client trains now: the server's turn
             try:
                 result = plan.combine(run.state, updates, failed, server_round,
-                                      required_updates(plan.min_accepted, len(jobs)))
+                                      required_updates(plan.min_accepted, len(clients)))
             except QuorumError as error:
                 raise stop_on_quorum(error, plan.stage, checkpointer.folder, server_round - 1) from None
             metrics = plan.evaluate(result.state, server_round, result)
@@ -409,7 +415,7 @@ def run_rounds(plan: Plan, executor: Executor, checkpointer: Checkpointer, callb
             meta.update(history=run.history, records=run.records, initial=run.initial, plan=plan.meta())
             checkpointer.save(server_round, run.state, extra or None, meta)
             if store is not None:  # the checkpoint is durable: versions no kept checkpoint needs go
-                store.commit(server_round, [job.client for job in jobs], oldest_kept=checkpointer.kept_rounds()[0])
+                store.commit(server_round, clients, oldest_kept=checkpointer.kept_rounds()[0])
             # The whole round, logging and checkpoint included (a resumed run's last row before the kill keeps
             # round_seconds only).
             row["round_wall_seconds"] = time.perf_counter() - started
