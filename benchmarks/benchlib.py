@@ -143,6 +143,14 @@ def add_arguments(p: argparse.ArgumentParser, commands: Sequence[str], results: 
                    help="override applied last (value read as YAML); repeatable")
 
 
+def run_command(section: str, args: argparse.Namespace, needs: Mapping[str, Sequence[str]],
+                commands: Mapping[str, Callable[[argparse.Namespace], Any]]) -> None:
+    """Run ``commands[args.command](args)`` after checking the options ``needs[args.command]`` are given."""
+    if missing := [f"--{n}" for n in needs.get(args.command, ()) if getattr(args, n) is None]:
+        raise ConfigError(f"{section}: '{args.command}' needs {', '.join(missing)}.")
+    commands[args.command](args)
+
+
 def write_table(section: str, rows: Sequence[Mapping[str, Any]], out: Path, text: str,
                 plot: Callable[[Sequence[Mapping[str, Any]], Path], None], plot_name: str,
                 extra: Mapping[str, Any] | None = None) -> None:

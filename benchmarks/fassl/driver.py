@@ -38,6 +38,7 @@ from benchmarks.benchlib import (
     named_overrides,
     parse_sets,
     read_matrix_params,
+    run_command,
 )
 from fedcore.config import Params, load_params
 from fedcore.data.features import FeatureStore
@@ -231,10 +232,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _main(args: argparse.Namespace) -> None:
-    needed = {"data": ["dataset"], "pool": [], "cell": ["method", "aggregator"], "table": []}[args.command]
-    if missing := [f"--{n}" for n in needed if getattr(args, n) is None]:
-        raise ConfigError(f"{SECTION}: '{args.command}' needs {', '.join(missing)}.")
-    {"data": _data, "pool": _pool, "cell": _cell, "table": _table}[args.command](args)
+    run_command(SECTION, args, {"data": ["dataset"], "cell": ["method", "aggregator"]},
+                {"data": _data, "pool": _pool, "cell": _cell, "table": _table})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.benchlib import DOWNLOADS, apply_overrides, parse_sets, read_matrix_params
+from benchmarks.benchlib import DOWNLOADS, apply_overrides, parse_sets, read_matrix_params, run_command
 from fedcore.config import ConfigError, Params, load_params
 from flows import stage
 from flows.download import download
@@ -277,12 +277,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _main(args: argparse.Namespace) -> None:
-    needed = {"data": ["dataset"], "cell": ["dataset", "method", "scenario"], "table": []}[args.command]
-    if missing := [f"--{n}" for n in needed if getattr(args, n) is None]:
-        raise ConfigError(f"{SECTION}: '{args.command}' needs {', '.join(missing)}.")
     if args.command == "table" and args.out is None:
         args.out = Path(".")
-    {"data": _data, "cell": _cell, "table": _table}[args.command](args)
+    run_command(SECTION, args, {"data": ["dataset"], "cell": ["dataset", "method", "scenario"]},
+                {"data": _data, "cell": _cell, "table": _table})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.benchlib import DOWNLOADS, parse_sets, read_matrix_params
+from benchmarks.benchlib import DOWNLOADS, parse_sets, read_matrix_params, run_command
 from fedcore.config import ConfigError, Params, load_params
 from flows import stage
 from flows.download import download
@@ -191,12 +191,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _main(args: argparse.Namespace) -> None:
-    needed = {"data": [], "cell": ["aggregator", "scenario"], "table": []}[args.command]
-    if missing := [f"--{n}" for n in needed if getattr(args, n) is None]:
-        raise ConfigError(f"{SECTION}: '{args.command}' needs {', '.join(missing)}.")
     if args.command == "table" and args.out is None:
         args.out = Path(".")
-    {"data": _data, "cell": _cell, "table": _table}[args.command](args)
+    run_command(SECTION, args, {"cell": ["aggregator", "scenario"]}, {"data": _data, "cell": _cell, "table": _table})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,6 +30,7 @@ import logging
 import os
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,7 +165,7 @@ class RoundResult:
     record: dict[str, Any] = field(default_factory=dict)
 
 
-class Plan:
+class Plan(ABC):
     """One kind of federated training, run by :func:`run_rounds` (see the module docstring).
 
     Subclasses set :attr:`stage`, :attr:`rounds`, :attr:`min_accepted` (and :attr:`client_store` when clients
@@ -180,29 +181,29 @@ class Plan:
     #: The clients' kept state, or None when clients keep nothing between rounds.
     client_store: ClientStore | None = None
 
+    @abstractmethod
     def initial_state(self) -> StateDict:
         """The global state of round 0 (also what a checkpoint's state must fit: keys, shapes, dtypes)."""
-        raise NotImplementedError
 
     def stateful(self) -> Mapping[str, Stateful]:
         """The server's stateful parts by name (default: none)."""
         return {}
 
+    @abstractmethod
     def jobs(self, server_round: int, state: StateDict) -> tuple[list[int], list[Job]]:
         """The round's sampled clients, and the jobs of those that train (in client order)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def combine(self, state: StateDict, updates: Sequence[ClientUpdate], failed: Mapping[int, str],
                 server_round: int, min_accepted: int) -> RoundResult:
         """The next state from the round's ``updates`` (client order); ``failed`` clients raised.
 
         Raises :class:`~fedcore.errors.QuorumError` when fewer than ``min_accepted`` updates are accepted.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def evaluate(self, state: StateDict, server_round: int, result: RoundResult) -> dict[str, float]:
         """Scores of the new ``state`` (``{}``: the round is not scored)."""
-        raise NotImplementedError
 
     def initial_metrics(self, state: StateDict) -> dict[str, float]:
         """Scores of the initial state, logged as round 0 (default: none). Called on a fresh start only."""
@@ -212,7 +213,7 @@ class Plan:
         """JSON-serialisable facts of the run the plan needs again on resume (default: none)."""
         return {}
 
-    def restore(self, meta: Mapping[str, Any]) -> None:
+    def restore(self, meta: Mapping[str, Any]) -> None:  # noqa: B027  (optional hook: nothing to restore by default)
         """Take back what :meth:`meta` saved (on resume)."""
 
 

@@ -76,3 +76,18 @@ def test_the_code_fingerprint_ignores_caches_and_names_every_source(tmp_path: Pa
     (tmp_path / "tasks" / "a.py").write_text("changed")
     assert code_fingerprint("m", tmp_path)["tasks/a.py"] != before["tasks/a.py"]
     json.dumps(before)
+
+
+def test_a_driver_command_names_the_options_it_lacks() -> None:
+    import argparse
+
+    from benchmarks.benchlib import run_command
+    from fedcore.errors import ConfigError
+
+    ran: list[str] = []
+    commands = {"cell": lambda a: ran.append("cell"), "table": lambda a: ran.append("table")}
+    with pytest.raises(ConfigError, match="m: 'cell' needs --method, --seed."):
+        run_command("m", argparse.Namespace(command="cell", method=None, seed=None), {"cell": ["method", "seed"]},
+                    commands)
+    run_command("m", argparse.Namespace(command="table"), {"cell": ["method"]}, commands)
+    assert ran == ["table"]
