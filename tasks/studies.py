@@ -4,23 +4,26 @@ A *study* is a DVC pipeline (a ``dvc.yaml`` and the params file its stages read)
 name to it; a new study is one more entry.
 
 :class:`PipelineRun` is the parameter of the ``pipeline`` flow. Prefect turns it into the deployment's form: each
-field typed, described, with its choices read from the registries of ``fedcore``. Every field left empty keeps the
-params file's value; a filled one becomes an override ``key=value`` (the syntax of ``dvc exp run -S``), applied to
-the params file before any stage runs (:mod:`tasks.overrides`), so DVC, Prefect and MLflow record the same values.
+field typed, described, with its choices read from the registries of ``fedcore`` (the members that the studies'
+``plugins.modules`` register included). Every field left empty keeps the params file's value; a filled one becomes
+an override ``key=value`` (the syntax of ``dvc exp run -S``), applied to the params file before any stage runs
+(:mod:`tasks.overrides`), so DVC, Prefect and MLflow record the same values.
 """
 
 from __future__ import annotations
 
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedcore.config import Params, flatten
-from fedcore.plugins import FAMILIES
+from fedcore.plugins import FAMILIES, import_modules
 from tasks import overrides
 
 
@@ -78,6 +81,23 @@ class ParamKey:
     key: str
 
 
+def plugin_modules(studies: Mapping[str, Study] = STUDIES, root: str | Path = ".") -> list[str]:
+    """The ``plugins.modules`` of every study's params file under ``root``, in order, each once.
+
+    Their members belong in the form's drop-downs, so they are imported before the form is built. A params file that
+    is missing or unreadable adds nothing here: the stage that reads it reports the problem.
+    """
+    modules: list[str] = []
+    for study in studies.values():
+        try:
+            raw = yaml.safe_load((Path(root) / study.params_file).read_text()) or {}
+            listed = (raw.get("plugins") or {}).get("modules") or []
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        modules += [m for m in listed if isinstance(m, str) and m not in modules]
+    return modules
+
+
 def _choices(family: str) -> Any:
     """``Literal`` of the names registered in a fedcore family (the form's drop-down)."""
     return Literal[tuple(FAMILIES[family].names())]
@@ -102,7 +122,8 @@ if TYPE_CHECKING:
     AggregatorName: TypeAlias = str
     PoisonName: TypeAlias = str
     AttackName: TypeAlias = str
-else:  # the form's drop-downs: the names registered now
+else:  # the form's drop-downs: the names registered now, the studies' plugin members included
+    import_modules(plugin_modules())
     StudyName = Literal[tuple(STUDIES)]
     DatasetName, PartitionerName, ModelName = _choices("dataset"), _choices("partitioner"), _choices("model")
     LocalAlgorithmName, AggregatorName = _choices("local_algorithm"), _choices("aggregator")
@@ -161,8 +182,8 @@ class PipelineRun(BaseModel):
         + _keep("federation.seed"))
     set: list[str] = Field(
         default_factory=list, description="More overrides, one `key=value` each, as `dvc exp run -S` takes them "
-        "(e.g. `fedprox.mu=0.1`, `download.mirror=null`, or a member your `plugins.modules` register, "
-        "`federation.aggregator=my_rule`); a key set here may not also be set by a field above.")
+        "(e.g. `fedprox.mu=0.1` or `download.mirror=null`); a key set here may not also be set by a field above. "
+        "Members your `plugins.modules` register are in the fields' choices.")
     stages: list[str] | None = Field(
         default=None, description="Stages to run (and whatever is stale before them); empty: every stage of the "
         "study.")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -12,7 +15,7 @@ from fedcore.config import flatten
 from fedcore.plugins import FAMILIES
 from tasks.common import read_params
 from tasks.overrides import render
-from tasks.studies import STUDIES, PipelineRun
+from tasks.studies import STUDIES, PipelineRun, Study, plugin_modules
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARAMS = (REPO_ROOT / "params.yaml").read_text()
@@ -99,3 +102,34 @@ def test_the_same_run_from_a_shell_names_the_study_and_its_params_file() -> None
     assert STUDIES["fassl"].shell_command(["federation.rounds=2"]) == (
         "dvc exp run studies/fassl/dvc.yaml -S studies/fassl/params.yaml:federation.rounds=2")
     assert STUDIES["earlyexit"].shell_command([]) == "dvc repro studies/earlyexit/dvc.yaml"
+
+
+def test_plugin_members_of_the_studies_are_in_the_form(tmp_path: Path) -> None:
+    """A member that a study's ``plugins.modules`` registers is a choice of its field (the form is built at import)."""
+    (tmp_path / "myplugins").mkdir()
+    (tmp_path / "myplugins" / "__init__.py").write_text("")
+    (tmp_path / "myplugins" / "halfway.py").write_text(
+        "from fedcore.aggregation import AGGREGATORS\n"
+        "from fedcore.aggregation.fedavg import FedAvg\n\n\n"
+        "@AGGREGATORS.register('halfway')\n"
+        "class Halfway(FedAvg):\n"
+        "    pass\n")
+    (tmp_path / "params.yaml").write_text("plugins:\n  modules: [myplugins.halfway]\n")
+    script = ("from tasks.studies import PipelineRun\n"
+              "print(PipelineRun.model_json_schema()['properties']['aggregator']['anyOf'][0]['enum'])\n"
+              "print(PipelineRun(aggregator='halfway').overrides())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)])}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    choices, overrides = done.stdout.splitlines()
+    assert "'halfway'" in choices and "'fedavg'" in choices
+    assert overrides == "['federation.aggregator=halfway']"
+
+
+def test_plugin_modules_are_read_from_every_study_and_listed_once(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("plugins:\n  modules: [p.one, p.two]\n")
+    (tmp_path / "b.yaml").write_text("plugins:\n  modules: [p.two, p.three]\n")
+    (tmp_path / "c.yaml").write_text(": not yaml [")
+    studies = {name: Study("s", params_file=f"{name}.yaml") for name in ("a", "b", "c", "missing")}
+    assert plugin_modules(studies, tmp_path) == ["p.one", "p.two", "p.three"]
