@@ -5,7 +5,8 @@ name            rule                                                       optio
 =============== ========================================================== =================
 fedavg          Σ (n_k/n) w^k (McMahan et al. 2017)                         —
 fairavg         (1/K) Σ w^k (FASSL's FairAvg, [A])                          —
-loss            exp(−loss)-weighted, mixed with FedAvg by γ (FedVSSL)       loss_gamma
+loss            exp(−gap/(τ·mean loss))-weighted, mixed with FedAvg by γ   loss_gamma, loss_scale,
+                (FedVSSL; ``loss_scale: raw``: exp(−loss), the paper's)    loss_temperature
 ldawa           per-layer cosine to w_t, clipped at 1 (Rehman et al. 2023)  ldawa_warmup_rounds
 lpa             layer-wise pruning of deviant clients (FedMLAC, [A])        lpa_rule, lpa_kappa, lpa_fraction,
                                                                            lpa_center

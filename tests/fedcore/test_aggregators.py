@@ -335,14 +335,23 @@ def test_fairavg_is_the_uniform_mean(seed: int) -> None:
     assert not result.flagged
 
 
+def _with_losses(updates: Sequence[ClientUpdate], losses: Sequence[float]) -> list[ClientUpdate]:
+    return [ClientUpdate(u.client_id, u.state, u.num_examples, {"train_loss": loss})
+            for u, loss in zip(updates, losses, strict=True)]
+
+
+def _loss_weights(updates: Sequence[ClientUpdate], scores: Sequence[float], gamma: float) -> dict[int, float]:
+    """γ n_k/n + (1 − γ) s_k / Σ s_j, naively."""
+    total, counts = sum(scores), _counts(updates)
+    return {u.client_id: gamma * counts[u.client_id] + (1 - gamma) * s / total
+            for u, s in zip(updates, scores, strict=True)}
+
+
 @pytest.mark.parametrize("gamma", [0.0, 0.2, 1.0])
-def test_loss_rule_matches_exp_minus_loss_weights_mixed_with_fedavg(gamma: float) -> None:
+def test_raw_loss_rule_matches_exp_minus_loss_weights_mixed_with_fedavg(gamma: float) -> None:
     glob, updates = _round(4, 6)
-    scores = {u.client_id: math.exp(-u.metrics["train_loss"]) for u in updates}
-    total = sum(scores.values())
-    counts = _counts(updates)
-    weights = {c: gamma * counts[c] + (1 - gamma) * s / total for c, s in scores.items()}
-    result = _run("loss", glob, updates, loss_gamma=gamma)
+    weights = _loss_weights(updates, [math.exp(-u.metrics["train_loss"]) for u in updates], gamma)
+    result = _run("loss", glob, updates, loss_gamma=gamma, loss_scale="raw")
     for key in FLOAT_KEYS:
         assert _flat(result.state[key]) == _approx(_naive_weighted(updates, weights, key))
     assert result.weights == pytest.approx(weights, rel=TOL)
@@ -350,18 +359,143 @@ def test_loss_rule_matches_exp_minus_loss_weights_mixed_with_fedavg(gamma: float
     assert result.flagged == flagged
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.2, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.05])
+def test_relative_loss_rule_matches_exp_minus_gap_over_mean_mixed_with_fedavg(gamma: float,
+                                                                              temperature: float) -> None:
+    glob, updates = _round(4, 6)
+    losses = [u.metrics["train_loss"] for u in updates]
+    mean = sum(losses) / len(losses)  # the losses are >= 0: mean |L| = mean L
+    scores = [math.exp(-(loss - min(losses)) / (temperature * mean)) for loss in losses]
+    weights = _loss_weights(updates, scores, gamma)
+    result = _run("loss", glob, updates, loss_gamma=gamma, loss_temperature=temperature)
+    for key in FLOAT_KEYS:
+        assert _flat(result.state[key]) == _approx(_naive_weighted(updates, weights, key))
+    assert result.weights == pytest.approx(weights, rel=TOL)
+    assert result.flagged == {c for c, w in weights.items() if w < 0.5 / len(updates)}
+    if gamma == 1.0:  # pure FedAvg
+        assert result.weights == pytest.approx(_counts(updates), rel=TOL)
+
+
+def test_raw_loss_rule_reproduces_the_old_weights_exactly() -> None:
+    # The rule before loss_scale existed: s_k = exp(−(L_k − min L)), weights γ n_k/n + (1 − γ) s_k / Σ s.
+    glob, updates = _round(4, 6)
+    for gamma in (0.0, 0.2):
+        losses = [float(u.metrics["train_loss"]) for u in updates]
+        lowest = min(losses)
+        scores = [math.exp(-(loss - lowest)) for loss in losses]
+        total = sum(scores)
+        total_n = sum(u.num_examples for u in updates)
+        old = {u.client_id: gamma * (u.num_examples / total_n) + (1.0 - gamma) * s / total
+               for u, s in zip(updates, scores, strict=True)}
+        assert _run("loss", glob, updates, loss_gamma=gamma, loss_scale="raw").weights == old  # bit for bit
+
+
+@pytest.mark.parametrize(
+    ("losses", "relative", "raw"),
+    [
+        # Barlow Twins' scale: m = 50.5; relative s = (1, e^(−0.5/50.5), e^(−1/50.5)); raw s = (1, e^(−0.5), e^(−1))
+        ([50.0, 50.5, 51.0], [0.336639, 0.333322, 0.330039], [0.506480, 0.307196, 0.186324]),
+        # ACOP's scale: m = 5.47/3; relative s = (1, e^(−0.02/m), e^(−0.05/m)); raw s = (1, e^(−0.02), e^(−0.05))
+        ([1.80, 1.82, 1.85], [0.337605, 0.333922, 0.328473], [0.341131, 0.334376, 0.324494]),
+    ],
+)
+def test_loss_rule_weights_by_hand(losses: list[float], relative: list[float], raw: list[float]) -> None:
+    glob, updates = _round(4, 3)
+    updates = _with_losses(updates, losses)
+    mean = sum(losses) / 3
+    for scale, gaps, expected in (("relative", [(x - losses[0]) / mean for x in losses], relative),
+                                  ("raw", [x - losses[0] for x in losses], raw)):
+        scores = [math.exp(-g) for g in gaps]
+        by_hand = [s / sum(scores) for s in scores]
+        assert by_hand == pytest.approx(expected, abs=1e-6)  # the table above
+        weights = _run("loss", glob, updates, loss_scale=scale).weights
+        assert [weights[u.client_id] for u in updates] == pytest.approx(by_hand, rel=TOL), scale
+
+
+@pytest.mark.parametrize("factor", [30.0, 1e-3, 1e6])
+def test_relative_loss_rule_is_scale_free_and_raw_is_not(factor: float) -> None:
+    glob, updates = _round(4, 6)
+    scaled = _with_losses(updates, [factor * u.metrics["train_loss"] for u in updates])
+    for temperature in (1.0, 0.1):
+        a = _run("loss", glob, updates, loss_temperature=temperature)
+        b = _run("loss", glob, scaled, loss_temperature=temperature)
+        assert b.weights == pytest.approx(dict(a.weights), rel=1e-12)
+        _assert_states_close(a.state, b.state, tol=1e-12)
+    a, b = _run("loss", glob, updates, loss_scale="raw"), _run("loss", glob, scaled, loss_scale="raw")
+    assert max(abs(b.weights[c] - a.weights[c]) for c in a.weights) > 1e-3
+
+
+def test_relative_loss_rule_is_the_raw_rule_on_losses_in_units_of_their_mean() -> None:
+    glob, updates = _round(4, 6)
+    mean = sum(u.metrics["train_loss"] for u in updates) / len(updates)
+    rescaled = _with_losses(updates, [u.metrics["train_loss"] / mean for u in updates])
+    relative = _run("loss", glob, updates, loss_temperature=0.3).weights
+    raw = _run("loss", glob, rescaled, loss_scale="raw", loss_temperature=0.3).weights
+    assert relative == pytest.approx(dict(raw), rel=1e-12)
+
+
+def test_lower_loss_temperature_sharpens_the_weights() -> None:
+    glob, updates = _round(4, 6)
+    best = min(updates, key=lambda u: u.metrics["train_loss"]).client_id
+    shares = [_run("loss", glob, updates, loss_temperature=t).weights[best] for t in (10.0, 1.0, 0.1, 0.01)]
+    assert shares == sorted(shares) and shares[-1] > 0.9 and shares[0] < 1.0 / len(updates) + 0.05
+
+
+@pytest.mark.parametrize("scale", ["relative", "raw"])
+@pytest.mark.parametrize("loss", [0.0, 1.8, 50.0, -0.7])
+def test_equal_losses_give_equal_weights(scale: str, loss: float) -> None:
+    glob, updates = _round(4, 5)
+    result = _run("loss", glob, _with_losses(updates, [loss] * 5), loss_scale=scale)
+    assert result.weights == pytest.approx(_uniform(updates), rel=TOL)
+    assert not result.flagged
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [
+        [-1.0, -0.5, 0.2, 0.3, 1.0],          # mean loss 0: the mean |loss| is still > 0
+        [-3.0, -2.0, -2.5, -2.9, -2.1],       # all negative
+        [0.0, 0.0, 0.0, 0.0, 5e-324],         # subnormal gap
+        [1e308, -1e308, 0.0, 1e308, 0.5],     # near overflow
+        [0.0, 1e-300, 2e-300, 3e-300, 0.0],
+    ],
+)
+def test_relative_loss_rule_is_defined_for_any_finite_losses(losses: list[float]) -> None:
+    glob, updates = _round(4, 5)
+    weights = _run("loss", glob, _with_losses(updates, losses)).weights
+    assert all(math.isfinite(w) and w >= 0 for w in weights.values())
+    assert sum(weights.values()) == pytest.approx(1.0, rel=1e-12)
+    best = updates[losses.index(min(losses))].client_id
+    assert weights[best] == max(weights.values())
+    # still scale-free (a power of 2 that keeps every scaled loss finite and exact)
+    factor = 0.25 if max(abs(x) for x in losses) > 1.0 else 4.0
+    scaled = _run("loss", glob, _with_losses(updates, [x * factor for x in losses])).weights
+    assert scaled == pytest.approx(dict(weights), rel=1e-9, abs=1e-300)
+
+
+def test_loss_rule_refuses_non_finite_losses_when_called_directly() -> None:
+    glob, updates = _round(4, 3)
+    bad = _with_losses(updates, [1.0, math.nan, 2.0])
+    with pytest.raises(AggregationError, match="finite"):
+        _build("loss").combine(glob, bad, ROUND)
+
+
 def test_loss_rule_differs_from_fedavg_and_fairavg() -> None:
     glob, updates = _round(4, 6)
-    result = _run("loss", glob, updates).state
-    for other in ("fedavg", "fairavg"):
-        assert not torch.allclose(result["conv.weight"], _run(other, glob, updates).state["conv.weight"])
+    for scale in ("relative", "raw"):
+        result = _run("loss", glob, updates, loss_scale=scale).state
+        for other in ("fedavg", "fairavg"):
+            assert not torch.allclose(result["conv.weight"], _run(other, glob, updates).state["conv.weight"])
 
 
-def test_loss_rule_does_not_underflow_for_large_losses() -> None:
+@pytest.mark.parametrize("scale", ["relative", "raw"])
+def test_loss_rule_does_not_underflow_for_large_losses(scale: str) -> None:
     glob, updates = _round(4, 6)
-    shifted = [ClientUpdate(u.client_id, u.state, u.num_examples, {"train_loss": u.metrics["train_loss"] + 1000.0})
-               for u in updates]
-    a, b = _run("loss", glob, updates), _run("loss", glob, shifted)
+    # raw: a shift changes nothing; relative: a common factor changes nothing
+    shifted = _with_losses(updates, [u.metrics["train_loss"] + 1000.0 if scale == "raw" else
+                                     u.metrics["train_loss"] * 1e300 for u in updates])
+    a, b = _run("loss", glob, updates, loss_scale=scale), _run("loss", glob, shifted, loss_scale=scale)
     _assert_states_close(a.state, b.state, tol=1e-9)
     assert all(math.isfinite(w) for w in b.weights.values())
 
@@ -895,6 +1029,15 @@ def test_output_keeps_global_dtypes_and_shares_no_memory(name: str, identical: b
         ("lpa", {"lpa_center": "mean"}),
         ("loss", {"loss_gamma": 2}),
         ("loss", {"loss_gamma": -0.1}),
+        ("loss", {"loss_gamma": math.nan}),
+        ("loss", {"loss_scale": "mean"}),
+        ("loss", {"loss_scale": "Relative"}),
+        ("loss", {"loss_scale": None}),
+        ("loss", {"loss_temperature": 0.0}),
+        ("loss", {"loss_temperature": -1.0}),
+        ("loss", {"loss_temperature": math.inf}),
+        ("loss", {"loss_temperature": math.nan}),
+        ("loss", {"loss_temperature": True}),
         ("fedadam", {"server_lr": 0}),
         ("fedyogi", {"server_lr": -1.0}),
         ("fedadam", {"server_beta1": 1.0}),

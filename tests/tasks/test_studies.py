@@ -105,7 +105,7 @@ def test_the_same_run_from_a_shell_names_the_study_and_its_params_file() -> None
 
 
 def test_plugin_members_of_the_studies_are_in_the_form(tmp_path: Path) -> None:
-    """A member that a study's ``plugins.modules`` registers is a choice of its field (the form is built at import)."""
+    """A member that a study's ``plugins.modules`` registers is a choice of its field (built at import)."""
     (tmp_path / "myplugins").mkdir()
     (tmp_path / "myplugins" / "__init__.py").write_text("")
     (tmp_path / "myplugins" / "halfway.py").write_text(
