@@ -16,7 +16,7 @@ import math
 import operator
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeVar
 
@@ -263,6 +263,10 @@ class PersonalConfig:
         return [ModelConfig(**spec) for spec in self.models] or [shared]
 
 
+#: Options of the ``ssl`` section every self-supervised method is built with (never under ``ssl.options``).
+SSL_SHARED_OPTIONS = ("projector_dim", "hidden_dim", "augment")
+
+
 @dataclass(frozen=True, kw_only=True)
 class SSLConfig:
     """Training objective: supervised cross-entropy, or a self-supervised method that ignores labels (fedcore/ssl).
@@ -270,23 +274,27 @@ class SSLConfig:
     With a self-supervised method the model is the ``model`` section's backbone (its classifier removed) plus the
     method's heads (``projector``, and BYOL's ``predictor``), which stay on the clients under ``send: backbone``
     (FASSL's "-bb"); every round is scored on the ``downstream`` tasks instead of the test split.
+
+    ``projector_dim``, ``hidden_dim`` and ``augment`` are shared by every method; ``options`` maps a method's name
+    to its own options, the other keyword arguments of its class (e.g. ``simclr: {temperature: 0.2}``); a method
+    not listed takes its defaults.
     """
 
     method: str = _opt("none", "none (supervised) | simclr | barlow_twins | acop | byol", registry="ssl_method")
-    temperature: float = _opt(0.2, "simclr: NT-Xent temperature τ (PAPERS.md: 0.07–0.5) [A]", gt=0.0)
-    lambd: float = _opt(0.005, "barlow_twins: weight λ of the off-diagonal term (paper: 0.0051)", ge=0.0)
-    clips: int = _opt(3, "acop: clips cut from each example, N! order classes (N=3: 6) [A]", ge=2, le=5)
-    gap: float = _opt(0.2, "acop: share of each clip's frames dropped at a random place, so that neighbouring "
-                           "clips do not join seamlessly (VCOP samples clips with gaps) [A]", ge=0.0, lt=1.0)
-    tau: float = _opt(0.99, "byol: EMA rate of the target network (paper: 0.996) [A]", ge=0.0, lt=1.0)
     projector_dim: int = _opt(128, "output size of the projector (simclr, barlow_twins, byol) [A]", ge=1)
     hidden_dim: int = _opt(256, "hidden size of the projector, predictor and ACOP classifier [A]", ge=1)
     augment: list[dict[str, Any]] | None = _opt(None, "augmentation pipeline [{name, p, options}] of the two "
                                                       "views (acop: of the clips); None: the method's default")
+    options: dict[str, Any] = _opt({}, "options of each method, by method name (the keyword arguments of its "
+                                       "class other than the shared ones above)")
 
     def check(self) -> list[str]:
-        """Every augmentation step names a registered augmentation and has a valid probability."""
-        problems = []
+        """Every method in ``options`` is registered and builds with its own options; every augmentation is valid.
+
+        A method's own options must not repeat the shared ones (:data:`SSL_SHARED_OPTIONS`); an augmentation step
+        names a registered augmentation and has a probability in [0, 1].
+        """
+        problems = member_options_problems("ssl", "options", "ssl_method", self.options, shared=SSL_SHARED_OPTIONS)
         names = _registry_names("augmentation")
         for i, step in enumerate(self.augment or []):
             if not isinstance(step, Mapping) or "name" not in step:
@@ -304,6 +312,13 @@ class SSLConfig:
     def self_supervised(self) -> bool:
         """Whether the objective ignores the labels."""
         return self.method != "none"
+
+    def method_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments ``method`` is built with: the shared options (a self-supervised one) and its own."""
+        own = dict(self.options.get(self.method) or {})
+        if not self.self_supervised:
+            return own
+        return {"projector_dim": self.projector_dim, "hidden_dim": self.hidden_dim, "augment": self.augment, **own}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -366,12 +381,14 @@ class DownstreamConfig:
         return [DownstreamTaskConfig(**spec) for spec in self.tasks]
 
 
-def member_options_problems(section: str, name: str, family: str, options: Any) -> list[str]:
+def member_options_problems(section: str, name: str, family: str, options: Any,
+                            shared: Collection[str] = ()) -> list[str]:
     """Problems of a ``{member: {option: value}}`` mapping of a registry family (every member declares its own).
 
     A member's options are its factory's keyword arguments: each member named must be registered, each option
     must be one its factory takes (unknown ones are refused, never dropped), and the member must build with them
-    (its own range checks). Members not named take their defaults.
+    (its own range checks). Members not named take their defaults. ``shared`` names the options the section sets
+    once for every member: a member's own options must not repeat them.
     """
     if not isinstance(options, Mapping):
         return [f"{section}: '{name}' must be a mapping of {family} names to their options. Got {options!r}."]
@@ -390,7 +407,11 @@ def member_options_problems(section: str, name: str, family: str, options: Any) 
         if not isinstance(values, Mapping):
             problems.append(f"{where} must be a mapping of option names to values. Got {values!r}.")
             continue
-        accepted = registry.options(member)
+        if repeated := sorted(set(values) & set(shared)):
+            problems.append(f"{where}: options {repeated} are shared by every {family}: set them in '{section}' "
+                            f"itself (e.g. {section}.{repeated[0]}), not per {family}.")
+            continue
+        accepted = [option for option in registry.options(member) if option not in shared]
         if unknown := sorted(set(values) - set(accepted)):
             problems.append(f"{where}: unknown options {unknown}; {member} takes {sorted(accepted)}.")
             continue
@@ -503,6 +524,11 @@ class EarlyExitConfig:
                                                 "pos_conv_groups")
     exits: list[int] = _opt([2, 4, 6], "layers (1-based, increasing) followed by an exit head [A]")
     head: str = _opt("linear", "exit head: linear | mlp (on the mean-pooled layer output)", registry="exit_head")
+    exit_norm: Literal["per_exit", "shared"] = _opt(
+        "per_exit", "normalisation each exit head reads (issue 21): per_exit: a LayerNorm of its own, trained and "
+                    "sent only by the clients that train that exit, so it is averaged over clients reaching it | "
+                    "shared: the backbone's one final norm, trained and sent by every client whatever its depth "
+                    "(the behaviour before the option, for reproduction) [A]")
     tiers: list[dict[str, Any]] = _opt([{"share": 0.3, "depth": 2}, {"share": 0.4, "depth": 4},
                                         {"share": 0.3, "depth": 6}],
                                        "budget tiers {share, depth}: the share of clients that can train to depth "

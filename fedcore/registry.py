@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -64,13 +64,3 @@ class Registry(Generic[T]):
         """The option names member ``name`` takes: its factory's keyword arguments."""
         parameters = inspect.signature(self.get(name)).parameters.values()
         return [p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-
-    def build_from(self, name: str, options: Mapping[str, Any]) -> T:
-        """Build ``name`` with the entries of ``options`` its factory accepts as keyword arguments.
-
-        For a params section that holds the options of every member of the family under distinct names (e.g.
-        ``trim_beta`` for trimmed_mean, ``krum_f`` for krum): each member takes its own and ignores the rest.
-        """
-        factory = self.get(name)
-        accepted = inspect.signature(factory).parameters
-        return factory(**{key: value for key, value in options.items() if key in accepted})

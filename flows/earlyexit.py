@@ -92,7 +92,8 @@ def earlyexit_training(params: Params, paths: EarlyExitPaths) -> dict[str, Any]:
                                 input_shape=data.input_shape, log_model=log_model)
     progress = ProgressCallback(fed.rounds, f"earlyexit {cfg.plan}", "earlyexit-progress", postfix)
     print(f"earlyexit: plan {cfg.plan}, tiers (client: depth) {dict(enumerate(plan.tiers))}; init {cfg.init}"
-          + (f" ({len(left)} backbone entries not in the checkpoint)" if cfg.init != "random" else ""))
+          + (f" ({len(left)} backbone or exit-norm entries not in the checkpoint)" if cfg.init != "random"
+             else ""))
     run = run_rounds(plan, TaskRunnerExecutor(), checkpointer, [tracking, progress],
                      client_threads=fed.client_threads)
     return _finish(params, paths, tracker, run.state, run.history, plan.tiers, plan.depths, run.records)

@@ -78,12 +78,14 @@ def initial_state(params: Params, num_classes: int, input_shape: tuple[int, int,
                   root: Path) -> tuple[StateDict, list[str]]:
     """The starting global state and the backbone keys the checkpoint did not provide.
 
-    Random weights from ``federation.seed``, with the backbone then taken from ``earlyexit.init`` unless random.
+    Random weights from ``federation.seed``, with the backbone then taken from ``earlyexit.init`` unless random
+    (:meth:`~fedcore.earlyexit.models.EarlyExitModel.load_pretrained`: with ``earlyexit.exit_norm: per_exit`` every
+    exit's norm starts as a copy of the checkpoint's final norm, e.g. the FASSL encoder's ``norm``, when it has one).
     """
     model = new_model(params, num_classes, input_shape, params.federation.seed)
     left: list[str] = []
     if params.earlyexit.init != "random":
-        left = model.backbone.load_pretrained(read_weights(params.earlyexit.init, root, params.mlflow.trust_pickle))
+        left = model.load_pretrained(read_weights(params.earlyexit.init, root, params.mlflow.trust_pickle))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, left
 
 

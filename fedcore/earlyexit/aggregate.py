@@ -8,7 +8,17 @@ those. For every entry of layer l the server takes the weighted mean over the cl
 with g from :data:`DEPTH_WEIGHTS`: ``uniform`` (g = 1, HeteroFL-style) or ``depth`` (g = l / d_c, which up-weights
 the clients for whom layer l is near their exit). Entries outside the layers (the token embedding, the exit
 heads; ``layer_of(key) == 0``) are averaged over the clients that sent them with ω_c = n_c. An entry no client
-sent keeps its value. :func:`depth_aware` is this weighting of the one partial aggregation
+sent keeps its value.
+
+An exit e's own parts (its head and, under ``exit_norm: per_exit``, its LayerNorm N_e = (γ_e, β_e); ``exit_of(key)
+== e``) are sent only by the clients S_e that trained that exit (d_c = e, or d_c >= e with deep supervision), so
+
+    N_e = Σ_{c ∈ S_e} n_c N_{e,c} / Σ_{c ∈ S_e} n_c,   S_e ⊆ {c : d_c >= e},
+
+weighted like the heads (n_c, no g: the norm belongs to the exit, not to a layer). With ``exit_of`` given, a
+client that sends a part of an exit beyond its depth (e > d_c) is rejected like one that sends deeper layers.
+Under ``exit_norm: shared`` the one final norm is outside the layers and the exits: every client sends it and it
+is averaged over all of them with n_c. :func:`depth_aware` is this weighting of the one partial aggregation
 (:func:`fedcore.aggregation.partial.aggregate_partial`, one group per entry), with the server rule of
 ``earlyexit.server`` as the rule: FedAvg gives W^l above, FedAdam steps from the old value towards it.
 
@@ -37,7 +47,7 @@ DEPTH_WEIGHTS.register("depth")(lambda: lambda layer, depth: layer / depth)
 def depth_aware(server: Aggregator, global_state: StateDict, updates: Sequence[ClientUpdate],
                 depths: Mapping[int, int], layer_of: Callable[[str], int], weighting: str = "uniform", *,
                 server_round: int = 1, failed: Mapping[int, str] | None = None,
-                min_accepted: int = 1) -> PartialAggregate:
+                min_accepted: int = 1, exit_of: Callable[[str], int] | None = None) -> PartialAggregate:
     """The next global state: every entry aggregated by ``server`` over its senders, weighted ``n_c · g(l, d_c)``.
 
     See the module docstring and :func:`fedcore.aggregation.partial.aggregate_partial`.
@@ -63,6 +73,9 @@ def depth_aware(server: Aggregator, global_state: StateDict, updates: Sequence[C
         Clients whose training raised, with the reason (rejected).
     min_accepted : int, default 1
         The quorum of accepted clients.
+    exit_of : callable, optional
+        ``exit_of(key)``: the exit an entry is part of (head, exit norm), or 0; a client sending a part of an exit
+        deeper than its depth is rejected. Default: no such check.
 
     Returns
     -------
@@ -86,7 +99,10 @@ def depth_aware(server: Aggregator, global_state: StateDict, updates: Sequence[C
     def beyond_exit(update: ClientUpdate) -> str | None:
         depth = depths[update.client_id]
         deep = [k for k in update.state if layer_of(k) > depth]
-        return f"exit depth {depth} but sent deeper layers {deep[:5]!r}" if deep else None
+        if deep:
+            return f"exit depth {depth} but sent deeper layers {deep[:5]!r}"
+        deeper_exits = [k for k in update.state if exit_of is not None and exit_of(k) > depth]
+        return f"exit depth {depth} but sent parts of deeper exits {deeper_exits[:5]!r}" if deeper_exits else None
 
     def weight(update: ClientUpdate, key: Hashable) -> float:
         layer = layer_of(str(key))

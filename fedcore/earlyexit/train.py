@@ -2,7 +2,8 @@
 
 A client with exit depth d runs the stem and layers 1..d (never the layers above), minimises the cross-entropy
 of the head at d (with ``deep_supervision``: the sum over every exit at or below d, as Fed-EE does), updates only
-the entries it trains (:meth:`~fedcore.earlyexit.models.EarlyExitModel.trained_keys`) and sends exactly those.
+the entries it trains (:meth:`~fedcore.earlyexit.models.EarlyExitModel.trained_keys`: with ``exit_norm:
+per_exit`` the norm of each exit it trains, never a deeper exit's) and sends exactly those.
 
 :class:`ExitDepth` is that objective; :func:`fedcore.algorithms.base.train_client` (the one minibatch loop) runs
 it through the hooks of its session (:class:`ExitSession`):

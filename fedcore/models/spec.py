@@ -24,7 +24,9 @@ Architectures (every model the project logs):
 ``audio_branch``
     Its audio branch (:func:`~fedcore.multimodal.audio_branch`, same options): the distill stage's student.
 ``early_exit``
-    :func:`~fedcore.earlyexit.models.build_exit_model`'s model (the earlyexit stage).
+    :func:`~fedcore.earlyexit.models.build_exit_model`'s model (the earlyexit stage). Its ``exit_norm``
+    (``per_exit`` | ``shared``) may be absent: specs logged before the option rebuild as ``shared``, the only
+    model there was; any other value is refused.
 
 A model built by :func:`build` or :func:`rebuild` carries its spec (:func:`spec_of`), so a rebuilt model can be
 logged again as it is (the distill stage's student).
@@ -32,6 +34,7 @@ logged again as it is (the distill stage's student).
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -257,27 +260,39 @@ def _classifier(*, options: Mapping[str, Any], generator: torch.Generator) -> nn
     return build_model(cfg, num_classes, (shape[0], shape[1], shape[2]), generator)
 
 
-#: SSLConfig fields that do not shape the model (left out of its spec).
-_SSL_NOT_ARCHITECTURE = ("method", "augment")
+#: Keyword arguments of a self-supervised method that do not shape the model (left out of its spec).
+_SSL_NOT_ARCHITECTURE = ("augment",)
+#: Keyword arguments of every self-supervised method that the ``ssl`` section sets once (the head sizes).
+_SSL_SHARED_ARCHITECTURE = ("projector_dim", "hidden_dim")
+
+
+def _ssl_architecture_options(method: str) -> list[str]:
+    """The keyword arguments of self-supervised method ``method`` that an ``ssl_model`` spec records."""
+    from fedcore.ssl.methods import SSL_METHODS
+
+    return [name for name in SSL_METHODS.options(method) if name not in _SSL_NOT_ARCHITECTURE]
 
 
 @ARCHITECTURES.register("ssl_model")
 def _ssl_model(*, options: Mapping[str, Any], generator: torch.Generator) -> nn.Module:
-    from fedcore.ssl.methods import build_method
+    from fedcore.ssl.methods import SSL_METHODS, build_method
 
     _options(options, ("model", "method", "method_options", "input_shape"), "ssl_model")
     cfg = _model_config(options["model"], "ssl_model.model")
+    method = _name(options["method"], SSL_METHODS, "ssl_model", "method")
+    if method == "none":
+        raise ValueError(f"ssl_model: 'method' must be a self-supervised method. Got {method!r}.")
     method_options = options["method_options"]
-    if not isinstance(method_options, Mapping) or set(method_options) & set(_SSL_NOT_ARCHITECTURE):
-        raise ValueError(f"ssl_model: 'method_options' must be a mapping of ssl options other than "
-                         f"{list(_SSL_NOT_ARCHITECTURE)}. Got {_short(method_options)}.")
-    ssl: SSLConfig = _section(SSLConfig, {"method": options["method"], **method_options}, "ssl_model.ssl")
-    if not ssl.self_supervised:
-        raise ValueError(f"ssl_model: 'method' must be a self-supervised method. Got {ssl.method!r}.")
-    for name in ("projector_dim", "hidden_dim"):
-        _int(getattr(ssl, name), "ssl_model", name)
+    if not isinstance(method_options, Mapping):
+        raise ValueError(f"ssl_model: 'method_options' must be a mapping of {method}'s options. "
+                         f"Got {_short(method_options)}.")
+    _options(method_options, _ssl_architecture_options(method), "ssl_model.method_options")
+    shared = {name: _int(method_options[name], "ssl_model.method_options", name)
+              for name in _SSL_SHARED_ARCHITECTURE if name in method_options}
+    own = {name: value for name, value in method_options.items() if name not in shared}
+    ssl: SSLConfig = _section(SSLConfig, {"method": method, **shared, "options": {method: own}}, "ssl_model.ssl")
     shape = _shape(options["input_shape"], "ssl_model", "input_shape", (3,))
-    objective = build_method(ssl.method, {k: v for k, v in to_dict(ssl).items() if k not in _SSL_NOT_ARCHITECTURE})
+    objective = build_method(method, ssl.method_kwargs())
     return objective.build_model(cfg, 1, (shape[0], shape[1], shape[2]), generator)
 
 
@@ -318,11 +333,15 @@ def _audio_branch(*, options: Mapping[str, Any], generator: torch.Generator) -> 
 
 @ARCHITECTURES.register("early_exit")
 def _early_exit(*, options: Mapping[str, Any], generator: torch.Generator) -> nn.Module:
-    from fedcore.earlyexit.models import EXIT_BACKBONES, EXIT_HEADS, build_exit_model
+    """The early-exit model; ``exit_norm`` is optional: a spec without it predates the option, so ``shared``."""
+    from fedcore.earlyexit.models import EXIT_BACKBONES, EXIT_HEADS, EXIT_NORMS, build_exit_model
 
     where = "early_exit"
-    _options(options, ("backbone", "backbone_options", "model", "exits", "num_classes", "head", "input_shape"),
-             where)
+    _options({k: v for k, v in options.items() if k != "exit_norm"},
+             ("backbone", "backbone_options", "model", "exits", "num_classes", "head", "input_shape"), where)
+    exit_norm = options.get("exit_norm", "shared")
+    if not isinstance(exit_norm, str) or exit_norm not in EXIT_NORMS:
+        raise ValueError(f"{where}: 'exit_norm' must be one of {', '.join(EXIT_NORMS)}. Got {_short(exit_norm)}.")
     exits = options["exits"]
     if not isinstance(exits, list) or not exits or len(exits) > MAX_LAYERS:
         raise ValueError(f"{where}: 'exits' must be a non-empty list of layer numbers. Got {_short(exits)}.")
@@ -335,7 +354,7 @@ def _early_exit(*, options: Mapping[str, Any], generator: torch.Generator) -> nn
         options=dict(options["backbone_options"]),
         exits=[_int(e, where, f"exits[{i}]", 1, MAX_LAYERS) for i, e in enumerate(exits)],
         num_classes=_int(options["num_classes"], where, "num_classes"),
-        head=_name(options["head"], EXIT_HEADS, where, "head"), generator=generator)
+        head=_name(options["head"], EXIT_HEADS, where, "head"), generator=generator, exit_norm=exit_norm)
 
 
 # --------------------------------------------------------------------------------------------------- spec makers
@@ -346,8 +365,17 @@ def classifier_spec(model: ModelConfig, num_classes: int, input_shape: Sequence[
 
 
 def ssl_model_spec(model: ModelConfig, ssl: SSLConfig, input_shape: Sequence[int]) -> ModelSpec:
-    """Spec of the self-supervised model of ``ssl.method`` on the backbone of ``model``."""
-    method_options = {k: v for k, v in to_dict(ssl).items() if k not in _SSL_NOT_ARCHITECTURE}
+    """Spec of the self-supervised model of ``ssl.method`` on the backbone of ``model``.
+
+    Its ``method_options`` are every keyword argument of the method's class but ``augment``: the shared head sizes
+    and the method's own options, defaults included.
+    """
+    from fedcore.ssl.methods import SSL_METHODS
+
+    factory = inspect.signature(SSL_METHODS.get(ssl.method)).parameters
+    kwargs = ssl.method_kwargs()
+    method_options = {name: _plain(kwargs[name] if name in kwargs else factory[name].default)
+                      for name in _ssl_architecture_options(ssl.method)}
     return ModelSpec("ssl_model", {"model": to_dict(model), "method": ssl.method, "method_options": method_options,
                                    "input_shape": [int(s) for s in input_shape]})
 
@@ -379,11 +407,11 @@ def audio_branch_spec(av_model: ModelSpec) -> ModelSpec:
 
 def exit_model_spec(model: ModelConfig, earlyexit: EarlyExitConfig, input_shape: Sequence[int],
                     num_classes: int) -> ModelSpec:
-    """Spec of the early-exit model of the ``earlyexit`` section (backbone size from ``model``)."""
+    """Spec of the early-exit model of the ``earlyexit`` section (backbone size from ``model``; ``exit_norm``)."""
     return ModelSpec("early_exit", {
         "backbone": earlyexit.backbone, "backbone_options": dict(earlyexit.backbone_options),
         "model": to_dict(model), "exits": [int(e) for e in earlyexit.exits], "num_classes": int(num_classes),
-        "head": earlyexit.head, "input_shape": [int(s) for s in input_shape]})
+        "head": earlyexit.head, "exit_norm": earlyexit.exit_norm, "input_shape": [int(s) for s in input_shape]})
 
 
 # --------------------------------------------------------------------------------------------------- build

@@ -6,8 +6,9 @@ stage. Every client has a budget tier (``earlyexit.tiers``, a seeded draw: the d
 ``drop_weak``: only the deepest tier trains, the others sit out). Each round:
 
 - :meth:`~EarlyExitPlan.jobs`: the sampled clients that train run :func:`train_exit_job` (the objective
-  :class:`~fedcore.earlyexit.train.ExitDepth` in the one minibatch loop: layers 1..d and the heads they reach,
-  with their FLOPs counted) and send only those entries;
+  :class:`~fedcore.earlyexit.train.ExitDepth` in the one minibatch loop: layers 1..d and the exits they train,
+  each a head and, under ``earlyexit.exit_norm: per_exit``, its own LayerNorm, with their FLOPs counted) and send
+  only those entries;
 - :meth:`~EarlyExitPlan.combine`: the server rule ``earlyexit.server`` aggregates every entry over the clients
   that sent it with weights n_c · g(l, d_c) (:func:`~fedcore.earlyexit.aggregate.depth_aware`, the one partial
   aggregation, whose screening rejects a failed client, a non-finite or malformed update, or layers beyond a
@@ -66,7 +67,7 @@ def exit_model(spec: ExitSpec, seed: int) -> EarlyExitModel:
     cfg = spec.earlyexit
     return build_exit_model(cfg.backbone, input_shape=spec.input_shape, cfg=spec.model,
                             options=cfg.backbone_options, exits=cfg.exits, num_classes=spec.num_classes,
-                            head=cfg.head, generator=torch.Generator().manual_seed(seed))
+                            head=cfg.head, generator=torch.Generator().manual_seed(seed), exit_norm=cfg.exit_norm)
 
 
 def client_depths(cfg: EarlyExitConfig, num_clients: int) -> tuple[list[int], list[int | None]]:
@@ -206,7 +207,7 @@ class EarlyExitPlan(Plan):
                 server_round: int, min_accepted: int) -> RoundResult:
         combined = depth_aware(self.server, state, updates, self._round_depths, self.model.layer_of,
                                self.params.earlyexit.weighting, server_round=server_round, failed=failed,
-                               min_accepted=min_accepted)
+                               min_accepted=min_accepted, exit_of=self.model.exit_of)
         accepted = [u for u in updates if u.client_id not in combined.rejected]
         new_state = combined.state
         record = {"depths": {str(c): d for c, d in sorted(self._round_depths.items())}}

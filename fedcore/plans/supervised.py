@@ -110,7 +110,7 @@ def make_spec(params: Params, num_clients: int, num_classes: int, input_shape: t
 
 def build_objective(spec: TrainSpec) -> Objective:
     """What local training minimises: ``ssl.method`` with its options (none: supervised cross-entropy)."""
-    return build_method(spec.ssl.method, to_dict(spec.ssl))
+    return build_method(spec.ssl.method, spec.ssl.method_kwargs())
 
 
 def build_algorithm(spec: TrainSpec) -> LocalAlgorithm:

@@ -49,6 +49,11 @@ SSL_METHODS: Registry[Objective] = Registry("ssl_method")
 SSL_METHODS.register("none")(Objective)  # supervised cross-entropy: the default of ssl.method
 
 
+def _real(value: Any) -> bool:
+    """Whether ``value`` is an int or a float (not a bool): what a method's float options take."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def backbone_of(model: nn.Module) -> tuple[nn.Module, int]:
     """Replace ``model.classifier`` (an ``nn.Linear``) by the identity; return the model and the embedding size.
 
@@ -186,7 +191,7 @@ class SimCLR(SelfSupervised):
 
     def __init__(self, *, temperature: float = 0.2, projector_dim: int = 128, hidden_dim: int = 256,
                  augment: Sequence[Mapping[str, Any]] | None = None) -> None:
-        if not (math.isfinite(temperature) and temperature > 0):
+        if not (_real(temperature) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"simclr: 'temperature' must be a finite float > 0. Got {temperature!r}.")
         super().__init__(projector_dim=projector_dim, hidden_dim=hidden_dim, augment=augment)
         self.temperature = float(temperature)
@@ -221,7 +226,7 @@ class BarlowTwins(SelfSupervised):
 
     def __init__(self, *, lambd: float = 0.005, projector_dim: int = 128, hidden_dim: int = 256,
                  augment: Sequence[Mapping[str, Any]] | None = None) -> None:
-        if not (math.isfinite(lambd) and lambd >= 0):
+        if not (_real(lambd) and math.isfinite(lambd) and lambd >= 0):
             raise ValueError(f"barlow_twins: 'lambd' must be a finite float >= 0. Got {lambd!r}.")
         super().__init__(projector_dim=projector_dim, hidden_dim=hidden_dim, augment=augment)
         self.lambd = float(lambd)
@@ -258,7 +263,7 @@ class BYOL(SelfSupervised):
 
     def __init__(self, *, tau: float = 0.99, projector_dim: int = 128, hidden_dim: int = 256,
                  augment: Sequence[Mapping[str, Any]] | None = None) -> None:
-        if not 0.0 <= tau < 1.0:
+        if not (_real(tau) and 0.0 <= tau < 1.0):
             raise ValueError(f"byol: 'tau' must be in [0, 1). Got {tau!r}.")
         super().__init__(projector_dim=projector_dim, hidden_dim=hidden_dim, augment=augment)
         self.tau = float(tau)
@@ -323,7 +328,7 @@ class ACOP(SelfSupervised):
                  augment: Sequence[Mapping[str, Any]] | None = None) -> None:
         if isinstance(clips, bool) or not isinstance(clips, int) or not 2 <= clips <= 5:
             raise ValueError(f"acop: 'clips' must be an int in [2, 5]. Got {clips!r}.")
-        if not 0.0 <= gap < 1.0:
+        if not (_real(gap) and 0.0 <= gap < 1.0):
             raise ValueError(f"acop: 'gap' must be in [0, 1). Got {gap!r}.")
         super().__init__(projector_dim=projector_dim, hidden_dim=hidden_dim, augment=augment)
         self.clips = clips
@@ -367,8 +372,17 @@ class _ACOPSession(_Session):
 
 
 def build_method(name: str, options: Mapping[str, Any]) -> Objective:
-    """The objective ``ssl.method`` with the options of the ``ssl`` section it takes."""
-    return SSL_METHODS.build_from(name, options)
+    """The objective ``name`` built with exactly ``options`` (:meth:`~fedcore.config.SSLConfig.method_kwargs`).
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not registered, or ``options`` holds a key its class does not take (never dropped).
+    """
+    accepted = SSL_METHODS.options(name)
+    if unknown := sorted(set(options) - set(accepted)):
+        raise ValueError(f"ssl method {name!r}: unknown options {unknown}; it takes {sorted(accepted)}.")
+    return SSL_METHODS.build(name, **options)
 
 
 __all__ = ["ACOP", "BYOL", "SSL_METHODS", "BarlowTwins", "SSLModel", "SelfSupervised", "SimCLR", "backbone_of",

@@ -129,6 +129,13 @@ def _options(**changes: object) -> ModelSpec:
     return ModelSpec("classifier", {**SPECS["classifier"].options, **changes})
 
 
+def _ssl_options(**changes: object) -> ModelSpec:
+    """The ssl_model spec with its method_options changed (None: left out)."""
+    method_options = {**SPECS["ssl_model"].options["method_options"], **changes}
+    return ModelSpec("ssl_model", {**SPECS["ssl_model"].options,
+                                   "method_options": {k: v for k, v in method_options.items() if v is not None}})
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     (_options(num_classes=10**9), "classifier: 'num_classes' must be an int in [1, 65536]. Got 1000000000."),
     (_options(num_classes=True), "'num_classes' must be an int"),
@@ -144,12 +151,43 @@ def _options(**changes: object) -> ModelSpec:
     (ModelSpec("av_model", {**AV.options, "dropout": 1.5}), "'dropout' must be a float in [0, 1)"),
     (ModelSpec("early_exit", {**SPECS["early_exit"].options, "exits": [1, 9]}), "'exits' must be increasing"),
     (ModelSpec("ssl_model", {**SPECS["ssl_model"].options, "method": "none"}), "must be a self-supervised method"),
-    (ModelSpec("ssl_model", {**SPECS["ssl_model"].options, "method_options": {"augment": []}}),
-     "'method_options' must be a mapping of ssl options"),
+    (ModelSpec("ssl_model", {**SPECS["ssl_model"].options, "method": "moco"}), "'method' must be a registered "
+                                                                                 "ssl_method, one of acop, "),
+    (ModelSpec("ssl_model", {**SPECS["ssl_model"].options, "method_options": [4, 8]}),
+     "ssl_model: 'method_options' must be a mapping of byol's options. Got [4, 8]."),
+    (_ssl_options(augment=[]), "ssl_model.method_options: unknown options ['augment']; allowed: ['hidden_dim', "
+                               "'projector_dim', 'tau']."),
+    (_ssl_options(temperature=0.5), "ssl_model.method_options: unknown options ['temperature']"),
+    (_ssl_options(tau=None), "ssl_model.method_options: options ['tau'] are missing."),
+    (_ssl_options(tau=1.5), "byol: 'tau' must be in [0, 1). Got 1.5."),
+    (_ssl_options(tau="0.5"), "byol: 'tau' must be in [0, 1). Got '0.5'."),
+    (_ssl_options(hidden_dim=10**9), "ssl_model.method_options: 'hidden_dim' must be an int in [1, 65536]."),
+    (_ssl_options(projector_dim=2.0), "ssl_model.method_options: 'projector_dim' must be an int"),
 ])
 def test_bad_options_are_refused_before_any_model_is_built(spec: ModelSpec, message: str) -> None:
     with pytest.raises(ValueError, match=_escape(message)):
         expected_entries(spec)
+
+
+@pytest.mark.parametrize(("method", "own"), [
+    ("simclr", {"temperature": 0.5}), ("barlow_twins", {"lambd": 0.25}), ("acop", {"clips": 2, "gap": 0.5}),
+    ("byol", {"tau": 0.9}),
+])
+def test_the_ssl_spec_holds_every_architecture_option_of_its_method(method: str, own: dict[str, object]) -> None:
+    others = {"simclr": {"temperature": 0.3}, "byol": {"tau": 0.5}}  # never in another method's spec
+    ssl = SSLConfig(method=method, projector_dim=4, hidden_dim=8, augment=[{"name": "gain"}],
+                    options={**others, method: own})
+    spec = ssl_model_spec(ModelConfig(name="cnn", width=2, depth=1), ssl, AUDIO)
+    assert spec.options["method"] == method
+    assert spec.options["method_options"] == {"projector_dim": 4, "hidden_dim": 8, **own}
+    rebuilt = ModelSpec.from_json(spec.to_json())
+    assert build(rebuilt, torch.Generator().manual_seed(0)).projector[-1].out_features == (2 if method == "acop"
+                                                                                           else 4)
+
+
+def test_the_ssl_spec_records_the_defaults_of_the_options_not_set() -> None:
+    spec = ssl_model_spec(ModelConfig(name="cnn", width=2, depth=1), SSLConfig(method="acop"), AUDIO)
+    assert spec.options["method_options"] == {"clips": 3, "gap": 0.2, "projector_dim": 128, "hidden_dim": 256}
 
 
 def test_a_spec_holding_a_non_json_value_is_refused() -> None:
@@ -234,3 +272,51 @@ def test_weights_of_another_architecture_are_refused(architecture: str) -> None:
     weights = _weights(build(SPECS[other]))
     with pytest.raises(ValueError, match="must match the architecture of the spec exactly"):
         rebuild(SPECS[architecture], weights)
+
+
+# ------------------------------------------------------------------------------------------------ early-exit norms
+def _exit_spec(exit_norm: str) -> ModelSpec:
+    return exit_model_spec(ModelConfig(name="transformer", width=8, depth=2),
+                           EarlyExitConfig(exits=[1, 2], exit_norm=exit_norm,  # type: ignore[arg-type]
+                                           tiers=[{"share": 1.0, "depth": 2}]), AUDIO, 3)
+
+
+@pytest.mark.parametrize("exit_norm", ["per_exit", "shared"])
+def test_the_exit_norm_is_in_the_early_exit_spec_and_rebuilds_the_same_model(exit_norm: str) -> None:
+    spec = _exit_spec(exit_norm)
+    assert spec.options["exit_norm"] == exit_norm
+    model = build(spec, torch.Generator().manual_seed(3)).eval()
+    again = ModelSpec.from_json(spec.to_json())
+    assert again == spec and again.options["exit_norm"] == exit_norm
+    rebuilt = rebuild(again, _weights(model))
+    keys = set(rebuilt.state_dict())
+    assert ({"exit_norms.1.weight", "exit_norms.2.bias"} <= keys) == (exit_norm == "per_exit")
+    assert ("backbone.net.norm.weight" in keys) == (exit_norm == "shared")
+    with torch.no_grad():
+        assert torch.equal(rebuilt(*_inputs("early_exit")), model(*_inputs("early_exit")))
+    other = _exit_spec("shared" if exit_norm == "per_exit" else "per_exit")
+    with pytest.raises(ValueError, match="must match the architecture of the spec exactly"):
+        rebuild(other, _weights(model))  # the option is part of the architecture
+
+
+def test_an_early_exit_spec_without_exit_norm_predates_it_and_rebuilds_shared() -> None:
+    legacy = ModelSpec("early_exit", {k: v for k, v in _exit_spec("shared").options.items() if k != "exit_norm"})
+    model = build(_exit_spec("shared"), torch.Generator().manual_seed(3))
+    rebuilt = rebuild(ModelSpec.from_json(legacy.to_json()), _weights(model))
+    assert "backbone.net.norm.weight" in rebuilt.state_dict()
+
+
+@pytest.mark.parametrize("value", ["layer", "PER_EXIT", "", 1, None, True, ["shared"]])
+def test_an_invalid_exit_norm_in_a_spec_is_refused(value: object) -> None:
+    spec = ModelSpec("early_exit", {**_exit_spec("per_exit").options, "exit_norm": value})
+    with pytest.raises(ValueError, match=r"early_exit: 'exit_norm' must be one of per_exit, shared\. Got "):
+        expected_entries(spec)
+
+
+def test_an_invalid_exit_norm_in_params_is_refused() -> None:
+    from fedcore.config import load_params
+    from fedcore.errors import ConfigError
+
+    assert load_params({}).earlyexit.exit_norm == "per_exit"
+    with pytest.raises(ConfigError, match="earlyexit: 'exit_norm' must be one of 'per_exit', 'shared'. Got 'layer'"):
+        load_params({"earlyexit": {"exit_norm": "layer"}})

@@ -27,10 +27,11 @@ def test_defaults_are_valid_and_supervised() -> None:
     assert params.downstream == DownstreamConfig()
     assert params.downstream.tasks == [] and params.downstream.ks == [1, 20]
     assert params.downstream.select_metric == "knn1"
-    full = load_params({"ssl": {"method": "byol", "tau": 0.996, "augment": [{"name": "gain", "p": 0.5}]},
+    full = load_params({"ssl": {"method": "byol", "options": {"byol": {"tau": 0.996}},
+                                "augment": [{"name": "gain", "p": 0.5}]},
                         "downstream": {"tasks": [TASK, {"name": "who", "dataset": "fsdd", "label": "speaker"}],
                                        "ks": [1, 5], "select_metric": "knn5"}})
-    assert full.ssl.self_supervised and full.ssl.tau == 0.996
+    assert full.ssl.self_supervised and full.ssl.method_kwargs()["tau"] == 0.996
     assert [t.label for t in full.downstream.task_configs()] == ["label", "speaker"]
     assert full.downstream.task_configs()[0] == DownstreamTaskConfig(name="digit", dataset="fsdd")
 
@@ -71,18 +72,69 @@ def test_augment_step_needs_a_name() -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"temperature": 0.0}, "'temperature' must be > 0.0"),
-    ({"lambd": -0.1}, "'lambd' must be >= 0.0"),
-    ({"clips": 1}, "'clips' must be >= 2"),
-    ({"clips": 6}, "'clips' must be <= 5"),
-    ({"gap": 1.0}, "'gap' must be < 1.0"),
-    ({"tau": 1.0}, "'tau' must be < 1.0"),
     ({"projector_dim": 0}, "'projector_dim' must be >= 1"),
     ({"hidden_dim": 0}, "'hidden_dim' must be >= 1"),
+    ({"options": {"simclr": {"temperature": 0.0}}}, "'options.simclr': simclr: 'temperature' must be a finite "
+                                                    "float > 0"),
+    ({"options": {"simclr": {"temperature": True}}}, "'options.simclr': simclr: 'temperature' must be"),
+    ({"options": {"barlow_twins": {"lambd": -0.1}}}, "'options.barlow_twins': barlow_twins: 'lambd' must be"),
+    ({"options": {"acop": {"clips": 1}}}, "'options.acop': acop: 'clips' must be an int in [2, 5]"),
+    ({"options": {"acop": {"clips": 6}}}, "'options.acop': acop: 'clips' must be an int in [2, 5]"),
+    ({"options": {"acop": {"gap": 1.0}}}, "'options.acop': acop: 'gap' must be in [0, 1)"),
+    ({"options": {"byol": {"tau": 1.0}}}, "'options.byol': byol: 'tau' must be in [0, 1)"),
+    ({"options": {"byol": {"tau": "high"}}}, "'options.byol': byol: 'tau' must be in [0, 1)"),
+    ({"options": {"byol": {"tau": float("inf")}}}, "'options.byol.tau' must be a finite number"),
 ])
 def test_ssl_ranges(options: dict[str, Any], message: str) -> None:
     (problem,) = _problems({"ssl": options})
     assert problem.startswith(f"ssl: {message}")
+
+
+def test_each_method_takes_its_own_options() -> None:
+    options = {"simclr": {"temperature": 0.5}, "barlow_twins": {"lambd": 0.1}, "acop": {"clips": 4, "gap": 0.0},
+               "byol": {"tau": 0.5}}
+    ssl = load_params({"ssl": {"method": "simclr", "projector_dim": 7, "options": options}}).ssl
+    assert ssl.method_kwargs() == {"projector_dim": 7, "hidden_dim": 256, "augment": None, "temperature": 0.5}
+    for method, own in options.items():
+        assert SSLConfig(method=method, options=options).method_kwargs() == {
+            "projector_dim": 128, "hidden_dim": 256, "augment": None, **own}
+    # a method not listed takes its defaults; none takes no options at all
+    assert SSLConfig(method="byol").method_kwargs() == {"projector_dim": 128, "hidden_dim": 256, "augment": None}
+    assert SSLConfig(method="none", options=options).method_kwargs() == {}
+
+
+def test_an_unknown_option_of_a_method_is_refused_not_dropped() -> None:
+    assert _problems({"ssl": {"method": "simclr", "options": {"simclr": {"temprature": 0.5}}}}) == [
+        "ssl: 'options.simclr': unknown options ['temprature']; simclr takes ['temperature']."]
+
+
+def test_an_option_of_another_method_is_refused() -> None:
+    problems = _problems({"ssl": {"method": "simclr", "options": {"simclr": {"tau": 0.5}, "byol": {"lambd": 0.1}}}})
+    assert problems == ["ssl: 'options.simclr': unknown options ['tau']; simclr takes ['temperature'].",
+                        "ssl: 'options.byol': unknown options ['lambd']; byol takes ['tau']."]
+
+
+def test_the_old_flat_options_are_unknown_keys() -> None:
+    (problem,) = _problems({"ssl": {"method": "simclr", "temperature": 0.5}})
+    assert problem.startswith("ssl: unknown keys ['temperature']")
+
+
+@pytest.mark.parametrize("shared", [{"projector_dim": 64}, {"hidden_dim": 64}, {"augment": None}])
+def test_a_method_must_not_repeat_the_shared_options(shared: dict[str, Any]) -> None:
+    (name,) = shared
+    assert _problems({"ssl": {"options": {"acop": {"clips": 4, **shared}}}}) == [
+        f"ssl: 'options.acop': options [{name!r}] are shared by every ssl_method: set them in 'ssl' itself "
+        f"(e.g. ssl.{name}), not per ssl_method."]
+
+
+def test_every_problem_of_the_method_options_is_listed() -> None:
+    options = {"moco": {"k": 1}, "simclr": {"temperature": -1.0}, "byol": {"tau": 0.5, "x": 1}, "acop": 3,
+               "barlow_twins": {"hidden_dim": 8}, "none": {"lr": 0.1}}
+    problems = _problems({"ssl": {"method": "simclr", "options": options}})
+    assert len(problems) == 6, problems
+    assert problems[0].startswith("ssl: 'options.moco': no ssl_method is registered as 'moco'; registered: acop, ")
+    assert problems[3] == "ssl: 'options.acop' must be a mapping of option names to values. Got 3."
+    assert problems[5] == "ssl: 'options.none': unknown options ['lr']; none takes []."
 
 
 # ------------------------------------------------------------------------------------------------ downstream
@@ -178,9 +230,10 @@ def test_self_supervised_run_needs_a_shared_model_rule(rule: str) -> None:
 
 @pytest.mark.parametrize("rule", ["fedavg", "fedprox", "fedu"])
 def test_self_supervised_spec_with_a_shared_model_rule(rule: str) -> None:
-    params = _spec_params(ssl={"method": "byol", "tau": 0.5}, federation={"local_algorithm": rule})
+    params = _spec_params(ssl={"method": "byol", "options": {"byol": {"tau": 0.5}}},
+                          federation={"local_algorithm": rule})
     spec = make_spec(params, 3, 10, (1, 16, 24), 1)
-    assert spec.ssl == params.ssl and spec.ssl.tau == 0.5
+    assert spec.ssl == params.ssl and spec.ssl.method_kwargs()["tau"] == 0.5
     assert spec.personal_models == () and spec.assignment == ()
 
 
@@ -194,7 +247,8 @@ def _fingerprint(with_params: bool = True, **sections: dict[str, Any]) -> str:
 def test_fingerprint_follows_the_ssl_settings_of_a_self_supervised_run(with_params: bool) -> None:
     base = _fingerprint(with_params, ssl={"method": "simclr"})
     assert base == _fingerprint(with_params, ssl={"method": "simclr"})
-    for changed in ({"method": "simclr", "temperature": 0.5}, {"method": "simclr", "projector_dim": 64},
+    for changed in ({"method": "simclr", "options": {"simclr": {"temperature": 0.5}}},
+                    {"method": "simclr", "projector_dim": 64},
                     {"method": "simclr", "augment": [{"name": "gain"}]}, {"method": "barlow_twins"}, {}):
         assert _fingerprint(with_params, ssl=changed) != base, changed
 
@@ -207,7 +261,8 @@ def test_fingerprint_follows_downstream_only_for_a_self_supervised_run() -> None
 
 def test_fingerprint_of_a_supervised_run_ignores_the_ssl_settings() -> None:
     base = _fingerprint()
-    for ignored in ({"temperature": 0.5}, {"tau": 0.5, "clips": 4}, {"augment": [{"name": "gain"}]},
+    for ignored in ({"options": {"simclr": {"temperature": 0.5}}},
+                    {"options": {"byol": {"tau": 0.5}, "acop": {"clips": 4}}}, {"augment": [{"name": "gain"}]},
                     {"method": "none", "projector_dim": 3}):
         assert _fingerprint(ssl=ignored) == base, ignored
         assert _fingerprint(False, ssl=ignored) == _fingerprint(False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -13,7 +14,7 @@ from fedcore.aggregation import clone_state
 from fedcore.aggregation.base import ClientUpdate
 from fedcore.algorithms import ClientData, FedAvgClient, LocalSettings, train_client
 from fedcore.algorithms.base import CrossEntropy, Objective, ObjectiveSession
-from fedcore.config import ModelConfig
+from fedcore.config import ModelConfig, SSLConfig
 from fedcore.models import build_model
 from fedcore.models.groups import PARAM_GROUPS
 from fedcore.ssl.losses import barlow_twins_loss, nt_xent, split_clips
@@ -385,6 +386,11 @@ def test_acop_session_counts_correct_orders() -> None:
     (BarlowTwins, {"lambd": float("nan")}, "lambd"),
     (BYOL, {"tau": 1.0}, "tau"),
     (BYOL, {"tau": -0.1}, "tau"),
+    (SimCLR, {"temperature": True}, "temperature"),
+    (SimCLR, {"temperature": "0.5"}, "temperature"),
+    (BarlowTwins, {"lambd": False}, "lambd"),
+    (BYOL, {"tau": "0.5"}, "tau"),
+    (ACOP, {"gap": None}, "gap"),
     (SimCLR, {"projector_dim": 0}, "projector_dim"),
     (BarlowTwins, {"projector_dim": 2.5}, "projector_dim"),
     (BYOL, {"projector_dim": True}, "projector_dim"),
@@ -429,16 +435,40 @@ def test_backbone_of_needs_a_linear_classifier() -> None:
 
 
 def test_build_method_takes_each_method_its_own_options() -> None:
-    options = {"method": "x", "temperature": 0.5, "lambd": 0.1, "tau": 0.5, "clips": 4, "gap": 0.1}
-    assert build_method("simclr", options).temperature == 0.5
-    assert build_method("barlow_twins", options).lambd == 0.1
-    assert build_method("byol", options).tau == 0.5
-    acop = build_method("acop", options)
+    assert build_method("simclr", {"temperature": 0.5}).temperature == 0.5
+    assert build_method("barlow_twins", {"lambd": 0.1}).lambd == 0.1
+    assert build_method("byol", {"tau": 0.5}).tau == 0.5
+    acop = build_method("acop", {"clips": 4, "gap": 0.1})
     assert (acop.clips, acop.gap) == (4, 0.1)
-    assert type(build_method("none", options)) is Objective
+    assert type(build_method("none", {})) is Objective
 
 
 def test_build_method_passes_the_shared_head_and_augment_options() -> None:
     method = build_method("simclr", {"temperature": 0.5, "projector_dim": 7, "hidden_dim": 9,
                                      "augment": [{"name": "gain", "p": 1.0}]})
     assert (method.projector_dim, method.hidden_dim) == (7, 9)
+
+
+@pytest.mark.parametrize(("name", "options", "unknown"), [
+    ("simclr", {"temperature": 0.5, "tau": 0.5}, "['tau']"),  # another method's option
+    ("byol", {"temprature": 0.5, "lambd": 0.1}, "['lambd', 'temprature']"),
+    ("none", {"projector_dim": 8}, "['projector_dim']"),  # supervised takes no options
+])
+def test_build_method_refuses_an_option_its_method_does_not_take(name: str, options: dict, unknown: str) -> None:
+    with pytest.raises(ValueError, match=rf"^ssl method {name!r}: unknown options {re.escape(unknown)}; it takes"):
+        build_method(name, options)
+
+
+def test_build_method_refuses_an_unknown_method() -> None:
+    with pytest.raises(ValueError, match="Unknown ssl_method 'moco'"):
+        build_method("moco", {})
+
+
+@pytest.mark.parametrize("method", ["simclr", "barlow_twins", "acop", "byol"])
+def test_the_ssl_section_reaches_the_built_method(method: str) -> None:
+    options = {"simclr": {"temperature": 0.5}, "barlow_twins": {"lambd": 0.25}, "acop": {"clips": 2, "gap": 0.5},
+               "byol": {"tau": 0.9}}
+    ssl = SSLConfig(method=method, projector_dim=7, hidden_dim=9, options=options)
+    built = build_method(ssl.method, ssl.method_kwargs())
+    assert (built.projector_dim, built.hidden_dim) == (7, 9)
+    assert {name: getattr(built, name) for name in options[method]} == options[method]

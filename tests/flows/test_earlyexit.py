@@ -80,6 +80,8 @@ def test_backbone_weights_from_a_file_are_the_starting_point(eework: Path, small
     monkeypatch.chdir(eework)
     start = load_state(Path("full.st"))  # a trained model of the same shape stands for a pretrained encoder
     backbone = {k[len("backbone."):]: v for k, v in start.items() if k.startswith("backbone.")}
+    # a pretrained encoder ends with its final norm: every exit's own norm starts from it (exit_norm: per_exit)
+    backbone["net.norm.weight"], backbone["net.norm.bias"] = torch.full((8,), 1.5), torch.full((8,), 0.25)
     save_state(Path("pre.safetensors"), backbone)
     p = _write(eework / "init.yaml", _params(small_mirror, init="pre.safetensors", plan="full"))
     import flows.earlyexit as module
@@ -95,7 +97,9 @@ def test_backbone_weights_from_a_file_are_the_starting_point(eework: Path, small
 
     monkeypatch.setattr(module, "initial_state", spy)
     assert earlyexit_flow.main(_args(p, "init")) == 0
-    assert all(torch.equal(seen[f"backbone.{k}"], v) for k, v in backbone.items())
+    assert all(torch.equal(seen[f"backbone.{k}"], v) for k, v in backbone.items() if not k.startswith("net.norm."))
+    assert all(torch.equal(seen[f"exit_norms.{e}.weight"], torch.full((8,), 1.5))
+               and torch.equal(seen[f"exit_norms.{e}.bias"], torch.full((8,), 0.25)) for e in (1, 2, 3))
 
 
 def test_a_killed_run_resumes_to_the_same_model(eework: Path, small_mirror: Path,
