@@ -111,15 +111,11 @@ def pipeline(run: PipelineRun = PipelineRun()) -> dict[str, Any]:  # noqa: B008 
             raise
         end_run(parent, "FINISHED")
     metrics_file = root / study.metrics
-    metrics = read_json(metrics_file) if metrics_file.exists() else {}
+    metrics = read_json(metrics_file).get(run.study, {}) if metrics_file.exists() else {}
     uri = tracking_uri(params.mlflow, root)
-    headline = metrics.get(study.headline)
-    best = metrics.get(f"best_{study.headline}")
     message = "\n".join([
         f"# pipeline finished: study `{run.study}`",
-        f"- {study.headline}: **{headline:.4f}**" + (f" (best {best:.4f} at round {metrics.get('best_round')})"
-                                                     if isinstance(best, float) else "")
-        if isinstance(headline, (int, float)) else f"- metrics: {study.metrics}",
+        *(f"- {run.study}.{name}: **{_number(value)}**" for name, value in metrics.items()),
         *_changes_table(changes),
         f"- the same run from a shell: `{study.shell_command(overrides)}`",
         f"- metrics: `dvc metrics show` ({study.metrics}); per-round plot: {study.plot}",
@@ -128,6 +124,10 @@ def pipeline(run: PipelineRun = PipelineRun()) -> dict[str, Any]:  # noqa: B008 
     ])
     create_markdown_artifact(message, key="pipeline-summary")
     return {"metrics": metrics, "params": flatten(params), "overrides": overrides, "summary": message}
+
+
+def _number(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _parser() -> argparse.ArgumentParser:

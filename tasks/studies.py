@@ -29,14 +29,13 @@ from tasks import overrides
 
 @dataclass(frozen=True)
 class Study:
-    """One pipeline a user runs whole: its DVC file, the params file its stages read, its headline metrics."""
+    """One pipeline a user runs whole: its DVC file, the params file its stages read, its headline and plot."""
 
     description: str
     dvc_file: str = "dvc.yaml"
     params_file: str = "params.yaml"
-    metrics: str = "metrics/federate.json"
-    #: The metric of ``metrics`` the summary leads with, and the per-round plot.
-    headline: str = "global_accuracy"
+    #: The study's DVC metrics (its ``headline`` stage: a few numbers under the study's name) and per-round plot.
+    metrics: str = "metrics/headline.json"
     plot: str = "plots/federate/rounds.png"
 
     def override_prefix(self) -> str:
@@ -56,20 +55,18 @@ STUDIES: dict[str, Study] = {
                     "personalised local algorithms and attacks, as params.yaml sets them"),
     "personalised": Study("personalised FL: FedMLAC's heterogeneous personal models + shared Plug-in with lpa (or "
                           "FML, local-only), download → … → poison → federate", "studies/personalised/dvc.yaml",
-                          "studies/personalised/params.yaml", "metrics/personalised/federate.json",
-                          "personalised_accuracy_mean", "plots/personalised/federate/rounds.png"),
+                          "studies/personalised/params.yaml", "metrics/personalised/headline.json",
+                          "plots/personalised/federate/rounds.png"),
     "fassl": Study("federated self-supervised pretraining (SimCLR) scored per round on downstream tasks, then the "
                    "best round per task registered (select)", "studies/fassl/dvc.yaml", "studies/fassl/params.yaml",
-                   "metrics/fassl/federate.json", "best_mean_knn1_val", "plots/fassl/federate/rounds.png"),
+                   "metrics/fassl/headline.json", "plots/fassl/federate/rounds.png"),
     "modalitymirror": Study("audio-visual FL with missing video (ModalityMirror phase 1: av → modality), then "
                             "federated distillation into the audio model (distill)",
                             "studies/modalitymirror/dvc.yaml", "studies/modalitymirror/params.yaml",
-                            "metrics/modalitymirror/distill.json", "audio_accuracy",
-                            "plots/modalitymirror/distill/rounds.png"),
+                            "metrics/modalitymirror/headline.json", "plots/modalitymirror/distill/rounds.png"),
     "earlyexit": Study("early-exit fine-tuning of a transformer by clients of three compute tiers, depth-aware "
                        "aggregation", "studies/earlyexit/dvc.yaml", "studies/earlyexit/params.yaml",
-                       "metrics/earlyexit/earlyexit.json", "final_exit_accuracy",
-                       "plots/earlyexit/earlyexit/rounds.png"),
+                       "metrics/earlyexit/headline.json", "plots/earlyexit/earlyexit/rounds.png"),
 }
 """Study name → its pipeline. Add an entry (and its dvc.yaml) to offer a study in the CLI and the deployment."""
 

@@ -103,9 +103,15 @@ def test_invalid_params_fail_before_any_output_is_removed(project: Path, change:
     assert {path: (project / path).read_bytes() for path in outputs} == before
 
 
-def test_dvc_metrics_show_prints_the_result(project: Path) -> None:
+def test_dvc_metrics_show_prints_the_headline(project: Path) -> None:
+    """The study's DVC metrics are its headline, under its name; the stage summary stays a plain output."""
     result = run([dvc_executable(), "metrics", "show"], project)
-    assert "global_accuracy" in result.stdout
+    assert "fedavg.accuracy" in result.stdout and "fedavg.best_accuracy" in result.stdout
+    assert "global_loss" not in result.stdout
+    summary = json.loads((project / "metrics/federate.json").read_text())
+    headline = json.loads((project / "metrics/headline.json").read_text())
+    assert headline == {"fedavg": {"accuracy": summary["global_accuracy"],
+                                   "best_accuracy": summary["best_global_accuracy"]}}
 
 
 def test_exp_run_with_a_changed_param(project: Path, prefect_api: str) -> None:
@@ -116,6 +122,9 @@ def test_exp_run_with_a_changed_param(project: Path, prefect_api: str) -> None:
     assert metrics["rounds"] == 3
     shown = run([dvc_executable(), "exp", "show", "--no-pager", "--md"], project).stdout
     assert "federation.rounds" in shown
+    changed = run([dvc_executable(), "exp", "show", "--no-pager", "--only-changed"], project).stdout
+    assert "federation.rounds" in changed and "fedavg.accuracy" in changed
+    assert max(len(line.rstrip()) for line in changed.splitlines()) <= 120, changed
 
 
 def test_killed_federate_resumes_to_the_same_metrics(project: Path, prefect_api: str) -> None:
