@@ -485,12 +485,21 @@ class ModalityConfig:
     image_test_fraction: float = _opt(0.3, "digit images: share held out for the test clips' pairs [A]",
                                       gt=0.0, lt=1.0)
     pair_seed: int = _opt(0, "seed of the audio-image pairing", ge=0)
+    visual_energy: float = _opt(0.25, "digit images: share of their PCA variance kept (PCA fitted on the train "
+                                      "pool; fedcore.multimodal.data.keep_pca_energy), so vision alone does not "
+                                      "decide the label; 1.0: the images unchanged. AV-MNIST: 0.25 (issue 21). "
+                                      "An AV manifest's visuals are used as given", gt=0.0, le=1.0)
     fusion: str = _opt("concat", "concat | attention (FedMultimodal's fusions)", registry="fusion")
     embed_dim: int = _opt(64, "embedding size of each encoder [A]", ge=1)
     hidden_dim: int = _opt(64, "hidden size of the fusion classifier (FedMultimodal: 64)", ge=1)
     visual_width: int = _opt(16, "first-block channels of the visual CNN [A]", ge=1)
     dropout: float = _opt(0.1, "dropout of the fusion classifier (FedMultimodal: 0.1)", ge=0.0, lt=1.0)
     fusion_rounds: int = _opt(10, "harmony: rounds of the fusion stage, within federation.rounds [A]", ge=1)
+    audio_loss_weight: float = _opt(
+        1.0, "modality_mirror phase 1: weight w of the audio-only loss a client with video adds to its fused loss, "
+             "CE(fused) + w·CE(audio branch), so that it trains and sends the audio head too and the audio head is "
+             "averaged over every client with audio (issue 21) | 0: fused loss alone, the audio head averaged over "
+             "the audio-only clients only (the behaviour before the option) [A: PAPERS.md §2]", ge=0.0)
     registered_model: str = _opt("fedaudio-av", "registry name of the final audio-visual model")
     registered_audio: str = _opt("fedaudio-av-audio", "registry name of its audio branch (the audio-only model)")
 
@@ -504,8 +513,13 @@ class DistillConfig:
                                                            "from its model_spec.json: log-mel to logits)")
     lambd: float = _opt(1.0, "weight λ of the T²-scaled KL term [A: PAPERS.md §2]", ge=0.0)
     temperature: float = _opt(1.0, "softmax temperature T [A]", gt=0.0)
+    student_init: Literal["logged", "random"] = _opt(
+        "logged", "the student's starting weights: logged: those logged under 'student' (by default the phase-1 "
+                  "audio branch: audio encoder + audio head of the modality stage's model) | random: the same "
+                  "architecture with fresh weights drawn from federation.seed (an ablation) [A: PAPERS.md §2]")
     rounds: int = _opt(10, "distillation rounds", ge=1)
-    lr: float | None = _opt(None, "student SGD learning rate (None: federation.lr)", gt=0.0)
+    lr: float | None = _opt(None, "student SGD learning rate (None: federation.lr); chosen on the held-out rows "
+                                  "(val_audio_accuracy) so that the first round does not undo phase 1", gt=0.0)
     registered_model: str = _opt("fedaudio-audio-student", "registry name of the distilled student")
 
 
@@ -545,10 +559,23 @@ class EarlyExitConfig:
                                "or this project's FASSL encoder, models/...; .pt only with mlflow.trust_pickle) | "
                                "models:/<name>@<alias> (MLflow)")
     seed: int = _opt(0, "seed of the tier assignment", ge=0)
+    rounds: int | None = _opt(None, "rounds of the stage, the most it runs under stop: plateau (None: "
+                                    "federation.rounds)", ge=1)
+    stop: Literal["plateau", "rounds"] = _opt(
+        "plateau", "when training ends (issue 21): plateau: once plateau_metric gained under plateau_min_gain in "
+                   "plateau_patience rounds (fedcore.federation.engine.Plateau), at most `rounds` rounds | rounds: "
+                   "after all `rounds` (the behaviour before the option)")
+    plateau_metric: str | None = _opt(None, "stop: plateau: the validation metric read, val_exit<l>_accuracy of an "
+                                            "exit l (the clients' held-out rows; never a test metric); None: the "
+                                            "last exit's")
+    plateau_min_gain: float = _opt(0.005, "stop: plateau: the least gain (0.005 = 0.5 point of accuracy) of the best "
+                                          "of the last plateau_patience rounds over the best before them", ge=0.0)
+    plateau_patience: int = _opt(5, "stop: plateau: rounds the gain is measured over (no stop before round "
+                                    "patience + 1)", ge=1)
     registered_model: str = _opt("fedaudio-early-exit", "registry name of the final model")
 
     def check(self) -> list[str]:
-        """Exits increase from 1; every tier names an exit and a share; shares sum to 1."""
+        """Exits increase from 1; every tier names an exit and a share; shares sum to 1; the plateau reads an exit."""
         problems = []
         if not self.exits or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in self.exits) \
                 or list(self.exits) != sorted(set(self.exits)):
@@ -568,6 +595,10 @@ class EarlyExitConfig:
                 shares.append(float(share))
         if not self.tiers or (len(shares) == len(self.tiers) and abs(sum(shares) - 1.0) > 1e-6):
             problems.append(f"earlyexit: the tiers' shares must sum to 1. Got {shares!r}.")
+        metrics = [f"val_exit{e}_accuracy" for e in self.exits]
+        if self.plateau_metric is not None and self.plateau_metric not in metrics:
+            problems.append(f"earlyexit: 'plateau_metric' must be an exit's validation accuracy, one of {metrics} "
+                            f"(or null: the last exit's). Got {self.plateau_metric!r}.")
         return problems
 
 

@@ -1,8 +1,10 @@
 """av stage: the visual store of a feature store, for the audio-visual stages (modality, distill).
 
 ``python -m flows.av`` writes the visual store beside a feature store: each clip paired with a handwritten digit
-image of its class (AV-MNIST style; scikit-learn's digits), or, with ``--manifest``, the visual arrays of a user's
-AV manifest matched by row id. ``pairs.png`` shows one pair per class. (Before, ``python -m flows.modality av``.)
+image of its class (AV-MNIST style; scikit-learn's digits, reduced to ``modality.visual_energy`` of their PCA
+variance as AV-MNIST does, so vision alone does not decide the label), or, with ``--manifest``, the visual arrays
+of a user's AV manifest matched by row id. ``pairs.png`` shows one pair per class; ``meta.json`` records the number
+of principal components kept and their share of the variance. (Before, ``python -m flows.modality av``.)
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ def pair_av(cfg: ModalityConfig, features_dir: Path, out_dir: Path, manifest: Pa
     summary = write_visual_store(features_dir, out_dir, cfg, manifest)
     print(f"av: {summary['rows']} visual examples {tuple(summary['visual_shape'])} from {summary['source']}; "
           f"examples in {out_dir / 'pairs.png'}")
+    if (pca := summary.get("pca")) is not None:
+        print(f"av: images reduced to {pca['pca_components']} of {pca['pca_dims']} principal components, "
+              f"{pca['pca_energy_kept']:.3f} of the train pool's variance (modality.visual_energy "
+              f"{pca['visual_energy']})")
     return summary
 
 

@@ -7,7 +7,11 @@ clients train layers 1..d and the exit heads they reach and send only those; the
 the clients that sent it with weights n_c·g(l, d_c) (``weighting``) and applies ``server`` (FedAvg or FedAdam).
 Every exit is scored on the test split (and the clients' held-out rows: ``val_``), and each round logs the
 clients' counted training FLOPs, wall seconds and bytes sent, per tier; then a checkpoint, so a killed run
-resumes to the same result. The final model is registered as ``earlyexit.registered_model@final``.
+resumes to the same result. The run ends at ``earlyexit.rounds`` (else ``federation.rounds``) or, under
+``earlyexit.stop: plateau`` (default), once the last exit's validation accuracy gained under
+``earlyexit.plateau_min_gain`` in ``plateau_patience`` rounds; the metrics say when (``rounds``, of
+``max_rounds``) and why (``stop_reason``: plateau | rounds). The final model is registered as
+``earlyexit.registered_model@final``.
 
 The rounds are :class:`fedcore.plans.earlyexit.EarlyExitPlan` run by :func:`fedcore.federation.engine.run_rounds`
 (clients as task runs of this flow, each on ``federation.client_threads`` threads; the server's work on every
@@ -29,8 +33,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from fedcore.config import Params, flatten
 from fedcore.federation.checkpoint import Checkpointer, file_digest, save_state
-from fedcore.federation.engine import run_rounds
-from fedcore.plans.earlyexit import EarlyExitPlan, run_fingerprint
+from fedcore.federation.engine import Stop, run_rounds
+from fedcore.plans.earlyexit import EarlyExitPlan, plateau_rule, run_fingerprint
 from flows import stage
 from flows.runners import stage_runner
 from tasks.common import read_params, write_json, write_text
@@ -81,7 +85,8 @@ def earlyexit_training(params: Params, paths: EarlyExitPaths) -> dict[str, Any]:
     last = cfg.exits[-1]
 
     def log_model(server_round: int, row: Mapping[str, float]) -> bool:
-        return server_round % params.execution.log_model_every == 0 or server_round == fed.rounds
+        # (the round a plateau stops at is logged too: TrackingCallback logs the model of the round run.stop is set)
+        return server_round % params.execution.log_model_every == 0 or server_round == plan.rounds
 
     def postfix(row: Mapping[str, float]) -> dict[str, object]:
         return {"acc": f"{row[f'exit{last}_accuracy']:.3f}", "GFLOPs": f"{row['client_gflops_mean']:.2f}"}
@@ -90,18 +95,22 @@ def earlyexit_training(params: Params, paths: EarlyExitPaths) -> dict[str, Any]:
                                 run_name=f"earlyexit-{cfg.plan}", model=new_model(params, data.num_classes,
                                                                                   data.input_shape, fed.seed),
                                 input_shape=data.input_shape, log_model=log_model)
-    progress = ProgressCallback(fed.rounds, f"earlyexit {cfg.plan}", "earlyexit-progress", postfix)
+    progress = ProgressCallback(plan.rounds, f"earlyexit {cfg.plan}", "earlyexit-progress", postfix)
+    rule = plateau_rule(cfg)  # the plan's stop rule
     print(f"earlyexit: plan {cfg.plan}, tiers (client: depth) {dict(enumerate(plan.tiers))}; init {cfg.init}"
           + (f" ({len(left)} backbone or exit-norm entries not in the checkpoint)" if cfg.init != "random"
-             else ""))
+             else "") + f"; at most {plan.rounds} rounds"
+          + (f", stop at a plateau of {rule.metric}" if rule is not None else ""))
     run = run_rounds(plan, TaskRunnerExecutor(), checkpointer, [tracking, progress],
                      client_threads=fed.client_threads)
-    return _finish(params, paths, tracker, run.state, run.history, plan.tiers, plan.depths, run.records)
+    assert run.stop is not None  # run_rounds always says why it ended
+    return _finish(params, paths, tracker, run.state, run.history, plan.tiers, plan.depths, run.records,
+                   run.stop, plan.rounds)
 
 
 def _finish(params: Params, paths: EarlyExitPaths, tracker: FederateTracker, state: dict[str, torch.Tensor],
             history: list[dict[str, float]], tiers: list[int], depths: list[int | None],
-            records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+            records: Sequence[Mapping[str, Any]], stop: Stop, max_rounds: int) -> dict[str, Any]:
     """Write the stage's outs (model, metrics JSON, per-round TSV and PNG), close the MLflow run, artifacts."""
     cfg = params.earlyexit
     save_state(paths.model, state)
@@ -123,7 +132,10 @@ def _finish(params: Params, paths: EarlyExitPaths, tracker: FederateTracker, sta
         "final_exit_accuracy": round(last[f"exit{exits[-1]}_accuracy"], 6),
         "client_gflops_per_round_mean": round(sum(r["client_gflops_mean"] for r in history) / rounds, 6),
         "bytes_up_total": int(sum(r["bytes_up"] for r in history)),
-        "rounds": int(last["round"]),
+        "rounds": int(last["round"]),  # the last round run: the stop's
+        "max_rounds": max_rounds,
+        "stop_reason": stop.reason,  # plateau (of earlyexit.plateau_metric) | rounds (ran all max_rounds)
+        "stop_detail": stop.detail,
         "rejected_updates": int(sum(r.get("num_rejected", 0.0) for r in history)),
     }
     # What differs between two runs of the same inputs stays out of the DVC outputs (see tasks.rounds).
@@ -141,9 +153,11 @@ def _finish(params: Params, paths: EarlyExitPaths, tracker: FederateTracker, sta
     write_json(paths.metrics, metrics)
     create_markdown_artifact(
         f"# earlyexit ({cfg.plan})\nfinal-exit test accuracy **{metrics['final_exit_accuracy']:.4f}**; mean client "
-        f"training {metrics['client_gflops_per_round_mean']:.3f} GFLOPs per round.", key="earlyexit-summary")
+        f"training {metrics['client_gflops_per_round_mean']:.3f} GFLOPs per round; stopped after round "
+        f"{metrics['rounds']} of at most {max_rounds} ({stop.reason}: {stop.detail}).", key="earlyexit-summary")
     print(f"earlyexit: {cfg.plan} final-exit accuracy {metrics['final_exit_accuracy']:.4f}, mean client "
-          f"{metrics['client_gflops_per_round_mean']:.3f} GFLOPs/round; metrics {paths.metrics}, plot {png}")
+          f"{metrics['client_gflops_per_round_mean']:.3f} GFLOPs/round; stopped after round {metrics['rounds']} "
+          f"of at most {max_rounds} ({stop.reason}); metrics {paths.metrics}, plot {png}")
     return {**metrics, **record}
 
 

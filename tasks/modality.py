@@ -3,8 +3,9 @@
 The visual store (``av`` stage) is a folder beside a feature store: ``visual.npy`` (one visual example per feature
 store row, float32), ``pairs.csv`` (row id, label, split, source) and ``meta.json``. It comes either from the
 AV-MNIST-style pairing of each clip with a handwritten digit image of its class (scikit-learn's digits, split
-into disjoint image pools for the training and the test clips), or from a user's AV manifest
-(:func:`fedcore.multimodal.data.read_av_manifest`), matched to the feature store by row id.
+into disjoint image pools for the training and the test clips, and reduced to ``modality.visual_energy`` of their
+PCA variance, fitted on the training pool; ``meta.json``'s ``pca`` records k and the share kept), or from a user's
+AV manifest (:func:`fedcore.multimodal.data.read_av_manifest`), matched to the feature store by row id.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fedcore.data.features import FeatureStore
 from fedcore.models.spec import ModelSpec, av_model_spec
 from fedcore.multimodal.data import (
     digit_images,
+    keep_pca_energy,
     load_visual,
     pair_by_label,
     read_av_manifest,
@@ -55,9 +57,12 @@ def write_visual_store(features_dir: Path, out_dir: Path, cfg: ModalityConfig,
         train_pool, test_pool = split_images(image_labels, cfg.image_test_fraction, cfg.pair_seed)
         index = pair_by_label(labels, splits, image_labels, {"train": train_pool, "test": test_pool},
                               cfg.pair_seed)
-        visual = images[index]
+        reduced = keep_pca_energy(images, train_pool, cfg.visual_energy)  # PCA of the train pool only
+        visual = reduced.images[index]
         sources = [f"sklearn-digits:{i}" for i in index.tolist()]
         source = "scikit-learn digits (AV-MNIST-style pairing by label)"
+        pca: dict[str, Any] | None = {"visual_energy": cfg.visual_energy, "pca_components": reduced.components,
+                                      "pca_dims": reduced.dims, "pca_energy_kept": reduced.energy}
     else:
         rows = {row.id: row for row in read_av_manifest(manifest)}
         if missing := [i for i in store.ids if i not in rows]:
@@ -67,6 +72,7 @@ def write_visual_store(features_dir: Path, out_dir: Path, cfg: ModalityConfig,
         visual = load_visual(paths)
         sources = [str(p) for p in paths]
         source = f"AV manifest {manifest}"
+        pca = None  # a manifest's visuals are used as given (modality.visual_energy is for the digit images)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / (VISUAL_FILE + ".tmp.npy")
     np.save(tmp, visual.astype(np.float32))
@@ -77,7 +83,7 @@ def write_visual_store(features_dir: Path, out_dir: Path, cfg: ModalityConfig,
     writer.writerows(zip(store.ids, labels, splits, sources, strict=True))
     write_text(out_dir / "pairs.csv", buffer.getvalue())
     summary = {"rows": int(visual.shape[0]), "visual_shape": list(visual.shape[1:]), "source": source,
-               "pair_seed": cfg.pair_seed, "image_test_fraction": cfg.image_test_fraction}
+               "pair_seed": cfg.pair_seed, "image_test_fraction": cfg.image_test_fraction, "pca": pca}
     write_json(out_dir / "meta.json", summary)
     plot_pairs(store, visual, labels, out_dir / "pairs.png")
     return summary

@@ -74,7 +74,8 @@ class TrackingCallback(Callback):
     input_shape : tuple of int
         The model's input shape (one example).
     log_model : callable
-        ``log_model(round, row) -> bool``: whether the round's model is logged.
+        ``log_model(round, row) -> bool``: whether the round's model is logged (the round a stop rule ends the run
+        at always is: ``run.stop``).
     export : bool, default False
         Trace the architecture once at start (``FederateTracker.prepare_export``), so each round's logging only
         swaps its weights into the program.
@@ -116,7 +117,8 @@ class TrackingCallback(Callback):
             self.tracker.log_record(f"rejections/round_{server_round:04d}.json",
                                     {k: record[k] for k in ("round", "failed", "rejected")})
         metrics = {k: v for k, v in row.items() if k != "round"}
-        self._log(server_round, metrics, run.state if self.should_log(server_round, row) else None)
+        last = run.stop is not None  # a stop rule ends the run here: its model is the final one, always logged
+        self._log(server_round, metrics, run.state if last or self.should_log(server_round, row) else None)
 
     @override
     def meta(self) -> dict[str, Any]:

@@ -7,6 +7,8 @@ One loop runs every kind of training; what differs between kinds is a :class:`Pl
 - :meth:`Plan.combine` turns the updates into the next global state under the failure policy (screening, the
   quorum: :func:`fedcore.aggregation.base.screen_round`), and reports who was rejected and why;
 - :meth:`Plan.evaluate` scores the new state (``{}`` for a round that is not scored);
+- :meth:`Plan.should_stop` may end the run before :attr:`Plan.rounds`, which is then the cap (default: never; a
+  plan sets :attr:`Plan.stop_rule`, e.g. a :class:`Plateau` of a validation metric);
 - :meth:`Plan.stateful` names every stateful part of the server (a server optimiser's moments, ...): each is saved
   in the round's checkpoint and restored on resume through the ``state_dict``/``load_state_dict`` protocol, and
   :attr:`Plan.client_store` is the clients' kept state (personal models, heads, optimiser buffers), verified,
@@ -21,7 +23,9 @@ of ``plan.min_accepted``), the thread policy (clients on ``client_threads`` each
 callbacks (tracking, progress) that see each round before it is checkpointed.
 
 A killed run resumes to the same result as an uninterrupted one: every random draw of a round is seeded by the
-round (:mod:`fedcore.federation.sampling`), and everything else the next round needs is in the checkpoint.
+round (:mod:`fedcore.federation.sampling`), and everything else the next round needs is in the checkpoint. The stop
+rule reads only the history of rounds (in every checkpoint), so a resumed run stops at the same round; one resumed
+after the checkpoint of its stopping round runs no further round.
 """
 
 from __future__ import annotations
@@ -52,8 +56,11 @@ __all__ = [
     "Plan",
     "RoundResult",
     "Run",
+    "Plateau",
     "SerialExecutor",
     "Stateful",
+    "Stop",
+    "StopRule",
     "gather_updates",
     "run_job",
     "run_rounds",
@@ -165,6 +172,67 @@ class RoundResult:
     record: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Stop:
+    """Why a run ended.
+
+    ``reason``: ``"plateau"`` (a :class:`Plateau` rule) or ``"rounds"`` (it ran all its rounds); ``round``: the last
+    round run; ``detail``: a sentence for people.
+    """
+
+    reason: str
+    round: int
+    detail: str
+
+
+@runtime_checkable
+class StopRule(Protocol):
+    """When to stop before the plan's last round: a pure function of the history of finished rounds."""
+
+    def __call__(self, history: Sequence[Mapping[str, float]]) -> Stop | None:
+        """The stop after the last row of ``history`` (one row per finished round, oldest first), or None."""
+
+
+#: A gain this close under ``min_gain`` still counts as reaching it (accuracies are ratios: float rounding).
+GAIN_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class Plateau:
+    """Stop once ``metric`` (higher is better; a validation metric) gained under ``min_gain`` in ``patience`` rounds.
+
+    After round t, the gain is the best value of the rounds t - patience + 1 .. t minus the best value of every
+    round before them; the run stops when it is below ``min_gain`` (a gain equal to ``min_gain`` goes on). So it
+    never stops before round patience + 1. Only rows that hold ``metric`` count (a round that is not scored is
+    skipped; the rule never stops after one).
+    """
+
+    metric: str
+    min_gain: float = 0.005
+    patience: int = 5
+
+    def __post_init__(self) -> None:
+        if not self.patience >= 1 or not self.min_gain >= 0:
+            raise ValueError(f"Plateau: patience must be >= 1 and min_gain >= 0. Got {self.patience!r}, "
+                             f"{self.min_gain!r}.")
+
+    def __call__(self, history: Sequence[Mapping[str, float]]) -> Stop | None:
+        """The stop after the last row of ``history``, or None (see the class docstring)."""
+        if not history or self.metric not in history[-1]:
+            return None
+        last = int(history[-1]["round"])
+        first = last - self.patience + 1  # first round of the window
+        window = [row[self.metric] for row in history if self.metric in row and row["round"] >= first]
+        before = [row[self.metric] for row in history if self.metric in row and row["round"] < first]
+        if not before:
+            return None
+        gain = max(window) - max(before)
+        if gain >= self.min_gain - GAIN_TOLERANCE:
+            return None
+        return Stop("plateau", last, f"{self.metric} gained {gain:+.4f} in rounds {first}-{last} (best "
+                                     f"{max(window):.4f} against {max(before):.4f} before), under {self.min_gain:g}")
+
+
 class Plan(ABC):
     """One kind of federated training, run by :func:`run_rounds` (see the module docstring).
 
@@ -174,12 +242,14 @@ class Plan(ABC):
 
     #: Name in messages (``federate``, ``modality``, ...).
     stage: str = "rounds"
-    #: Rounds of the run.
+    #: Rounds of the run: the most it runs when :attr:`stop_rule` may stop it before.
     rounds: int = 1
     #: The quorum (``federation.min_accepted``): a share of the round's jobs in (0, 1] or a count >= 1.
     min_accepted: int | float = 1
     #: The clients' kept state, or None when clients keep nothing between rounds.
     client_store: ClientStore | None = None
+    #: When to stop before :attr:`rounds` (read by :meth:`should_stop`); None: run every round.
+    stop_rule: StopRule | None = None
 
     @abstractmethod
     def initial_state(self) -> StateDict:
@@ -216,6 +286,14 @@ class Plan(ABC):
     def restore(self, meta: Mapping[str, Any]) -> None:  # noqa: B027  (optional hook: nothing to restore by default)
         """Take back what :meth:`meta` saved (on resume)."""
 
+    def should_stop(self, history: Sequence[Mapping[str, float]]) -> Stop | None:
+        """Whether the run stops after the last row of ``history`` (default: :attr:`stop_rule`'s answer; never).
+
+        Called after every round with the history up to it (and on resume with the checkpoint's): it must
+        depend on ``history`` only, so that a resumed run stops where an uninterrupted one does.
+        """
+        return None if self.stop_rule is None else self.stop_rule(history)
+
 
 @dataclass
 class Run:
@@ -239,6 +317,9 @@ class Run:
         The checkpoint's meta when resumed (callbacks find what they saved there), else ``{}``.
     reports : list of str
         What the resume had to skip (damaged or mismatching files).
+    stop : Stop, optional
+        Why the run ended: set in the round a rule stops it (before the callbacks see that round, so they can
+        treat it as the last), and always once :func:`run_rounds` returns (``reason="rounds"``: all rounds ran).
     """
 
     start_round: int
@@ -249,6 +330,7 @@ class Run:
     resumed: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
     reports: list[str] = field(default_factory=list)
+    stop: Stop | None = None
 
 
 class Callback:
@@ -259,7 +341,10 @@ class Callback:
 
     def on_round(self, run: Run, server_round: int, row: dict[str, float], record: dict[str, Any],
                  result: RoundResult) -> None:
-        """After a round is combined and scored, before its checkpoint; ``run.state`` is the new state."""
+        """After a round is combined and scored, before its checkpoint; ``run.state`` is the new state.
+
+        ``run.stop`` is set when a stop rule ends the run after this round (then the last).
+        """
 
     def meta(self) -> dict[str, Any]:
         """JSON-serialisable data to keep in each checkpoint (e.g. the tracking run's id)."""
@@ -342,7 +427,7 @@ def _resume(plan: Plan, checkpointer: Checkpointer, reference: StateDict) -> Run
 
 def run_rounds(plan: Plan, executor: Executor, checkpointer: Checkpointer, callbacks: Sequence[Callback] = (), *,
                client_threads: int = 1, server_threads: int | None = None) -> Run:
-    """Run (or resume) ``plan``'s rounds up to ``plan.rounds``; see the module docstring.
+    """Run (or resume) ``plan``'s rounds up to ``plan.rounds`` or its stop rule's stop; see the module docstring.
 
     Parameters
     ----------
@@ -362,7 +447,7 @@ def run_rounds(plan: Plan, executor: Executor, checkpointer: Checkpointer, callb
     Returns
     -------
     Run
-        The finished run (``state``: the last round's global state).
+        The finished run (``state``: the last round's global state; ``stop``: why it ended, and when).
 
     Raises
     ------
@@ -375,10 +460,15 @@ def run_rounds(plan: Plan, executor: Executor, checkpointer: Checkpointer, callb
     torch.set_num_threads(server)  # the initial state's scores are the server's work too
     run = _resume(plan, checkpointer, plan.initial_state())
     store = plan.client_store
+    # A run killed after the checkpoint of the round its rule stopped at has stopped: the rule reads the history.
+    stop = run.stop = plan.should_stop(run.history) if run.history else None
+    if stop is not None:
+        _say(plan.stage, f"the run had stopped after round {stop.round}: {stop.detail}")
+    last_round = plan.rounds if stop is None else run.start_round
     try:
         for callback in callbacks:
             callback.on_start(run)
-        for server_round in range(run.start_round + 1, plan.rounds + 1):
+        for server_round in range(run.start_round + 1, last_round + 1):
             started = time.perf_counter()
             sampled, jobs = plan.jobs(server_round, run.state)
             clients = [job.client for job in jobs]
@@ -404,6 +494,7 @@ def run_rounds(plan: Plan, executor: Executor, checkpointer: Checkpointer, callb
             record = {"round": server_round, "sampled": list(sampled), "failed": sorted(failed),
                       "rejected": {str(k): v for k, v in sorted(result.rejected.items())}, **result.record}
             run.state = result.state
+            stop = run.stop = plan.should_stop([*run.history, row])
             for callback in callbacks:
                 callback.on_round(run, server_round, row, record, result)
             run.history.append(row)
@@ -420,6 +511,11 @@ def run_rounds(plan: Plan, executor: Executor, checkpointer: Checkpointer, callb
             # The whole round, logging and checkpoint included (a resumed run's last row before the kill keeps
             # round_seconds only).
             row["round_wall_seconds"] = time.perf_counter() - started
+            if stop is not None:
+                _say(plan.stage, f"stopped after round {server_round} (at most {plan.rounds}): {stop.detail}")
+                break
+        last = int(run.history[-1]["round"]) if run.history else run.start_round
+        run.stop = stop or Stop("rounds", last, f"ran all {plan.rounds} rounds")
         for callback in callbacks:
             callback.on_end(run)
     except BaseException as error:

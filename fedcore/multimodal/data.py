@@ -4,6 +4,8 @@ AV-MNIST style (Vielzeuf et al., 2018, arXiv:1808.07275; used by FedMultimodal a
 digit is paired with a handwritten image of the same digit. Here the images are scikit-learn's 8x8 digits
 (:func:`digit_images`, offline); :func:`split_images` splits them into a train and a test pool, and
 :func:`pair_by_label` draws, for every audio row, an image of the same label from the pool of the row's split.
+As in AV-MNIST, :func:`keep_pca_energy` first reduces the images to a share of their PCA energy (fitted on the
+train pool), so that the visual modality helps without being sufficient alone.
 
 Missing modality: :func:`video_clients` chooses the clients that keep the visual modality, either exactly
 ``round(missing_rate · K)`` without video (``"exact"``) or each client independently (``"bernoulli"``, as
@@ -30,8 +32,10 @@ __all__ = [
     "AV_MANIFEST_COLUMNS",
     "VIDEO_DRAWS",
     "AVManifestRow",
+    "PCAEnergy",
     "audio_manifest_rows",
     "digit_images",
+    "keep_pca_energy",
     "load_visual",
     "pair_by_label",
     "read_av_manifest",
@@ -209,6 +213,117 @@ def pair_by_label(
         rows = groups[key]
         result[rows] = rng.choice(candidates[key], size=len(rows), replace=True)
     return result
+
+
+@dataclass(frozen=True)
+class PCAEnergy:
+    """Images reduced to a share of their PCA energy by :func:`keep_pca_energy`.
+
+    Attributes
+    ----------
+    images : numpy.ndarray, float32
+        The reconstructions ``x'``, one per input image, of the input's shape.
+    components : int
+        ``k``, the number of leading principal components kept (``dims`` when ``energy`` is 1).
+    energy : float
+        The share of the train pool's variance the ``k`` components carry, ``Σ_{i≤k} λ_i / Σ_i λ_i`` (>= the
+        requested share; 1.0 when every component is kept).
+    dims : int
+        ``D``, the number of pixels of one image (the number of components there are).
+    """
+
+    images: np.ndarray
+    components: int
+    energy: float
+    dims: int
+
+
+_ENERGY_TOLERANCE = 1e-9
+"""Slack of the ``>= e`` test of :func:`keep_pca_energy`, so that SVD rounding does not add a component."""
+
+
+def keep_pca_energy(images: np.ndarray, fit_pool: np.ndarray, energy: float) -> PCAEnergy:
+    """Keep only the leading principal components of images that carry a share ``energy`` of the variance.
+
+    AV-MNIST (Vielzeuf et al., 2018) degrades its MNIST images to 25% of their PCA energy so that the visual
+    modality informs the label without deciding it alone (issue 21: 8x8 digits are otherwise ~0.99 separable).
+    With every image flattened to a vector ``x`` of ``D`` pixels (float64), the PCA is fitted on the images of
+    ``fit_pool`` only (the train pool): their mean ``μ`` and the right singular vectors of the centred matrix
+    (``numpy.linalg.svd``, no randomness) give the principal directions ``u_1..u_D`` with variances
+    ``λ_1 >= … >= λ_D`` (``s_i² / (n − 1)``, zero past the rank). Every image, of any pool, becomes
+
+        x' = μ + U_k U_kᵀ (x − μ),    k = min{ k : Σ_{i≤k} λ_i / Σ_{i≤D} λ_i >= e },
+
+    where ``U_k`` holds ``u_1..u_k`` as columns (the test allows ``1e-9`` of slack for SVD rounding). ``e = 1``
+    keeps all ``D`` directions (``k = D``, ``U_D U_Dᵀ = I``), so the images come back unchanged, even in the
+    directions the train pool does not vary in. The result depends on the directions' span only, not on their
+    signs, so it is deterministic.
+
+    Parameters
+    ----------
+    images : numpy.ndarray, shape (n, ...)
+        Images, any numeric dtype; every image is flattened to its ``D`` values.
+    fit_pool : numpy.ndarray of int
+        Positions of the images the PCA is fitted on (e.g. the train pool of :func:`split_images`); at least 2.
+    energy : float
+        Share ``e`` of the variance kept, ``0 < e <= 1``.
+
+    Returns
+    -------
+    PCAEnergy
+        The reconstructions (float32, the shape of ``images``), ``k``, the share actually kept and ``D``.
+
+    Raises
+    ------
+    ValueError
+        ``energy`` not a number in ``(0, 1]`` (bools and NaN included), images with fewer than 2 dimensions or
+        non-finite values, a pool with fewer than 2 distinct positions or one out of range, or (``e < 1``) a
+        pool whose images are all equal.
+    """
+    if not _is_real(energy) or not 0.0 < float(energy) <= 1.0:  # NaN fails both comparisons
+        raise ValueError(
+            f"keep_pca_energy: 'energy' must be a number > 0 and <= 1 (the share of PCA variance kept; 1: the images "
+            f"unchanged). Got {energy!r}."
+        )
+    array = np.asarray(images)
+    if array.ndim < 2 or not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise ValueError(
+            f"keep_pca_energy: 'images' must be a numeric array of shape (n, ...) with n images. "
+            f"Got dtype {array.dtype}, shape {array.shape}."
+        )
+    flat = array.reshape(array.shape[0], -1).astype(np.float64)
+    if not np.all(np.isfinite(flat)):
+        raise ValueError("keep_pca_energy: 'images' must hold finite values. Got NaN or infinity.")
+    pool = np.unique(np.asarray(fit_pool).reshape(-1))
+    if not np.issubdtype(pool.dtype, np.integer) or pool.size < 2:
+        raise ValueError(
+            f"keep_pca_energy: 'fit_pool' must hold at least 2 distinct int positions. Got {pool.size} of dtype "
+            f"{pool.dtype}."
+        )
+    if pool[0] < 0 or pool[-1] >= flat.shape[0]:
+        raise ValueError(
+            f"keep_pca_energy: 'fit_pool' must hold positions in 0..{flat.shape[0] - 1}. "
+            f"Got {int(pool[0])}..{int(pool[-1])}."
+        )
+    dims = flat.shape[1]
+    if float(energy) == 1.0:
+        return PCAEnergy(array.astype(np.float32), dims, 1.0, dims)
+    train = flat[pool]
+    mean = train.mean(axis=0)
+    _, singular, directions = np.linalg.svd(train - mean, full_matrices=True)
+    variances = np.zeros(dims)
+    variances[: singular.size] = singular.astype(np.float64) ** 2 / (train.shape[0] - 1)
+    total = float(variances.sum())
+    if not total > 0.0:
+        raise ValueError(
+            "keep_pca_energy: the images of 'fit_pool' must not all be equal (no variance to keep a share of). "
+            "Fix: fit on a pool of differing images, or set the energy to 1."
+        )
+    shares = np.cumsum(variances) / total
+    k = int(np.argmax(shares >= float(energy) - _ENERGY_TOLERANCE)) + 1
+    basis = directions[:k].T  # (D, k): U_k
+    reconstructed = mean + ((flat - mean) @ basis) @ basis.T
+    return PCAEnergy(reconstructed.reshape(array.shape).astype(np.float32), k, float(min(shares[k - 1], 1.0)), dims)
 
 
 # --------------------------------------------------------------------------------------------------------------

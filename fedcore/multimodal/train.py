@@ -4,12 +4,14 @@ Both run in :func:`fedcore.algorithms.base.train_client` (shuffled minibatches, 
 one definition); what is particular to them is an :class:`~fedcore.algorithms.base.Objective`:
 
 - :class:`AVTasks`: a client's round trains one or more :data:`LOCAL_TASKS` on the same minibatches (their
-  losses summed; each task trains its own parameter groups of :class:`~fedcore.multimodal.models.AVModel`, the
-  optimiser's parameters), and :func:`train_av_client` sends exactly the groups it trained, so that the server
-  aggregates each group over the clients that hold its modality (:func:`fedcore.multimodal.aggregate.modality_wise`).
+  losses summed, each with its weight: ``Σ_task w_task·CE_task``, w = 1 unless the method says otherwise; each
+  task trains its own parameter groups of :class:`~fedcore.multimodal.models.AVModel`, the optimiser's
+  parameters), and :func:`train_av_client` sends exactly the groups it trained, so that the server aggregates
+  each group over the clients that hold its modality (:func:`fedcore.multimodal.aggregate.modality_wise`).
   Tasks: ``audio`` (audio encoder + audio head, CE), ``visual`` (visual encoder + visual head, CE), ``av`` (both
   encoders + fusion, CE of the fused logits; a client without video feeds zeros when the method zero-fills, as
-  MultiFL does), ``fusion`` (the fusion head alone on frozen encoders: Harmony's second stage; the frozen
+  MultiFL does; ModalityMirror's clients with video train ``av`` + w·``audio``, so they send the audio head too),
+  ``fusion`` (the fusion head alone on frozen encoders: Harmony's second stage; the frozen
   encoders are put in eval mode for the round, so their BatchNorm statistics stay as sent).
 - :class:`Distillation` (ModalityMirror phase 2, or any teacher → student): ``CE(s(x), y) + λ·T²·KL(softmax(t/T)
   ‖ softmax(s/T))`` with the teacher frozen inside the session (:func:`kd_loss`); :func:`train_student`.
@@ -20,7 +22,7 @@ the round, so a round reproduces whatever thread runs it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -187,15 +189,24 @@ class AVTasks(Objective):
         :data:`LOCAL_TASKS` names, at least one.
     zero_fill : bool
         A batch without video feeds zeros ``(batch, *model.visual_shape)`` to the tasks that read it (MultiFL).
+    weights : Mapping of str to float, optional
+        Weight w_task >= 0 of each task's loss (a task not named weighs 1): the loss is ``Σ w_task·CE_task``.
 
-    Reported: ``train_loss`` (the summed task losses) and ``train_accuracy`` of the first task's logits.
+    Reported: ``train_loss`` (the weighted sum of the task losses) and ``train_accuracy`` of the first task's logits.
     """
 
-    def __init__(self, tasks: Sequence[str], zero_fill: bool = False) -> None:
+    def __init__(self, tasks: Sequence[str], zero_fill: bool = False,
+                 weights: Mapping[str, float] | None = None) -> None:
         if not tasks:
             raise ValueError("AVTasks: 'tasks' must name at least one task. Got [].")
+        weights = dict(weights or {})
+        if unknown := sorted(set(weights) - set(tasks)):
+            raise ValueError(f"AVTasks: 'weights' names tasks not trained: {unknown!r} (tasks {list(tasks)!r}).")
+        if bad := {k: w for k, w in weights.items() if not float(w) >= 0}:
+            raise ValueError(f"AVTasks: task weights must be >= 0. Got {bad!r}.")
         self.names = tuple(tasks)
         self.tasks = tuple(LOCAL_TASKS.build(name) for name in tasks)
+        self.weights = tuple(float(weights.get(name, 1.0)) for name in tasks)
         self.groups = task_groups(tasks)
         self.zero_fill = zero_fill
 
@@ -224,16 +235,17 @@ class _AVSession(_SeededSession):
         return [p for g in self.objective.groups for p in getattr(model, g).parameters()]
 
     def loss(self, inputs: AVInputs, labels: torch.Tensor, generator: torch.Generator) -> BatchLoss:
-        """Σ over the tasks of CE(logits, labels); correct predictions of the first task."""
+        """Σ over the tasks of w_task·CE(logits, labels); correct predictions of the first task."""
         self.seed(generator)
         audio, visual = inputs
         if visual is None and self.objective.needs_visual:  # only with zero_fill (checked by the caller)
             visual = torch.zeros((audio.shape[0], *self.av.visual_shape), dtype=audio.dtype, device=audio.device)
         total: torch.Tensor | None = None
         first: torch.Tensor | None = None
-        for task in self.objective.tasks:
+        for task, weight in zip(self.objective.tasks, self.objective.weights, strict=True):
             logits = task.loss(self.av, audio, visual)
             loss = F.cross_entropy(logits, labels)
+            loss = loss if weight == 1.0 else weight * loss
             total = loss if total is None else total + loss
             first = logits if first is None else first
         assert total is not None and first is not None
@@ -242,7 +254,7 @@ class _AVSession(_SeededSession):
 
 def train_av_client(*, client_id: int, model: AVModel, global_state: StateDict, data: AVClientData,
                     tasks: Sequence[str], settings: LocalSettings, generator: torch.Generator,
-                    zero_fill: bool = False) -> ClientUpdate:
+                    zero_fill: bool = False, weights: Mapping[str, float] | None = None) -> ClientUpdate:
     """Train ``tasks`` on one client from ``global_state`` and return the trained groups' entries.
 
     Parameters
@@ -262,13 +274,15 @@ def train_av_client(*, client_id: int, model: AVModel, global_state: StateDict, 
     zero_fill : bool
         A client without video feeds zeros to tasks that read the visual input (MultiFL); when False such a
         task is an error.
+    weights : Mapping of str to float, optional
+        The loss weight of each task (a task not named weighs 1; :class:`AVTasks`).
 
     Returns
     -------
     ClientUpdate
         ``state``: the entries (parameters and buffers) of the trained groups only; ``metrics``: those of
-        :func:`~fedcore.algorithms.base.train_client`: ``train_loss`` (summed task losses, per example, last
-        epoch), ``train_accuracy`` of the first task's logits, ``num_batches``.
+        :func:`~fedcore.algorithms.base.train_client`: ``train_loss`` (weighted sum of the task losses, per
+        example, last epoch), ``train_accuracy`` of the first task's logits, ``num_batches``.
 
     Raises
     ------
@@ -282,7 +296,7 @@ def train_av_client(*, client_id: int, model: AVModel, global_state: StateDict, 
     check_generator(generator, "train_av_client")
     if not tasks:
         raise ValueError(f"train_av_client: client {client_id}: 'tasks' must name at least one task. Got [].")
-    objective = AVTasks(tasks, zero_fill)
+    objective = AVTasks(tasks, zero_fill, weights)
     for name, task in zip(tasks, objective.tasks, strict=True):
         if task.needs_visual and not data.has_video and not zero_fill:
             raise ValueError(f"train_av_client: client {client_id} has no video, so it cannot train task {name!r} "

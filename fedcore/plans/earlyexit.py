@@ -17,6 +17,11 @@ stage. Every client has a budget tier (``earlyexit.tiers``, a seeded draw: the d
   compute accounting (FLOPs, seconds, bytes; overall and per tier) comes from the accepted clients;
 - :meth:`~EarlyExitPlan.evaluate`: every exit's accuracy on the test split and on the clients' pooled held-out
   rows (``val_``).
+
+``earlyexit.rounds`` (else ``federation.rounds``) rounds at most: under ``earlyexit.stop: plateau`` (default, issue
+21) the run ends once the last exit's validation accuracy (``earlyexit.plateau_metric``) gained under
+``plateau_min_gain`` in ``plateau_patience`` rounds (:class:`~fedcore.federation.engine.Plateau`, the loop's stop
+rule: it reads the held-out rows' scores only, never the test split's).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from fedcore.earlyexit.tiers import EXIT_PLANS, assign_exits
 from fedcore.earlyexit.train import exit_accuracies, train_exit_client
 from fedcore.errors import ConfigError
 from fedcore.federation.checkpoint import fingerprint
-from fedcore.federation.engine import Job, Plan, RoundResult, Stateful
+from fedcore.federation.engine import Job, Plan, Plateau, RoundResult, Stateful
 from fedcore.federation.sampling import client_generator, round_rng, sample_clients
 from fedcore.plans.common import params_fingerprint
 from fedcore.plans.supervised import build_aggregator, local_settings
@@ -75,6 +80,20 @@ def client_depths(cfg: EarlyExitConfig, num_clients: int) -> tuple[list[int], li
     tiers = assign_exits(num_clients, [(float(t["share"]), int(t["depth"])) for t in cfg.tiers], cfg.seed)
     plan = EXIT_PLANS.build(cfg.plan)
     return tiers, [plan(depth, cfg.exits[-1]) for depth in tiers]
+
+
+def stage_rounds(params: Params) -> int:
+    """Rounds of the stage (the cap under a plateau rule): ``earlyexit.rounds``, else ``federation.rounds``."""
+    cfg = params.earlyexit
+    return cfg.rounds if cfg.rounds is not None else params.federation.rounds
+
+
+def plateau_rule(cfg: EarlyExitConfig) -> Plateau | None:
+    """The stop rule of ``earlyexit.stop``: a plateau of an exit's validation accuracy, or None (every round)."""
+    if cfg.stop != "plateau":
+        return None
+    metric = cfg.plateau_metric or f"val_exit{cfg.exits[-1]}_accuracy"
+    return Plateau(metric, cfg.plateau_min_gain, cfg.plateau_patience)
 
 
 def run_fingerprint(params: Params, data_digest: str) -> str:
@@ -158,7 +177,8 @@ class EarlyExitPlan(Plan):
     Raises
     ------
     ConfigError
-        If the deepest exit is beyond ``model.depth``, or ``initial`` does not fit the model.
+        If the deepest exit is beyond ``model.depth``, ``initial`` does not fit the model, or ``earlyexit.stop:
+        plateau`` has no validation rows to read (no client holds any held-out rows).
     """
 
     stage = "earlyexit"
@@ -170,7 +190,13 @@ class EarlyExitPlan(Plan):
             raise ConfigError(f"earlyexit: the deepest exit ({cfg.exits[-1]}) must be <= model.depth "
                               f"({params.model.depth}).")
         self.params, self.data, self.client_threads = params, data, client_threads
-        self.rounds, self.min_accepted = fed.rounds, fed.min_accepted
+        self.rounds, self.min_accepted = stage_rounds(params), fed.min_accepted
+        self.val = pooled(data.holdout)
+        self.stop_rule = plateau_rule(cfg)
+        if self.stop_rule is not None and self.val is None:
+            raise ConfigError("earlyexit: 'stop: plateau' reads a validation accuracy on the clients' held-out rows, "
+                              "and no client has any. Fix: partition.holdout_fraction > 0, or earlyexit.stop: "
+                              "rounds.")
         self.spec = exit_spec(params, data.num_classes, data.input_shape)
         self.tiers, self.depths = client_depths(cfg, data.num_clients)
         self.server = build_aggregator(params, cfg.server)
@@ -181,7 +207,6 @@ class EarlyExitPlan(Plan):
             raise ConfigError("earlyexit: the initial state must hold the model's entries. Missing "
                               f"{sorted(self.model.state_dict().keys() - self._initial.keys())[:5]}, unexpected "
                               f"{sorted(self._initial.keys() - self.model.state_dict().keys())[:5]}.")
-        self.val = pooled(data.holdout)
         self._round_depths: dict[int, int] = {}
 
     @override

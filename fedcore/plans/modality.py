@@ -5,7 +5,8 @@
 
 - the round's phase (:meth:`AVMethod.schedule <fedcore.multimodal.methods.AVMethod.schedule>`) says which tasks
   each sampled client trains: those of a client with video, or of one without (``modality.missing_rate``; a
-  client with no task this phase sits the round out);
+  client with no task this phase sits the round out), and their loss weights (ModalityMirror: a client with
+  video adds ``modality.audio_loss_weight``·CE of the audio branch to its fused loss);
 - each client trains its tasks (:func:`train_av_job`: the :class:`~fedcore.multimodal.train.AVTasks` objective in
   the one client loop) and sends exactly the parameter groups they trained;
 - the server aggregates each group over the clients that sent it (:func:`~fedcore.multimodal.aggregate.modality_wise`
@@ -85,12 +86,12 @@ def _worker_model(spec: AVSpec) -> AVModel:
 
 
 def train_av_job(spec: AVSpec, client_id: int, server_round: int, global_state: StateDict, data: AVClientData,
-                 tasks: Sequence[str], zero_fill: bool) -> ClientUpdate:
-    """One client's round: its ``tasks`` on its data from ``global_state``; the update holds the trained groups."""
+                 tasks: Sequence[str], zero_fill: bool, weights: Mapping[str, float] | None = None) -> ClientUpdate:
+    """One client's round: its ``tasks`` (loss ``weights``) on its data from ``global_state``: the trained groups."""
     return train_av_client(client_id=client_id, model=_worker_model(spec), global_state=global_state, data=data,
                            tasks=tasks, settings=local_settings(spec.federation, server_round),
                            generator=client_generator(spec.federation.seed, server_round, client_id),
-                           zero_fill=zero_fill)
+                           zero_fill=zero_fill, weights=weights)
 
 
 def run_fingerprint(params: Params, data_digest: str) -> str:
@@ -121,7 +122,8 @@ class ModalityPlan(AggregatorPlan):
         self.params, self.data = params, data
         self.rounds, self.min_accepted = fed.rounds, fed.min_accepted
         self.method: AVMethod = AV_METHODS.build(cfg.method)
-        self.schedule: list[tuple[int, Phase]] = self.method.schedule(fed.rounds, cfg.fusion_rounds)
+        self.schedule: list[tuple[int, Phase]] = self.method.schedule(fed.rounds, cfg.fusion_rounds,
+                                                                      cfg.audio_loss_weight)
         self.video = frozenset(data.video)
         if idle := [p.name for _, p in self.schedule if not p.plan(False) and not self.video]:
             raise ValueError(f"modality: {cfg.method}'s phase {idle[0]!r} trains only clients with video, and none "
@@ -144,7 +146,8 @@ class ModalityPlan(AggregatorPlan):
                                  round_rng(fed.seed, server_round))
         return sampled, [
             Job(c, server_round, train_av_job, (self.spec, c, server_round, state, self.data.train[c], tasks,
-                                                self.method.zero_fill), threads=fed.client_threads)
+                                                self.method.zero_fill, phase.weights(c in self.video)),
+                threads=fed.client_threads)
             for c in sampled if (tasks := phase.plan(c in self.video))]
 
     @override

@@ -1,4 +1,4 @@
-"""Audio-visual data: digit images, stratified pools, label pairing, missing video and the AV manifest."""
+"""Audio-visual data: digit images, stratified pools, label pairing, PCA energy, missing video and the AV manifest."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from fedcore.multimodal.data import (
     AVManifestRow,
     audio_manifest_rows,
     digit_images,
+    keep_pca_energy,
     load_visual,
     pair_by_label,
     read_av_manifest,
@@ -163,6 +164,132 @@ def test_pair_by_label_missing_pool_and_length_mismatch() -> None:
         pair_by_label(["a", "a"], ["train"], ["a"], {"train": np.array([0])}, seed=0)
     with pytest.raises(ValueError, match="must hold positions in 0..0"):
         pair_by_label(["a"], ["train"], ["a"], {"train": np.array([0, 3])}, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# keep_pca_energy
+# ---------------------------------------------------------------------------------------------------------------
+
+_MU = np.array([1.0, 2.0, 0.5])
+
+
+def _tiny_images() -> np.ndarray:
+    """4 train images of 3 pixels, then 1 test image, shape (5, 1, 1, 3).
+
+    The train pool is μ ± (2, 2, 0) and μ ± (1, -1, 0): centred sums of squares 16 along u1 = (1, 1, 0)/√2, 4 along
+    u2 = (1, -1, 0)/√2 and 0 along the third pixel (constant 0.5), so λ ∝ (16, 4, 0), shares 0.8, 1.0, 1.0.
+    The test image is μ + (3, 1, 0.4).
+    """
+    offsets = np.array([[2, 2, 0], [-2, -2, 0], [1, -1, 0], [-1, 1, 0], [3, 1, 0.4]], dtype=np.float64)
+    return (_MU + offsets).reshape(5, 1, 1, 3).astype(np.float32)
+
+
+@pytest.mark.parametrize("energy", [0.1, 0.5, 0.8])  # 0.8: the first share reaches it exactly
+def test_keep_pca_energy_hand_computed_one_component(energy: float) -> None:
+    result = keep_pca_energy(_tiny_images(), np.arange(4), energy)
+    assert (result.components, result.dims) == (1, 3)
+    assert result.energy == pytest.approx(0.8)
+    assert result.images.dtype == np.float32 and result.images.shape == (5, 1, 1, 3)
+    # x' = μ + u1 u1ᵀ (x − μ): train points lie on u1 or project to μ; the test offset (3, 1, 0.4) -> (2, 2, 0)
+    expected = _MU + np.array([[2, 2, 0], [-2, -2, 0], [0, 0, 0], [0, 0, 0], [2, 2, 0]], dtype=np.float64)
+    np.testing.assert_allclose(result.images.reshape(5, 3), expected, atol=1e-6)
+
+
+def test_keep_pca_energy_hand_computed_two_components() -> None:
+    result = keep_pca_energy(_tiny_images(), np.arange(4), 0.81)
+    assert (result.components, result.energy) == (2, pytest.approx(1.0))
+    # the plane of u1, u2 keeps the train images; the test image loses its third-pixel offset (no train variance)
+    expected = _MU + np.array([[2, 2, 0], [-2, -2, 0], [1, -1, 0], [-1, 1, 0], [3, 1, 0]], dtype=np.float64)
+    np.testing.assert_allclose(result.images.reshape(5, 3), expected, atol=1e-6)
+
+
+def test_keep_pca_energy_one_returns_the_images_unchanged(digits: tuple[np.ndarray, list[str]]) -> None:
+    tiny = _tiny_images()
+    result = keep_pca_energy(tiny, np.arange(4), 1.0)
+    assert (result.components, result.energy, result.dims) == (3, 1.0, 3)
+    np.testing.assert_array_equal(result.images, tiny)  # the test image's third pixel too
+    images, labels = digits
+    train, _ = split_images(labels, 0.3, seed=0)
+    full = keep_pca_energy(images, train, 1)
+    assert full.images.dtype == np.float32 and full.images.shape == images.shape
+    np.testing.assert_allclose(full.images, images, atol=1e-6)
+
+
+def test_keep_pca_energy_on_digits_keeps_at_least_the_share(digits: tuple[np.ndarray, list[str]]) -> None:
+    images, labels = digits
+    train, _ = split_images(labels, 0.3, seed=0)
+    previous = 0
+    for energy in (0.25, 0.5, 0.9):
+        result = keep_pca_energy(images, train, energy)
+        assert result.energy >= energy - 1e-9 and result.components >= previous and result.dims == 64
+        assert result.images.shape == (len(labels), 1, 8, 8) and result.images.dtype == np.float32
+        previous = result.components
+    fewer = keep_pca_energy(images, train, 0.25)
+    one_less = keep_pca_energy(images, train, fewer.energy - 1e-6)  # just below the share k comps keep
+    assert one_less.components == fewer.components
+
+
+def test_keep_pca_energy_is_fitted_on_the_pool_only() -> None:
+    images = _tiny_images()
+    changed = images.copy()
+    changed[4] = np.array([9.0, -7.0, 3.0], dtype=np.float32).reshape(1, 1, 3)  # the test image
+    a = keep_pca_energy(images, np.arange(4), 0.5)
+    b = keep_pca_energy(changed, np.arange(4), 0.5)
+    np.testing.assert_array_equal(a.images[:4], b.images[:4])
+    assert (a.components, a.energy) == (b.components, b.energy)
+    c = keep_pca_energy(changed, np.arange(5), 0.5)  # the same image inside the pool does change the fit
+    assert not np.allclose(c.images[:4], a.images[:4])
+
+
+def test_keep_pca_energy_deterministic_and_pool_order_free(digits: tuple[np.ndarray, list[str]]) -> None:
+    images, labels = digits
+    train, _ = split_images(labels, 0.3, seed=0)
+    a = keep_pca_energy(images, train, 0.25)
+    b = keep_pca_energy(images, train[::-1].copy(), 0.25)
+    c = keep_pca_energy(images.copy(), train, 0.25)
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.images, c.images)
+    assert (a.components, a.energy) == (b.components, b.energy) == (c.components, c.energy)
+    assert not np.array_equal(a.images, images)
+
+
+@pytest.mark.parametrize("energy", [0, 0.0, -0.25, 1.0000001, 2, True, False, float("nan"), float("inf"), "0.25",
+                                    None])
+def test_keep_pca_energy_rejects_bad_energy(energy: object) -> None:
+    with pytest.raises(ValueError, match=r"'energy' must be a number > 0 and <= 1 .*Got"):
+        keep_pca_energy(_tiny_images(), np.arange(4), energy)  # type: ignore[arg-type]
+
+
+def test_keep_pca_energy_rejects_bad_images_and_pools() -> None:
+    tiny = _tiny_images()
+    with pytest.raises(ValueError, match="'images' must be a numeric array of shape"):
+        keep_pca_energy(np.zeros(4), np.arange(4), 0.5)
+    with pytest.raises(ValueError, match="'images' must hold finite values"):
+        keep_pca_energy(np.where(np.arange(15).reshape(5, 1, 1, 3) == 7, np.nan, tiny), np.arange(4), 0.5)
+    with pytest.raises(ValueError, match="'fit_pool' must hold at least 2 distinct int positions"):
+        keep_pca_energy(tiny, np.array([1, 1]), 0.5)
+    with pytest.raises(ValueError, match="'fit_pool' must hold at least 2 distinct int positions"):
+        keep_pca_energy(tiny, np.array([0.0, 1.0]), 0.5)
+    with pytest.raises(ValueError, match=r"'fit_pool' must hold positions in 0..4. Got 0..5"):
+        keep_pca_energy(tiny, np.array([0, 5]), 0.5)
+    flat = np.ones((3, 1, 2, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match="must not all be equal"):
+        keep_pca_energy(flat, np.arange(3), 0.5)
+    np.testing.assert_array_equal(keep_pca_energy(flat, np.arange(3), 1.0).images, flat)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (0, "must be > 0.0"), (-0.5, "must be > 0.0"), (1.5, "must be <= 1.0"), (True, "must be a float"),
+    (float("nan"), "must be a finite number"), ("0.25", "must be a float"),
+])
+def test_modality_visual_energy_is_checked_on_load(value: object, message: str) -> None:
+    from fedcore.config import ModalityConfig, check_section
+
+    config, problems = check_section(ModalityConfig, {"visual_energy": value}, "modality")
+    assert config is None and len(problems) == 1
+    assert problems[0].startswith("modality: 'visual_energy' ") and message in problems[0]
+    assert ModalityConfig().visual_energy == 0.25  # AV-MNIST's share, fixed by issue 21 before any result
+    assert check_section(ModalityConfig, {"visual_energy": 1}, "modality")[0] is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------

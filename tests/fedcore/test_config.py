@@ -180,3 +180,16 @@ def test_execution_knobs_are_their_own_section() -> None:
         "processes", 2, 5)
     with pytest.raises(ConfigError, match="federation: unknown keys \\['runner'\\]"):
         load_params({"federation": {"runner": "threads"}})
+
+
+def test_early_exit_runs_to_a_validation_plateau_by_default_and_reads_only_validation_metrics() -> None:
+    cfg = load_params({}).earlyexit
+    assert (cfg.stop, cfg.plateau_metric, cfg.plateau_min_gain, cfg.plateau_patience, cfg.rounds) == (
+        "plateau", None, 0.005, 5, None)
+    assert load_params({"earlyexit": {"plateau_metric": "val_exit4_accuracy"}}).earlyexit.plateau_metric
+    with pytest.raises(ConfigError) as info:
+        load_params({"earlyexit": {"plateau_metric": "exit6_accuracy"}})  # the test split's: refused
+    assert "earlyexit: 'plateau_metric' must be an exit's validation accuracy, one of ['val_exit2_accuracy'" in str(
+        info.value)
+    with pytest.raises(ConfigError, match="'plateau_patience' must be >= 1"):
+        load_params({"earlyexit": {"plateau_patience": 0}})

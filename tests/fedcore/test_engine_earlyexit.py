@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,9 @@ import torch
 from fedcore.algorithms.base import ClientData
 from fedcore.config import Params, load_params
 from fedcore.data.federated import FederatedDataset
+from fedcore.errors import ConfigError
 from fedcore.federation.checkpoint import Checkpointer
-from fedcore.federation.engine import Callback, Run, SerialExecutor, run_rounds
+from fedcore.federation.engine import Callback, Plateau, Run, SerialExecutor, run_rounds
 from fedcore.plans.earlyexit import EarlyExitPlan, run_fingerprint
 from tests.fedcore.test_engine import Kill, assert_same_run, synthetic_data, without_timings
 
@@ -111,3 +113,46 @@ def test_a_client_whose_loss_goes_nan_fails_alone(tmp_path: Path) -> None:
     assert [row["num_clients"] for row in run.history] == [3.0, 3.0]
     assert "FloatingPointError" in run.records[0]["rejected"]["2"]
     assert all(bool(torch.isfinite(v).all()) for v in run.state.values() if v.is_floating_point())
+
+
+def test_a_plateau_of_the_last_exits_validation_accuracy_stops_the_run(tmp_path: Path) -> None:
+    # min_gain 1.0: no round can gain a whole accuracy, so the rule stops as soon as it may (round patience + 1)
+    params = small_params(earlyexit={"stop": "plateau", "plateau_min_gain": 1.0, "plateau_patience": 2})
+    plan, _ = build(params, synthetic_data(), tmp_path / "probe")
+    assert plan.stop_rule == Plateau("val_exit3_accuracy", 1.0, 2)  # the last exit's validation accuracy
+    run = run_plan(params, synthetic_data(), tmp_path / "run")
+    assert run.stop is not None and (run.stop.reason, run.stop.round) == ("plateau", 3)
+    assert "val_exit3_accuracy" in run.stop.detail
+    assert [int(row["round"]) for row in run.history] == [1, 2, 3]  # params.federation.rounds (4) is the cap
+    every = run_plan(small_params(earlyexit={"stop": "rounds"}), synthetic_data(), tmp_path / "every")
+    assert every.stop is not None and every.stop.reason == "rounds" and len(every.history) == 4
+    assert without_timings(every.history[:3]) == without_timings(run.history)  # the rule only ends the run
+
+
+def test_a_killed_run_with_a_plateau_rule_resumes_to_the_same_stop(tmp_path: Path) -> None:
+    params = small_params(earlyexit={"server": "fedadam", "plateau_min_gain": 1.0, "plateau_patience": 2})
+    data = synthetic_data()
+    whole = run_plan(params, data, tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run_plan(params, data, tmp_path / "cut", (Kill(at=3),))
+    resumed = run_plan(params, data, tmp_path / "cut")
+    assert resumed.resumed and resumed.start_round == 2
+    assert_same_run(whole, resumed)
+    assert resumed.stop == whole.stop and whole.stop is not None and whole.stop.round == 3
+    again = run_plan(params, data, tmp_path / "cut")  # a rerun after the stop trains no further round
+    assert again.start_round == 3 and again.stop == whole.stop
+    assert_same_run(whole, again)
+
+
+def test_earlyexit_rounds_is_the_cap_over_federation_rounds(tmp_path: Path) -> None:
+    params = small_params(earlyexit={"rounds": 2})
+    plan, _ = build(params, synthetic_data(), tmp_path)
+    assert plan.rounds == 2 and params.federation.rounds == 4
+
+
+def test_a_plateau_without_held_out_rows_is_refused(tmp_path: Path) -> None:
+    data = dataclasses.replace(synthetic_data(), holdout=[None] * 4)
+    with pytest.raises(ConfigError, match="holdout_fraction"):
+        build(small_params(), data, tmp_path)
+    plan, _ = build(small_params(earlyexit={"stop": "rounds"}), data, tmp_path)
+    assert plan.stop_rule is None

@@ -133,3 +133,77 @@ def test_a_nan_update_is_rejected_and_the_run_goes_on(tmp_path: Path, monkeypatc
     assert "finite" in run.records[1]["rejected"]["1"]
     assert len(run.history) == 3 and all(torch.isfinite(v).all() for v in run.state.values() if v.is_floating_point())
     assert run.history[1]["num_clients"] == run.history[0]["num_clients"] - 1
+
+
+# ------------------------------------------------------------------------------------------ issue 21
+def test_modality_mirror_phase1_averages_the_audio_head_over_every_client_with_audio() -> None:
+    """One round of the plan: clients with video send the audio head; it is Σ n_k θ_k / Σ n_k over all four."""
+    params = small_params("modality_mirror", federation={"client_fraction": 1.0, "aggregator": "fedavg"})
+    data = synthetic_av()
+    plan = ModalityPlan(params, data)
+    sampled, jobs = plan.jobs(1, plan.initial)
+    updates = [job.fn(*job.args) for job in jobs]
+    assert sampled == [0, 1, 2, 3]
+    assert [j.args[-1] for j in jobs] == [{"av": 1.0, "audio": 1.0}] * 3 + [{"audio": 1.0}]
+    for update in updates:
+        groups = {k.split(".")[0] for k in update.state}
+        assert groups == ({"audio", "audio_head", "visual", "fusion"} if update.client_id in data.video
+                          else {"audio", "audio_head"})
+    result = plan.combine(plan.initial, updates, {}, 1, 1)
+    n = [u.num_examples for u in updates]
+    for key in (k for k in plan.initial if k.startswith("audio_head.") and plan.initial[k].is_floating_point()):
+        expected = sum(nk * u.state[key] for nk, u in zip(n, updates, strict=True)) / sum(n)
+        assert torch.allclose(result.state[key], expected, atol=1e-6)
+    assert result.record["participants"]["audio_head"] == [0, 1, 2, 3]
+    # the behaviour before the option (w = 0): the audio head from the audio-only client alone
+    before = ModalityPlan(small_params("modality_mirror", federation={"client_fraction": 1.0},
+                                       modality={"audio_loss_weight": 0.0}), data)
+    assert [j.args[-2:] for j in before.jobs(1, before.initial)[1]][0] == (False, {"av": 1.0})
+
+
+def _phase1_branch(params: Params) -> tuple[Any, Any, dict[str, torch.Tensor]]:
+    spec = av_model_spec(params.model, params.modality, AUDIO, VISUAL, CLASSES)
+    teacher = build(spec, torch.Generator().manual_seed(5))
+    branch = {k: v.clone() for k, v in teacher.state_dict().items() if k.split(".")[0] in ("audio", "audio_head")}
+    student = build(audio_branch_spec(spec), torch.Generator().manual_seed(6))
+    student.load_state_dict(branch)  # as the stage loads the logged audio branch of phase 1
+    return teacher, student, branch
+
+
+def test_the_student_starts_from_the_phase1_audio_branch_or_fresh_weights() -> None:
+    params = small_params("modality_mirror")
+    teacher, student, branch = _phase1_branch(params)
+    plan = DistillPlan(params, synthetic_av(), student, ("audio",), teacher, ("audio", "visual"))
+    assert set(plan.initial) == set(branch) and all(torch.equal(plan.initial[k], branch[k]) for k in branch)
+    fresh = small_params("modality_mirror", distill={"student_init": "random"})
+    teacher, student, branch = _phase1_branch(fresh)
+    plan = DistillPlan(fresh, synthetic_av(), student, ("audio",), teacher, ("audio", "visual"))
+    drawn = build(audio_branch_spec(av_model_spec(fresh.model, fresh.modality, AUDIO, VISUAL, CLASSES)),
+                  torch.Generator().manual_seed(fresh.federation.seed)).state_dict()
+    assert all(torch.equal(plan.initial[k], drawn[k]) for k in drawn)
+    assert any(not torch.equal(plan.initial[k], branch[k]) for k in branch if branch[k].is_floating_point())
+    assert all(torch.equal(student.state_dict()[k], drawn[k]) for k in drawn)  # the flow's model, in place
+
+
+def test_the_distill_learning_rate_is_the_distill_sections() -> None:
+    params = small_params("modality_mirror", distill={"lr": 0.005})
+    spec = distill_plan.DistillSpec(params.federation, params.distill)
+    assert distill_plan.distill_settings(spec, 1).lr == 0.005
+
+
+@pytest.mark.parametrize(("section", "values", "match"), [
+    ("modality", {"audio_loss_weight": -0.1}, "audio_loss_weight"),
+    ("modality", {"audio_loss_weight": "one"}, "audio_loss_weight"),
+    ("distill", {"student_init": "phase2"}, "student_init"),
+    ("distill", {"lr": 0.0}, "lr"),
+])
+def test_bad_issue21_params_are_refused(section: str, values: dict[str, Any], match: str) -> None:
+    from fedcore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        small_params("modality_mirror", **{section: values})
+
+
+def test_issue21_defaults() -> None:
+    params = small_params("modality_mirror")
+    assert params.modality.audio_loss_weight == 1.0 and params.distill.student_init == "logged"

@@ -263,9 +263,77 @@ def test_method_plans() -> None:
     assert harmony[0][1].plan(True) == ("audio", "visual") and harmony[0][1].plan(False) == ("audio",)
     assert harmony[-1][1].plan(True) == ("fusion",) and harmony[-1][1].plan(False) == ()
     mirror = plan["modality_mirror"]
-    assert mirror[0][1].plan(True) == ("av",) and mirror[0][1].plan(False) == ("audio",)
+    # issue 21: a client with video trains the audio branch on audio beside the fused loss (weights 1, 1 by default)
+    assert mirror[0][1].plan(True) == ("av", "audio") and mirror[0][1].plan(False) == ("audio",)
+    assert mirror[0][1].weights(True) == {"av": 1.0, "audio": 1.0} and mirror[0][1].weights(False) == {"audio": 1.0}
+    weighted = AV_METHODS.build("modality_mirror").schedule(10, 3, 0.25)[0][1]
+    assert weighted.weights(True) == {"av": 1.0, "audio": 0.25} and weighted.weights(False) == {"audio": 1.0}
+    before = AV_METHODS.build("modality_mirror").schedule(10, 3, 0.0)[0][1]  # w = 0: the fused loss alone
+    assert before.plan(True) == ("av",) and before.weights(True) == {"av": 1.0}
+    # the baselines ignore w: UniFL and Harmony already train the audio branch everywhere, MultiFL the fused model
+    for name in ("unifl", "multifl", "harmony"):
+        assert [(p.plan(v), p.weights(v)) for _, p in AV_METHODS.build(name).schedule(10, 3, 0.25) for v in (0, 1)] \
+            == [(p.plan(v), p.weights(v)) for _, p in plan[name] for v in (0, 1)]
+        assert all(set(p.weights(v).values()) <= {1.0} for _, p in plan[name] for v in (False, True))
     with pytest.raises(ValueError, match="fusion_rounds"):
         AV_METHODS.build("harmony").schedule(3, 3)
+    with pytest.raises(ValueError, match="audio_loss_weight"):
+        AV_METHODS.build("modality_mirror").schedule(10, 3, -1.0)
+
+
+def test_an_audio_visual_client_of_modality_mirror_sends_the_audio_head_too() -> None:
+    """Hand-made 3 clients: 0 and 1 audio-visual (n=1, n=3) now send the audio head, 2 audio-only (n=2)."""
+    global_state = {k: torch.full((2,), -1.0) for k in ("audio.w", "visual.w", "fusion.w", "audio_head.w")}
+    updates = [
+        _update(0, 1, {"audio.w": 1.0, "visual.w": 10.0, "fusion.w": 100.0, "audio_head.w": 5.0}),
+        _update(1, 3, {"audio.w": 2.0, "visual.w": 20.0, "fusion.w": 200.0, "audio_head.w": 6.0}),
+        _update(2, 2, {"audio.w": 4.0, "audio_head.w": 7.0}),
+    ]
+    result = modality_wise(AGGREGATORS.build("fedavg"), global_state, updates, 1)
+    # Σ_k n_k θ_k / Σ_k n_k over every client with audio: (1·5 + 3·6 + 2·7) / 6, not 7 (the audio-only client alone)
+    assert torch.allclose(result.state["audio_head.w"], torch.full((2,), (1 * 5 + 3 * 6 + 2 * 7) / 6))
+    assert torch.allclose(result.state["visual.w"], torch.full((2,), (1 * 10 + 3 * 20) / 4))
+    assert result.participants["audio_head"] == [0, 1, 2] and result.participants["visual"] == [0, 1]
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_fused_plus_weighted_audio_loss_equals_a_hand_written_sgd_loop(weight: float) -> None:
+    """``av`` + w·``audio``: the update carries the audio head, trained on CE(fused) + w·CE(audio branch)."""
+    model = _model()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    data = _data(n=10)
+    settings = LocalSettings(epochs=1, batch_size=4, lr=0.1, momentum=0.5, weight_decay=0.0)
+    update = train_av_client(client_id=0, model=model, global_state=start, data=data, tasks=["av", "audio"],
+                             settings=settings, generator=torch.Generator().manual_seed(3),
+                             weights={"audio": weight})
+    assert {k.split(".")[0] for k in update.state} == {"audio", "visual", "fusion", "audio_head"}
+    reference = _model()
+    reference.load_state_dict(start)
+    reference.train()
+    groups = [reference.audio, reference.visual, reference.fusion, reference.audio_head]
+    optimizer = torch.optim.SGD([p for g in groups for p in g.parameters()], lr=0.1, momentum=0.5)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(3))
+    for i in range(0, len(data), 4):
+        rows = order[i:i + 4]
+        optimizer.zero_grad()
+        audio, visual, labels = data.audio[rows], data.visual[rows], data.labels[rows]  # type: ignore[index]
+        loss = F.cross_entropy(reference(audio, visual), labels) \
+            + weight * F.cross_entropy(reference.audio_logits(audio), labels)
+        loss.backward()
+        optimizer.step()
+    trained = reference.state_dict()
+    assert all(torch.allclose(update.state[k], trained[k], atol=1e-6) for k in update.state)
+    head = [k for k in update.state if k.startswith("audio_head.")]
+    assert head and any(not torch.equal(update.state[k], start[k]) for k in head)  # the head was trained
+
+
+def test_task_weights_are_checked() -> None:
+    model = _model()
+    state = model.state_dict()
+    for weights, match in (({"visual": 1.0}, "not trained"), ({"audio": -0.5}, ">= 0")):
+        with pytest.raises(ValueError, match=match):
+            train_av_client(client_id=0, model=model, global_state=state, data=_data(), tasks=["av", "audio"],
+                            settings=SETTINGS, generator=torch.Generator().manual_seed(0), weights=weights)
 
 
 def test_dropout_masks_come_from_the_client_generator_not_the_global_rng() -> None:

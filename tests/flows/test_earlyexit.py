@@ -73,6 +73,20 @@ def test_plans_train_the_depths_their_tiers_allow_and_count_less_compute_for_sha
     rows = (eework / "plots-early/rounds.tsv").read_text().splitlines()
     assert rows[0].split("\t")[:4] == ["round", "exit1_accuracy", "exit2_accuracy", "exit3_accuracy"]
     assert len(rows) == 4
+    # 3 rounds cannot reach a plateau of 5 rounds (the default rule): all ran
+    assert (early["rounds"], early["max_rounds"], early["stop_reason"]) == (3, 3, "rounds")
+
+
+def test_a_validation_plateau_ends_the_run_and_the_summary_says_so(eework: Path, small_mirror: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(eework)
+    # no round gains a whole point of accuracy: the rule stops as soon as it may, after round patience + 1 = 2
+    stopped = _run(eework, small_mirror, "plateau", stop="plateau", plateau_min_gain=1.0, plateau_patience=1)
+    assert (stopped["rounds"], stopped["max_rounds"], stopped["stop_reason"]) == (2, 3, "plateau")
+    assert "val_exit3_accuracy gained" in str(stopped["stop_detail"])  # the last exit's validation accuracy
+    assert len((eework / "plots-plateau/rounds.tsv").read_text().splitlines()) == 3  # no row after the stop
+    record = json.loads((eework / "plateau.run.json").read_text())  # the run record beside the metrics
+    assert record["registered_version"] is not None  # the stopping round's model is logged and registered
 
 
 def test_backbone_weights_from_a_file_are_the_starting_point(eework: Path, small_mirror: Path,

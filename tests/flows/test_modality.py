@@ -61,17 +61,23 @@ def _train_args(p: str, name: str) -> list[str]:
 
 
 def test_every_clip_is_paired_with_an_image_of_its_own_digit(avwork: Path) -> None:
-    from fedcore.multimodal.data import digit_images
+    from fedcore.multimodal.data import digit_images, keep_pca_energy, split_images
 
     images, labels = digit_images()
+    train_pool, _ = split_images(labels, 0.3, 0)  # modality's defaults: image_test_fraction, pair_seed
+    reduced = keep_pca_energy(images, train_pool, 0.25)  # visual_energy's default (AV-MNIST)
     visual = np.load(avwork / "av" / "visual.npy")
     with (avwork / "av" / "pairs.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert visual.shape == (len(rows), 1, 8, 8)
+    assert visual.shape == (len(rows), 1, 8, 8) and visual.dtype == np.float32
     for i, row in enumerate(rows):
         source = int(row["visual"].split(":")[1])
         assert labels[source] == row["label"]
-        assert np.array_equal(visual[i], images[source])
+        assert np.array_equal(visual[i], reduced.images[source])  # the PCA-reduced image, not the original
+    meta = json.loads((avwork / "av" / "meta.json").read_text())
+    assert meta["pca"] == {"visual_energy": 0.25, "pca_components": reduced.components, "pca_dims": 64,
+                           "pca_energy_kept": reduced.energy}
+    assert 1 <= reduced.components < 64 and reduced.energy >= 0.25
     train_images = {r["visual"] for r in rows if r["split"] == "train"}
     test_images = {r["visual"] for r in rows if r["split"] == "test"}
     assert not train_images & test_images  # test clips are paired with held-out images
@@ -102,6 +108,7 @@ def test_modality_mirror_then_distill_through_the_registry(avwork: Path, small_m
     student, student_inputs = load_logged_model("models:/av-modality_mirror-audio@final")
     assert student_inputs == ("audio",)
     assert set(student.state_dict()) == {k for k in final if k.split(".")[0] in ("audio", "audio_head")}
+    assert all(torch.equal(v, final[k]) for k, v in student.state_dict().items())  # the student starts from phase 1
 
     assert distill_flow.main(["--params", p, "--features", "features", "--partition", "part/partition.json",
                               "--visual", "av", "--checkpoints", "ck-d", "--model", "d.st", "--metrics", "d.json",
