@@ -1,9 +1,11 @@
-"""headline stage: the few numbers of a study that ``dvc metrics show`` and ``dvc exp show`` lead with.
+"""A study's headline: the few numbers that ``dvc metrics show`` and ``dvc exp show`` lead with.
 
 Every stage writes its whole summary (``metrics/.../<stage>.json``: every final score, detection figures, counts),
-a tracked output. A study's *DVC metrics* are only its headline, picked from those summaries by this stage and
-nested under the study's name, so the columns read ``fedavg.accuracy``, ``earlyexit.final_exit``, ... whatever
-else the studies' summaries share, and a ``dvc exp show --only-changed`` after one ``-S`` fits a terminal.
+a plain output. A study's *DVC metrics* are only its headline, picked from a summary by this command, run as the
+second command of the study's last stage (so no extra stage, and no summary file among ``dvc exp show``'s changed
+dependencies), and nested under the study's name: the columns read ``fedavg.accuracy``, ``earlyexit.final_exit``,
+... whatever else the studies' summaries share, and a ``dvc exp show --only-changed`` after one ``-S`` fits a
+terminal.
 
 ``python -m flows.headline --study fedavg --out metrics/headline.json accuracy=metrics/federate.json:global_accuracy``
 
