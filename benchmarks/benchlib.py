@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import json
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +20,10 @@ from typing import Any
 
 import yaml
 
+from benchmarks.stats import format_pm as format_pm  # re-exported: the drivers take their helpers from here
+from benchmarks.stats import mean_sd as mean_sd
+from benchmarks.stats import paired_t_interval as paired_t_interval
+from benchmarks.stats import verdict as verdict
 from fedcore.errors import ConfigError
 from tasks.common import write_json, write_text
 
@@ -26,7 +31,7 @@ from tasks.common import write_json, write_text
 PROJECT = Path(__file__).resolve().parents[1]
 DOWNLOADS = PROJECT / "data" / "downloads"
 #: The project's code a matrix runs (besides its own folder's modules), fingerprinted by :func:`code_fingerprint`.
-CODE = ("fedcore", "tasks", "flows", "benchmarks/__init__.py", "benchmarks/benchlib.py")
+CODE = ("fedcore", "tasks", "flows", "benchmarks/__init__.py", "benchmarks/benchlib.py", "benchmarks/stats.py")
 #: Never part of a fingerprint: what Python and tools write beside the code.
 _NOT_CODE = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
 
@@ -49,6 +54,15 @@ def code_fingerprint(matrix: str, project: Path = PROJECT) -> dict[str, str]:
         if _NOT_CODE.isdisjoint(relative.parts) and path.suffix != ".pyc":
             found[relative.as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
     return dict(sorted(found.items()))
+
+
+def code_json_text(matrix: str, project: Path = PROJECT) -> str:
+    """The text of a matrix's ``code.json`` (``{"files": code_fingerprint(...)}``), as its ``code`` stage writes it.
+
+    ``benchmarks.freshness`` compares this with the hash ``dvc.lock`` recorded, so it must stay byte-for-byte
+    what the stage writes.
+    """
+    return json.dumps({"files": code_fingerprint(matrix, project)}, indent=2) + "\n"
 
 
 def read_matrix_params(path: str | Path, section: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -173,9 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (PROJECT / "benchmarks" / args.matrix).is_dir():
         print(f"error: no matrix benchmarks/{args.matrix}", file=sys.stderr)
         return 2
-    files = code_fingerprint(args.matrix)
-    write_json(args.out, {"files": files})
-    print(f"{args.matrix}: {len(files)} code files fingerprinted in {args.out}")
+    text = code_json_text(args.matrix)
+    write_text(args.out, text)
+    print(f"{args.matrix}: {len(json.loads(text)['files'])} code files fingerprinted in {args.out}")
     return 0
 
 

@@ -211,12 +211,26 @@ class FedProxConfig:
     mu: float = _opt(0.01, "proximal weight μ; paper picks from {0.001, 0.01, 0.1, 1}", ge=0.0)
 
 
+#: How FedU's divergence D_k is scaled (fedcore/algorithms/fedu.py).
+FEDU_MU_SCALES = ("relative", "absolute")
+
+
 @dataclass(frozen=True, kw_only=True)
 class FedUConfig:
-    """FedU's divergence-aware predictor update (Zhuang et al., ICCV 2021, arXiv:2108.07931)."""
+    """FedU's divergence-aware predictor update (Zhuang et al., ICCV 2021, arXiv:2108.07931).
 
-    mu: float = _opt(0.4, "use the global predictor when the divergence is below μ (EasyFL default 0.4)", ge=0.0)
-    predictor: str = _opt("head", "parameter group that is the predictor", registry="param_group")
+    Client k starts from the global predictor when D_k < μ, with D_k the mean over the encoder's weight tensors of
+    ‖W_g,l − W_k,l‖₂ (``absolute``, the paper's) or of ‖W_g,l − W_k,l‖₂ / ‖W_g,l‖₂ (``relative`` [A]).
+    """
+
+    mu: float = _opt(0.022, "use the global predictor when D_k < μ; relative: a share of the weights' norm, "
+                             "0.022 the median D_k measured on the FASSL CNN with BYOL (fedcore/algorithms/fedu.py); "
+                             "absolute: EasyFL's 0.4 (ResNet-18)", ge=0.0)
+    mu_scale: Literal["relative", "absolute"] = _opt(
+        "relative", "relative [A]: per-tensor distance over the global tensor's norm (scale-free); absolute: the "
+                    "paper's L2 distance")
+    predictor: str = _opt("predictor", "parameter group that is the predictor: predictor (BYOL's predictor head; "
+                                       "the classifier of a supervised model)", registry="param_group")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -838,9 +852,23 @@ def load_params(raw: Mapping[str, Any], sections: list[str] | None = None) -> Pa
         problems.extend(section_problems)
         if config is not None:
             built[name] = config
+    problems.extend(_fedu_problems(built))
     if problems:
         raise ConfigError(problems)
     return Params(**built)
+
+
+def _fedu_problems(built: Mapping[str, Any]) -> list[str]:
+    """FedU needs a predictor: BYOL's, or a supervised model's head (fedcore/algorithms/fedu.py)."""
+    federation, ssl = built.get("federation"), built.get("ssl")
+    if federation is None or ssl is None or federation.local_algorithm != "fedu" or not ssl.self_supervised:
+        return []
+    from fedcore.ssl.methods import SSL_METHODS  # not at the top: fedcore.ssl imports this module
+
+    if getattr(SSL_METHODS.get(ssl.method), "has_predictor", False):
+        return []
+    return [f"fedu: fedu needs ssl.method byol (a predictor) or a supervised model with a head. Got ssl.method "
+            f"{ssl.method!r}, which has no predictor (FedU would choose between a global and a local projector)."]
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -15,7 +15,8 @@ the aggregator's, then the transmission (``all``, or ``backbone``: FASSL's "-bb"
 the self-supervised federate flow (every round scored on every downstream task) and the select flow (each task's
 best round registered as ``fassl-M-A-S@<task>``, reloaded from the registry and scored again), writing
 ``results/cells/M/A/S/``: metrics.json, rounds.tsv, rounds.png, selection.json, selection.md.
-``--aggregator central`` is the centralised baseline: one client holding the whole pool, the same rounds, epochs
+``--aggregator fedu --send all`` is FedU (the methods of ``fedu_methods``: BYOL). ``--aggregator central`` is the
+centralised baseline: one client holding the whole pool, the same rounds, epochs
 and batch size. ``--set section.key=value`` (repeatable, value read as YAML) overrides last, for quick runs.
 
 ``python -m benchmarks.fassl table`` reads every cell and writes ``table.md`` and ``table.json`` (per task: kNN
@@ -62,7 +63,8 @@ CENTRAL = "central"
 def settings_of(bench: Mapping[str, Any]) -> dict[str, Any]:
     """The ``fassl`` section of the benchmark params, checked: every listed name has its overrides."""
     return bench_settings(bench, SECTION, [("dataset_names", "datasets"), ("method_names", "methods"),
-                                           ("aggregator_names", "aggregators"), ("sends", "transmissions")])
+                                           ("aggregator_names", "aggregators"), ("sends", "transmissions"),
+                                           ("fedu_methods", "methods")])
 
 
 def _named(settings: Mapping[str, Any], mapping: str, name: str) -> Mapping[str, Any]:

@@ -1,7 +1,8 @@
 """Parameter groups: which state-dict entries a client sends and the server aggregates ("what is sent").
 
 A group selects keys of a model's state dict. ``all`` is everything; ``backbone`` everything but the head (FASSL's
-"-bb" variants: heads stay on the client); ``head`` the head alone. A model names its head modules in the class
+"-bb" variants: heads stay on the client); ``head`` the head alone; ``predictor`` FedU's predictor (BYOL's
+``predictor`` module, else the head). A model names its head modules in the class
 attribute ``head_modules`` (default ``("classifier",)``, the head of every model in :data:`MODELS`). Composite models
 (FedMLAC's Plug-in, ModalityMirror's meme) register their sub-models as further groups.
 """
@@ -60,9 +61,23 @@ class Head(ParamGroup):
         return key.startswith(head_prefixes(model))
 
 
+class Predictor(ParamGroup):
+    """FedU's predictor: the model's ``predictor`` module (BYOL's), or its head modules when it has none.
+
+    A supervised model has no predictor, so its classifier head stands in for it [A: PAPERS.md §4, FedU].
+    """
+
+    def includes(self, key: str, model: nn.Module) -> bool:
+        """True inside ``model.predictor`` when it is a module, else inside the head modules."""
+        if isinstance(getattr(model, "predictor", None), nn.Module):
+            return key.startswith("predictor.")
+        return key.startswith(head_prefixes(model))
+
+
 PARAM_GROUPS: Registry[ParamGroup] = Registry("param_group")
 PARAM_GROUPS.register("all")(ParamGroup)
 PARAM_GROUPS.register("backbone")(Backbone)
 PARAM_GROUPS.register("head")(Head)
+PARAM_GROUPS.register("predictor")(Predictor)
 
-__all__ = ["PARAM_GROUPS", "Backbone", "Head", "ParamGroup", "head_prefixes"]
+__all__ = ["PARAM_GROUPS", "Backbone", "Head", "ParamGroup", "Predictor", "head_prefixes"]

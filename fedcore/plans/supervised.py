@@ -330,10 +330,18 @@ def summarise_updates(updates: Sequence[ClientUpdate], global_state: StateDict) 
 
 
 def client_means(updates: Sequence[ClientUpdate]) -> dict[str, float]:
-    """Round means of the personal-model training metrics the clients report (FML, FedMLAC, local-only)."""
-    names = ("personal_train_loss", "personal_train_accuracy")
-    return {f"{name}_mean": sum(float(u.metrics[name]) for u in updates) / len(updates)
-            for name in names if updates and all(name in u.metrics for u in updates)}
+    """Round means of the optional client metrics, over the clients that report them.
+
+    The personal-model training metrics (FML, FedMLAC, local-only) and FedU's ``fedu_global_predictor`` (its mean:
+    the share of clients that started from the global predictor) and ``fedu_divergence``.
+    """
+    names = ("personal_train_loss", "personal_train_accuracy", "fedu_global_predictor", "fedu_divergence")
+    means = {}
+    for name in names:
+        values = [float(u.metrics[name]) for u in updates if name in u.metrics]
+        if values:
+            means[f"{name}_mean"] = sum(values) / len(values)
+    return means
 
 
 def run_fingerprint(spec: TrainSpec, data_digest: str, params: Params | None = None) -> str:

@@ -29,6 +29,9 @@ produce those embeddings live with the methods.
   class ``k`` is the ``k``-th order of :func:`permutations` (lexicographic)::
 
       shuffled[b, i] = clips[b, permutations(n)[labels[b]][i]]
+
+  :func:`valid_frames` finds the span of an example that is not padding, so that the clips are cut from the real
+  audio only (``pad: end`` / ``center`` pad a short clip with zeros, whose log-mel frames are constant).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ __all__ = [
     "shuffle_clips",
     "split_clips",
     "unshuffle_clips",
+    "valid_frames",
 ]
 
 MAX_CLIPS = 6
@@ -208,6 +212,41 @@ def split_clips(x: Tensor, n: int) -> Tensor:
     if length < 1:
         raise ValueError(f"split_clips: 'T // n' (frames per clip) must be >= 1. Got {frames!r} // {n!r}.")
     return x[..., : n * length].unflatten(-1, (n, length)).movedim(-2, 1)
+
+
+def valid_frames(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The span of frames of each example that is not padding: from its first to its last non-padding frame.
+
+    A padding frame is one whose every value (all channels and mel bins) equals the example's minimum. That is
+    what ``features.pad: end`` and ``center`` leave: the log-mel of zeros is ``log(0 + log_offset)`` in every bin,
+    the smallest value a log-mel takes, and it stays the example's minimum and constant through float16 storage
+    and normalisation (an affine map with std > 0). Digital silence inside a recording reads the same way, so
+    leading and trailing silence is left out too; silence between sounds stays inside the span. Tiled clips
+    (``pad: repeat``) have no padding frame: their span is every frame.
+
+    Parameters
+    ----------
+    x : Tensor, shape (B, C, M, T)
+        Log-mel batch, before any augmentation (noise or a gain would hide the padding).
+
+    Returns
+    -------
+    start, stop : Tensor, shape (B,), int64
+        Example ``b``'s span is frames ``[start[b], stop[b])``; ``start = stop = 0`` for an example whose
+        frames are all padding (a constant example).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"valid_frames: 'x' must be a 4-D tensor (B, C, M, T). Got shape {tuple(x.shape)!r}.")
+    if 0 in x.shape[1:]:
+        raise ValueError(f"valid_frames: 'x' must have C, M, T >= 1. Got shape {tuple(x.shape)!r}.")
+    frames = x.shape[-1]
+    floor = x.flatten(1).amin(dim=1)
+    real = (x != floor[:, None, None, None]).any(dim=2).any(dim=1)  # (B, T): some value above the minimum
+    time = torch.arange(frames, device=x.device)
+    stop = torch.where(real, time + 1, 0).amax(dim=1)
+    start = torch.where(real, time, frames).amin(dim=1)
+    start = torch.where(stop > 0, start, 0)
+    return start, stop
 
 
 def shuffle_clips(clips: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:

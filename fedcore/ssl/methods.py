@@ -10,21 +10,29 @@ aggregator works with it unchanged. The labels are never read.
 The model (:class:`SSLModel`) is a registered model with its classifier removed (the *backbone*, whose output is
 the embedding the downstream tasks score) plus the method's heads, ``projector`` and, for BYOL, ``predictor``.
 The heads are the model's head modules, so ``federation.send: backbone`` keeps them on the clients (FASSL's
-"-bb"), and FedU's predictor group ``head`` is them [A: PAPERS.md §4, FedU].
+"-bb"). FedU's predictor (parameter group ``predictor``) is BYOL's ``predictor`` head alone; the projector belongs
+to the online encoder, as in EasyFL's FedSSL, and FedU over a method without a predictor is refused at params
+check (see :mod:`fedcore.algorithms.fedu`).
 
 Views
     SimCLR, Barlow Twins and BYOL see two views of each example, each drawn by the augmentation pipeline
     (``ssl.augment``; default :data:`~fedcore.ssl.augment.DEFAULT_AUGMENT`) from the client's generator.
 ACOP [A]
-    N consecutive clips of T // N frames are cut from each example; a random ``gap`` share of each clip's frames
-    is dropped (a random crop of length ⌈(1 − gap)·T/N⌉ inside each clip, as VCOP leaves gaps between clips, Xu
-    et al., CVPR 2019), so neighbouring clips do not join seamlessly; the clips are shuffled by one of the N!
-    orders, each is embedded by the backbone, and the projector classifies the order from the concatenated
-    embeddings (cross-entropy over N! classes).
+    N consecutive clips are cut from each example's real audio: with ``span: valid`` (default) from the frames
+    between its first and last non-padding frame (:func:`~fedcore.ssl.losses.valid_frames`; padding added by
+    ``features.pad: end`` or ``center`` is left out, so no clip is silence that any position could hold), with
+    ``span: all`` from all T frames. The span's v frames give clips of ⌊v/N⌋ frames; a random ``gap`` share of
+    each clip's frames is dropped (a random crop of length ⌈(1 − gap)·⌊v/N⌋⌉ inside each clip, as VCOP leaves
+    gaps between clips, Xu et al., CVPR 2019), so neighbouring clips do not join seamlessly, and a short
+    example's clips are padded to the common length ⌈(1 − gap)·⌊T/N⌋⌉ with its own padding frame. The clips are
+    shuffled by one of the N! orders, each is embedded by the backbone, and the projector classifies the order
+    from the concatenated embeddings (cross-entropy over N! classes). Tiled features (``pad: repeat``) have no
+    padding to find: a clip may repeat another, so ACOP needs ``pad: end`` or ``center`` features.
 BYOL [A]
     The target network (backbone + projector) is a copy of the online one made at the start of each client's
     round and updated by EMA (rate ``tau``) after every step; it is not sent, kept or aggregated, so every round
-    starts from the global model's online weights.
+    starts from the global model's online weights. (EasyFL's FedU keeps each client's target encoder between
+    rounds, ``update_encoder: online``; restarting it from the received online encoder is its ``both`` option.)
 """
 
 from __future__ import annotations
@@ -43,7 +51,15 @@ from fedcore.config import ModelConfig
 from fedcore.models.build import build_model, seeded_init
 from fedcore.registry import Registry
 from fedcore.ssl.augment import DEFAULT_AUGMENT, AugmentPipeline, build_augmenter
-from fedcore.ssl.losses import barlow_twins_loss, byol_loss, nt_xent, permutations, shuffle_clips, split_clips
+from fedcore.ssl.losses import (
+    barlow_twins_loss,
+    byol_loss,
+    nt_xent,
+    permutations,
+    shuffle_clips,
+    split_clips,
+    valid_frames,
+)
 
 SSL_METHODS: Registry[Objective] = Registry("ssl_method")
 SSL_METHODS.register("none")(Objective)  # supervised cross-entropy: the default of ssl.method
@@ -119,6 +135,8 @@ class SelfSupervised(Objective):
     """
 
     uses_labels = False
+    #: Whether the model has a BYOL-style ``predictor`` head (what FedU's divergence-aware update needs).
+    has_predictor = False
     #: The augmentation pipeline when ``augment`` is None.
     default_augment: Sequence[Mapping[str, Any]] = DEFAULT_AUGMENT
     name = "ssl"
@@ -260,6 +278,7 @@ class BYOL(SelfSupervised):
     """
 
     name = "byol"
+    has_predictor = True
 
     def __init__(self, *, tau: float = 0.99, projector_dim: int = 128, hidden_dim: int = 256,
                  augment: Sequence[Mapping[str, Any]] | None = None) -> None:
@@ -317,22 +336,37 @@ class ACOP(SelfSupervised):
         N in [2, 5] (N! classes; 3 by default).
     gap : float
         Share in [0, 1) of each clip's frames dropped at a random place.
+    span : {"valid", "all"}
+        Frames the clips are cut from: ``valid`` (default), each example's frames between its first and last
+        non-padding frame (:func:`~fedcore.ssl.losses.valid_frames`); ``all``, all T frames, padding included
+        (the behaviour before issue 21). The paper leaves it open [A]: with padding in the span, the clips of a
+        short example are partly or wholly silence, whose order cannot be told.
     projector_dim, hidden_dim, augment
         As :class:`SelfSupervised`.
+
+    Notes
+    -----
+    Neither span helps with tiled features (``features.pad: repeat``): a short clip repeated to T frames has no
+    padding to find, and its clip 3 can be a copy of clip 1. Use ``pad: end`` or ``center`` features with ACOP.
     """
 
     name = "acop"
     default_augment: Sequence[Mapping[str, Any]] = ()
+    #: The values of ``span``.
+    spans = ("valid", "all")
 
-    def __init__(self, *, clips: int = 3, gap: float = 0.2, projector_dim: int = 128, hidden_dim: int = 256,
-                 augment: Sequence[Mapping[str, Any]] | None = None) -> None:
+    def __init__(self, *, clips: int = 3, gap: float = 0.2, span: str = "valid", projector_dim: int = 128,
+                 hidden_dim: int = 256, augment: Sequence[Mapping[str, Any]] | None = None) -> None:
         if isinstance(clips, bool) or not isinstance(clips, int) or not 2 <= clips <= 5:
             raise ValueError(f"acop: 'clips' must be an int in [2, 5]. Got {clips!r}.")
         if not (_real(gap) and 0.0 <= gap < 1.0):
             raise ValueError(f"acop: 'gap' must be in [0, 1). Got {gap!r}.")
+        if not isinstance(span, str) or span not in self.spans:
+            raise ValueError(f"acop: 'span' must be one of {', '.join(self.spans)}. Got {span!r}.")
         super().__init__(projector_dim=projector_dim, hidden_dim=hidden_dim, augment=augment)
         self.clips = clips
         self.gap = float(gap)
+        self.span = span
         self.orders = permutations(clips)
 
     def heads(self, embedding_dim: int) -> tuple[nn.Module, nn.Module | None]:
@@ -340,8 +374,59 @@ class ACOP(SelfSupervised):
         return nn.Sequential(nn.Linear(self.clips * embedding_dim, self.hidden_dim), nn.ReLU(inplace=True),
                              nn.Linear(self.hidden_dim, len(self.orders))), None
 
-    def cut(self, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """``(B, N, 1, M, t')``: N consecutive clips, each cropped to ``t' = ⌈(1 − gap)·t⌉`` at a random offset."""
+    def cut(self, inputs: torch.Tensor, generator: torch.Generator,
+            reference: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, N, C, M, t')``: N consecutive clips of each example, each cropped at a random offset.
+
+        ``t' = ⌈(1 − gap)·⌊T/N⌋⌉``. With ``span: all`` clip ``i`` is cut from frames ``[i·L, (i + 1)·L)``,
+        ``L = ⌊T/N⌋`` (:func:`~fedcore.ssl.losses.split_clips`). With ``span: valid`` an example whose span
+        (:func:`~fedcore.ssl.losses.valid_frames` of ``reference``) is frames ``[s, s + v)`` has clips of
+        ``l = ⌊v/N⌋`` frames, clip ``i`` cut from ``[s + i·l, s + (i + 1)·l)``, each cropped to
+        ``⌈(1 − gap)·l⌉`` frames and padded at its end to ``t'`` with a padding frame of the example; an example
+        without padding has ``v = T``, so its clips are cut from the windows of ``span: all`` (the offsets are
+        drawn differently). An example whose span is shorter than N frames (all padding) is cut as one without.
+
+        The spans are read before augmentation: an augmentation that moves frames in time (``time_shift``,
+        ``time_crop``) moves the sound against them.
+
+        Parameters
+        ----------
+        inputs : Tensor, shape (B, C, M, T)
+            The batch the clips are taken from (augmented).
+        generator : torch.Generator
+            CPU source of the crop offsets.
+        reference : Tensor, shape (B, C, M, T), optional
+            The batch whose padding defines the spans (the un-augmented ``inputs``); default: ``inputs``.
+        """
+        if self.span == "all":
+            return self._cut_all(inputs, generator)
+        if reference is None:
+            reference = inputs
+        if reference.shape != inputs.shape:
+            raise ValueError(f"acop: 'reference' must have the shape of 'inputs' {tuple(inputs.shape)!r}. "
+                             f"Got {tuple(reference.shape)!r}.")
+        split_clips(inputs, self.clips)  # checks the shape and that T // N >= 1
+        batch, frames, n = inputs.shape[0], inputs.shape[-1], self.clips
+        longest = frames // n
+        width = max(1, math.ceil((1.0 - self.gap) * longest))  # t'
+        start, stop = (bound.cpu() for bound in valid_frames(reference))
+        short = stop - start < n
+        start = torch.where(short, 0, start)
+        stop = torch.where(short, frames, stop)
+        length = (stop - start) // n  # l per example, <= longest
+        kept = torch.ceil((1.0 - self.gap) * length.to(torch.float64)).to(torch.int64).clamp(min=1)  # <= width
+        draws = torch.rand((batch, n), generator=generator, dtype=torch.float64)
+        offsets = (draws * (length - kept + 1)[:, None].to(torch.float64)).floor().to(torch.int64)
+        offsets = torch.minimum(offsets, (length - kept)[:, None])  # (B, N), in [0, l - kept]
+        first = start[:, None] + torch.arange(n) * length[:, None] + offsets  # (B, N): each clip's first frame
+        step = torch.arange(width)
+        filler = torch.where(stop < frames, stop, torch.clamp(start - 1, min=0))  # a padding frame, if any
+        index = torch.where(step < kept[:, None, None], first[:, :, None] + step, filler[:, None, None])
+        index = index.to(inputs.device)[:, :, None, None, :].expand(batch, n, *inputs.shape[1:-1], width)
+        return torch.gather(inputs.unsqueeze(1).expand(batch, n, *inputs.shape[1:]), -1, index)
+
+    def _cut_all(self, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """:meth:`cut` with ``span: all``."""
         clips = split_clips(inputs, self.clips)
         length = clips.shape[-1]
         kept = max(1, math.ceil((1.0 - self.gap) * length))
@@ -362,7 +447,7 @@ class _ACOPSession(_Session):
     def loss(self, inputs: torch.Tensor, labels: torch.Tensor,
              generator: torch.Generator) -> tuple[torch.Tensor, int | None] | None:
         method: ACOP = self.method
-        clips = method.cut(method.augment(inputs, generator), generator)
+        clips = method.cut(method.augment(inputs, generator), generator, reference=inputs)
         shuffled, orders = shuffle_clips(clips, generator)
         batch, count = shuffled.shape[:2]
         embeddings = self.model.backbone(shuffled.flatten(0, 1)).reshape(batch, count * self.model.embedding_dim)

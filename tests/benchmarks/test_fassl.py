@@ -25,12 +25,29 @@ def _raw() -> dict[str, object]:
 
 
 def test_cell_layers_method_aggregator_and_transmission_over_common() -> None:
-    params = cell_params(_raw(), _settings(), "acop", "fedu", "backbone")
-    assert params.ssl.method == "acop" and params.federation.local_algorithm == "fedu"
-    assert params.federation.aggregator == "fedavg" and params.federation.send == "backbone"
+    params = cell_params(_raw(), _settings(), "acop", "ldawa", "backbone")
+    assert params.ssl.method == "acop" and params.federation.aggregator == "ldawa"
+    assert params.federation.local_algorithm == "fedavg" and params.federation.send == "backbone"
+    assert params.federation.lr == 0.01  # the method's override over the common one
     assert params.partition.scheme == "dirichlet" and params.partition.holdout_fraction == 0.0
-    assert params.downstream.registered_model == "fassl-acop-fedu-backbone"
+    assert params.downstream.registered_model == "fassl-acop-ldawa-backbone"
     assert [t["name"] for t in params.downstream.tasks] == ["fsdd_digit", "fsdd_speaker", "esc10_category"]
+
+
+def test_fedu_cells_are_byol_with_the_predictor_sent() -> None:
+    settings = _settings()
+    assert "fedu" not in settings["aggregator_names"] and "byol" in settings["method_names"]
+    assert settings["fedu_methods"] == ["byol"]
+    for method in settings["fedu_methods"]:
+        params = cell_params(_raw(), settings, method, "fedu", "all")
+        assert params.ssl.method == "byol" and params.federation.local_algorithm == "fedu"
+        assert params.federation.aggregator == "fedavg" and params.federation.send == "all"
+        assert params.fedu.predictor == "predictor" and params.fedu.mu_scale == "relative"
+    stage = yaml.safe_load((PARAMS.parent / "dvc.yaml").read_text())["stages"]["fedu"]
+    assert stage["foreach"] == "${fassl.fedu_methods}" and "--aggregator fedu --send all" in stage["do"]["cmd"]
+    for method in ("simclr", "barlow_twins", "acop"):  # no predictor: refused at params check
+        with pytest.raises(ConfigError, match="fedu needs ssl.method byol"):
+            cell_params(_raw(), settings, method, "fedu", "all")
 
 
 def test_central_is_one_client_holding_the_pool_with_the_same_budget() -> None:

@@ -55,7 +55,7 @@ def test_divergence_is_the_mean_norm_over_weight_tensors() -> None:
 
 
 def test_fedu_keeps_the_local_predictor_only_when_the_encoder_diverged(model: torch.nn.Module) -> None:
-    fedu = LOCAL_ALGORITHMS.build("fedu", mu=0.4, predictor="head")
+    fedu = LOCAL_ALGORITHMS.build("fedu", mu=0.4, mu_scale="absolute", predictor="head")  # the paper's rule
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     assert fedu.start_state(global_state, None, model) is global_state  # first round: global
     near = {k: v.clone() for k, v in global_state.items()}

@@ -170,8 +170,8 @@ def test_bad_options_are_refused_before_any_model_is_built(spec: ModelSpec, mess
 
 
 @pytest.mark.parametrize(("method", "own"), [
-    ("simclr", {"temperature": 0.5}), ("barlow_twins", {"lambd": 0.25}), ("acop", {"clips": 2, "gap": 0.5}),
-    ("byol", {"tau": 0.9}),
+    ("simclr", {"temperature": 0.5}), ("barlow_twins", {"lambd": 0.25}),
+    ("acop", {"clips": 2, "gap": 0.5, "span": "all"}), ("byol", {"tau": 0.9}),
 ])
 def test_the_ssl_spec_holds_every_architecture_option_of_its_method(method: str, own: dict[str, object]) -> None:
     others = {"simclr": {"temperature": 0.3}, "byol": {"tau": 0.5}}  # never in another method's spec
@@ -187,7 +187,8 @@ def test_the_ssl_spec_holds_every_architecture_option_of_its_method(method: str,
 
 def test_the_ssl_spec_records_the_defaults_of_the_options_not_set() -> None:
     spec = ssl_model_spec(ModelConfig(name="cnn", width=2, depth=1), SSLConfig(method="acop"), AUDIO)
-    assert spec.options["method_options"] == {"clips": 3, "gap": 0.2, "projector_dim": 128, "hidden_dim": 256}
+    assert spec.options["method_options"] == {"clips": 3, "gap": 0.2, "span": "valid", "projector_dim": 128,
+                                              "hidden_dim": 256}
 
 
 def test_a_spec_holding_a_non_json_value_is_refused() -> None:

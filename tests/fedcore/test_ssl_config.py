@@ -81,6 +81,7 @@ def test_augment_step_needs_a_name() -> None:
     ({"options": {"acop": {"clips": 1}}}, "'options.acop': acop: 'clips' must be an int in [2, 5]"),
     ({"options": {"acop": {"clips": 6}}}, "'options.acop': acop: 'clips' must be an int in [2, 5]"),
     ({"options": {"acop": {"gap": 1.0}}}, "'options.acop': acop: 'gap' must be in [0, 1)"),
+    ({"options": {"acop": {"span": "tiled"}}}, "'options.acop': acop: 'span' must be one of valid, all"),
     ({"options": {"byol": {"tau": 1.0}}}, "'options.byol': byol: 'tau' must be in [0, 1)"),
     ({"options": {"byol": {"tau": "high"}}}, "'options.byol': byol: 'tau' must be in [0, 1)"),
     ({"options": {"byol": {"tau": float("inf")}}}, "'options.byol.tau' must be a finite number"),

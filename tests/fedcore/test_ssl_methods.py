@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
+from typing import Literal
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from fedcore.algorithms.base import CrossEntropy, Objective, ObjectiveSession
 from fedcore.config import ModelConfig, SSLConfig
 from fedcore.models import build_model
 from fedcore.models.groups import PARAM_GROUPS
-from fedcore.ssl.losses import barlow_twins_loss, nt_xent, split_clips
+from fedcore.ssl.losses import barlow_twins_loss, nt_xent, split_clips, valid_frames
 from fedcore.ssl.methods import (
     ACOP,
     BYOL,
@@ -365,6 +366,118 @@ def test_acop_order_classifier_has_one_output_per_order(clips: int, classes: int
     assert model.projector(torch.randn(2, clips * model.embedding_dim)).shape == (2, classes)
 
 
+# ACOP clips from the valid span (issue 21)
+PAD = -1.0  # below every real value of _padded: the padding frames hold the example's minimum, as pad: end leaves
+
+
+def _padded(valid: list[int], frames: int = 30, mels: int = 4) -> torch.Tensor:
+    """``(B, 1, mels, frames)``: example ``b`` holds frame ``t + 1 + m / 100`` in bin ``m`` for ``t < valid[b]``,
+    then :data:`PAD` (so a real value names its frame: ``round(value) - 1``)."""
+    x = torch.full((len(valid), 1, mels, frames), PAD)
+    for b, v in enumerate(valid):
+        x[b, 0, :, :v] = torch.arange(1, v + 1, dtype=torch.float32) + torch.arange(mels)[:, None] / 100
+    return x
+
+
+def _frames_of(clip: torch.Tensor) -> list[int | None]:
+    """The source frame of each frame of ``clip`` (C, M, t'), None for a padding frame."""
+    return [None if bool((clip[..., j] == PAD).all()) else round(float(clip[0, 0, j])) - 1
+            for j in range(clip.shape[-1])]
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.25, 0.5])
+def test_acop_valid_span_cuts_ordered_clips_from_the_real_frames_only(gap: float) -> None:
+    x = _padded([12, 20, 30, 7])  # a 30-frame row padded after 12, 20 or 7 real frames, and one not padded
+    cut = ACOP(clips=3, gap=gap).cut(x, torch.Generator().manual_seed(1))
+    width = math.ceil((1 - gap) * 10)
+    assert cut.shape == (4, 3, 1, 4, width)
+    for b, valid in enumerate([12, 20, 30, 7]):
+        length = valid // 3
+        kept = max(1, math.ceil((1 - gap) * length))
+        for i in range(3):
+            frames = _frames_of(cut[b, i])
+            real = [f for f in frames[:kept] if f is not None]
+            assert frames[kept:] == [None] * (width - kept), (b, i)  # padded at the end with the padding
+            assert len(real) == kept, (b, i)
+            assert real == list(range(real[0], real[0] + kept)), (b, i)  # contiguous
+            assert i * length <= real[0] and real[-1] < (i + 1) * length, (b, i)  # inside clip i of the span
+            assert torch.equal(cut[b, i, ..., :kept], x[b, ..., real[0] : real[0] + kept])
+    if gap == 0.0:  # no crop: the clips tile the span exactly; an unpadded row gives split_clips' clips
+        assert _frames_of(cut[0, 2]) == [8, 9, 10, 11, None, None, None, None, None, None]
+        assert torch.equal(cut[2], split_clips(x[2:3], 3)[0])
+
+
+def test_acop_valid_span_skips_leading_padding_and_falls_back_on_a_row_of_padding() -> None:
+    x = torch.cat([torch.full((1, 1, 4, 6), PAD), _padded([18], frames=24)], dim=-1)  # pad: center-like
+    x = torch.cat([x, torch.full_like(x, 3.0)])  # the second row is constant: all padding
+    cut = ACOP(clips=3, gap=0.0).cut(x, torch.Generator().manual_seed(0))
+    assert [_frames_of(cut[0, i])[:6] for i in range(3)] == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11],
+                                                             [12, 13, 14, 15, 16, 17]]
+    assert _frames_of(cut[0, 0])[6:] == [None] * 4
+    assert torch.equal(cut[1], split_clips(x[1:], 3)[0])  # no span to cut from: the whole row, as span: all
+
+
+def test_acop_span_all_keeps_the_old_cut_padding_included() -> None:
+    x = _padded([12, 20])
+    assert torch.equal(ACOP(clips=3, gap=0.0, span="all").cut(x, torch.Generator()), split_clips(x, 3))
+    cut = ACOP(clips=3, gap=0.25, span="all").cut(x, torch.Generator().manual_seed(1))
+    assert cut.shape == (2, 3, 1, 4, 8)
+    windows = split_clips(x, 3)
+    for b in range(2):
+        for i in range(3):
+            assert _window_offset(cut[b, i], windows[b, i]) is not None or torch.all(cut[b, i] == PAD)
+    assert _frames_of(cut[0, 2]) == [None] * 8  # clip 3 of the 12-frame example is all padding
+
+
+def test_acop_tiled_features_have_no_span_to_find() -> None:
+    clip = _padded([10], frames=10)
+    tiled = clip.repeat(1, 1, 1, 3)  # pad: repeat of a 10-frame clip to 30 frames
+    assert [t.tolist() for t in valid_frames(tiled)] == [[0], [30]]
+    clips = ACOP(clips=3, gap=0.0).cut(tiled, torch.Generator())
+    assert torch.equal(clips[0, 0], clips[0, 2])  # clip 3 is a copy of clip 1: the order cannot be told
+
+
+def test_acop_reads_the_spans_from_the_reference_batch() -> None:
+    x = _padded([12, 20, 9])
+    noisy = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))  # hides the padding
+    method = ACOP(clips=3, gap=0.25)
+    cut = method.cut(noisy, torch.Generator().manual_seed(2), reference=x)
+    index = method.cut(torch.arange(30.0).expand_as(x).contiguous(), torch.Generator().manual_seed(2),
+                       reference=x)[:, :, :1, :1].long()  # the frames cut, read back from a frame ramp
+    assert torch.equal(cut, torch.gather(noisy.unsqueeze(1).expand(3, 3, 1, 4, 30), -1, index.expand_as(cut)))
+    assert index[0].max() < 13 and index[2, :, 0, 0, :3].max() < 9  # real frames and the first padding frame
+    with pytest.raises(ValueError, match="'reference'"):
+        method.cut(x, torch.Generator(), reference=x[:, :, :, :20])
+
+
+@pytest.mark.parametrize(("pad", "samples", "span"), [
+    ("end", 7000, (0, 45)),        # frames centred before sample 7000 + win/2: 1 + (7000 + 199) // 160
+    ("center", 7000, (27, 74)),    # 4500 zeros on each side
+    ("end", 24000, (0, 101)),      # cropped to 1 s: no padding
+    ("repeat", 7000, (0, 101)),    # tiled: nothing to find
+])
+def test_valid_frames_of_stored_log_mel(pad: Literal["end", "center", "repeat"], samples: int,
+                                        span: tuple[int, int]) -> None:
+    from fedcore.config import FeaturesConfig
+    from fedcore.data.features import LogMelExtractor
+
+    extractor = LogMelExtractor(FeaturesConfig(pad=pad, clip_seconds=1.0))
+    wave = 0.1 * torch.randn(samples, generator=torch.Generator().manual_seed(0))
+    stored = extractor(wave, 16000).to(torch.float16).to(torch.float32)  # features.dtype: float16
+    normalised = (stored - 3.0) / 2.5
+    start, stop = valid_frames(normalised[None, None])
+    assert (int(start), int(stop)) == span
+
+
+def test_acop_session_uses_padded_examples() -> None:
+    method = ACOP(clips=3, gap=0.25, augment=[{"name": "noise", "p": 1.0}], **SMALL)
+    x = torch.full((4, *INPUT_SHAPE), -2.0)
+    x[..., :9] = torch.randn(4, 1, 16, 9, generator=torch.Generator().manual_seed(0))
+    loss, correct = method.start(_model(method)).loss(x, torch.zeros(4, dtype=torch.int64),
+                                                      torch.Generator().manual_seed(0))
+    assert math.isfinite(loss.item()) and 0 <= correct <= 4
+
+
 def test_acop_session_counts_correct_orders() -> None:
     method = ACOP(clips=3, gap=0.25, **SMALL)
     model = _model(method)
@@ -401,6 +514,8 @@ def test_acop_session_counts_correct_orders() -> None:
     (ACOP, {"clips": 3.0}, "clips"),
     (ACOP, {"gap": 1.0}, "gap"),
     (ACOP, {"gap": -0.1}, "gap"),
+    (ACOP, {"span": "tiled"}, "span"),
+    (ACOP, {"span": None}, "span"),
 ])
 def test_bad_options_are_rejected_naming_the_option(factory: type, options: dict, option: str) -> None:
     with pytest.raises(ValueError, match=f"'{option}'"):
