@@ -5,20 +5,29 @@ the stage dies without exiting normally (kill -9 included), ends every process t
 Prefect's temporary API server, the processes of a local Dask or Ray cluster, runner workers. And once Prefect
 starts its temporary server in a stage, the stage's child processes use that server (``PREFECT_API_URL``)
 instead of starting one each.
+
+An interrupted stage (Ctrl-C, which the terminal sends to the whole foreground process group, or SIGTERM) exits
+within seconds. Its temporary server runs in a session of its own, so the signal does not reach it and the stage
+can still record its runs as Crashed; and if the stage has not exited :data:`INTERRUPT_GRACE_S` after the signal
+(the server it reports to is gone, and Prefect's client retries for minutes), it ends itself and the watchdog ends
+what it left. Checkpoints are written atomically per round, so the stage resumes from the last one.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import logging
 import os
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
 from typing import IO, Any
 
 from fedcore.errors import ConfigError, FedcoreError
@@ -44,19 +53,24 @@ WATCH_INTERVAL_S = 1.0
 """How often the watchdog checks its stage and lists the stage's descendants."""
 REAP_GRACE_S = 3.0
 """How long a left process has to end after SIGTERM before it gets SIGKILL."""
+INTERRUPT_GRACE_S = 10.0
+"""How long an interrupted stage has to record its runs and exit before it ends itself."""
 _DONE = b"done\n"
 _watchdog: subprocess.Popen[bytes] | None = None
+_deadline: threading.Timer | None = None
 
 
 def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
     """Run a stage: heartbeat off (saves ~1 s per flow), clear one-line errors for bad input, exit code.
 
-    Also starts the stage's watchdog (once per process) and shares Prefect's temporary server with children.
+    Also starts the stage's watchdog (once per process), shares Prefect's temporary server with children, keeps
+    that server out of the terminal's signals, and bounds the time an interrupted stage takes to exit.
     """
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     start_watchdog()
     share_temporary_server()
+    detach_temporary_server()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
@@ -65,7 +79,7 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
         logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
 
     try:
-        with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        with exit_when_interrupted(INTERRUPT_GRACE_S), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             main(args)
     except ConfigError as error:
         print(f"error: invalid params ({args.params}):\n{error}", file=sys.stderr)
@@ -222,6 +236,105 @@ def share_temporary_server() -> None:
     start_and_share._shares_url = True  # type: ignore[attr-defined]
     SubprocessASGIServer.start = start_and_share  # type: ignore[method-assign]
     SubprocessASGIServer.stop = stop_and_unshare  # type: ignore[method-assign]
+
+
+class _SubprocessInOwnSession:
+    """The :mod:`subprocess` module as Prefect's server module sees it: each process it starts has its own session."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:  # noqa: N802 - stands for subprocess.Popen
+        kwargs.setdefault("start_new_session", True)
+        return subprocess.Popen(*args, **kwargs)
+
+
+def detach_temporary_server() -> None:
+    """Start Prefect's temporary API server in a session (and process group) of its own.
+
+    A terminal sends Ctrl-C to its whole foreground process group, and ``kill -- -<pgid>`` reaches a whole group
+    too. Left in the stage's group, the server dies at once, and the interrupted stage then spends minutes in
+    Prefect's client retrying to record its runs as Crashed (5 retries with back-off per request, for each run
+    state, event and log batch). In its own session the server keeps serving until the stage has recorded its
+    runs and stops it at exit; a stage that dies without exiting normally leaves it to the watchdog, as it
+    leaves a local cluster's processes.
+    """
+    from prefect.server.api import server
+
+    if not isinstance(server.subprocess, _SubprocessInOwnSession):
+        server.subprocess = _SubprocessInOwnSession()  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def exit_when_interrupted(grace_s: float = INTERRUPT_GRACE_S) -> Iterator[None]:
+    """While in this block: once SIGINT or SIGTERM arrives, give this process ``grace_s`` to exit, then end it.
+
+    The signal still does what it did (KeyboardInterrupt; Prefect's flow engine records the runs as Crashed),
+    but a process that has not exited ``grace_s`` later (the server it reports to is gone and Prefect's client
+    and event and log workers keep retrying; a runner's threads finish their clients) is ended with exit code
+    128 + the signal's number, without its :mod:`atexit` handlers: the watchdog then ends what it left (a
+    temporary server, a local cluster). A signal this process ignores stays ignored. Prefect's own SIGTERM
+    handler, which its flow engine installs while a flow runs, starts the same countdown. Once started, the
+    countdown runs on after the block: it bounds the process's exit (atexit handlers, runner threads) too.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from prefect.utilities import engine
+
+    def countdown_then(handler: Callable[..., Any]) -> Callable[[int, FrameType | None], Any]:
+        def on_signal(number: int, frame: FrameType | None) -> Any:
+            _start_deadline(number, grace_s)
+            return handler(number, frame)
+
+        on_signal._countdown = True  # type: ignore[attr-defined]
+        return on_signal
+
+    saved = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    for number, handler in saved.items():
+        if handler is signal.SIG_IGN or handler is None or getattr(handler, "_countdown", False):
+            continue
+        signal.signal(number, countdown_then(_default_action if handler is signal.SIG_DFL else handler))
+    prefect_handler = engine._prefect_sigterm_handler
+    if not getattr(prefect_handler, "_countdown", False):
+        engine._prefect_sigterm_handler = countdown_then(prefect_handler)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for number, handler in saved.items():
+            if signal.getsignal(number) is not handler and handler is not None:
+                signal.signal(number, handler)
+        engine._prefect_sigterm_handler = prefect_handler  # type: ignore[assignment]
+
+
+def _default_action(number: int, frame: FrameType | None) -> None:
+    """What the signal does by default (SIGTERM: end the process at once; the watchdog cleans up)."""
+    signal.signal(number, signal.SIG_DFL)
+    os.kill(os.getpid(), number)
+
+
+def _start_deadline(number: int, grace_s: float) -> None:
+    """End this process ``grace_s`` from now unless it has exited (once: later signals keep the first deadline)."""
+    global _deadline
+    if _deadline is not None:
+        return
+    name = signal.Signals(number).name
+
+    def end() -> None:
+        try:
+            print(f"stage: still running {grace_s:g} s after {name}; ending now (process {os.getpid()})",
+                  file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass  # nobody reads the stage's stderr any more
+        os._exit(128 + number)
+
+    _deadline = threading.Timer(grace_s, end)
+    _deadline.daemon = True
+    try:
+        _deadline.start()
+    except RuntimeError:  # the interpreter is shutting down: it is exiting anyway
+        pass
 
 
 def prefect_api_url() -> str | None:
