@@ -20,8 +20,10 @@ from typing import Any
 
 import yaml
 
-from benchmarks.stats import format_pm as format_pm  # re-exported: the drivers take their helpers from here
+from benchmarks.stats import claim_part as claim_part  # re-exported: the drivers take their helpers from here
+from benchmarks.stats import format_pm as format_pm
 from benchmarks.stats import mean_sd as mean_sd
+from benchmarks.stats import overall as overall
 from benchmarks.stats import paired_t_interval as paired_t_interval
 from benchmarks.stats import verdict as verdict
 from fedcore.errors import ConfigError

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NamedTuple
 
 Verdict = Literal["holds", "does not hold", "unresolved"]
 
@@ -97,6 +97,36 @@ def verdict(low: float, high: float, favourable: Literal["positive", "negative"]
 def format_pm(mean: float, sd: float, digits: int = 3) -> str:
     """``"0.873 ± 0.012"``: a mean and its standard deviation to ``digits`` decimals."""
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+#: A claimed accuracy difference under this is "small": it needs :data:`SEEDS_FOR_SMALL` seeds (issue 21), else 3.
+SMALL_DIFFERENCE, SEEDS_FOR_SMALL, SEEDS = 0.02, 5, 3
+
+
+def claim_part(diffs: Mapping[int, float], margin: float = 0.0, *, accuracy: bool = True) -> dict[str, Any]:
+    """The claim "mean d > margin" over per-seed paired differences ``diffs`` (seed → d): 95% t interval, verdict.
+
+    ``holds`` when the whole interval lies above ``margin``, ``does not hold`` when below, else ``unresolved``
+    (also with fewer than 2 seeds: no interval). ``seeds_needed``: :data:`SEEDS_FOR_SMALL` for an ``accuracy``
+    difference under :data:`SMALL_DIFFERENCE`, else :data:`SEEDS`; ``note`` says when the claim ran on fewer.
+    """
+    seeds = sorted(diffs)
+    out: dict[str, Any] = {"seeds": seeds, "n": len(seeds), "margin": margin, "mean_diff": None, "low": None,
+                           "high": None, "verdict": "unresolved"}
+    if len(seeds) < 2:
+        return {**out, "seeds_needed": SEEDS, "note": f"{len(seeds)} paired seed(s): no interval"}
+    mean, low, high, n = paired_t_interval([diffs[s] for s in seeds], [0.0] * len(seeds))
+    needed = SEEDS_FOR_SMALL if accuracy and abs(mean) < SMALL_DIFFERENCE else SEEDS
+    out.update(mean_diff=mean, low=low, high=high, verdict=verdict(low - margin, high - margin),
+               seeds_needed=needed, note="" if n >= needed else f"needs {needed} seeds (has {n})")
+    return out
+
+
+def overall(verdicts: Sequence[str]) -> Verdict:
+    """A claim of several parts: holds if every part holds, does not hold if one does not, else unresolved."""
+    if verdicts and all(v == "holds" for v in verdicts):
+        return "holds"
+    return "does not hold" if "does not hold" in verdicts else "unresolved"
 
 
 def _checked(where: str, name: str, values: Sequence[float]) -> list[float]:

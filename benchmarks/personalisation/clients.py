@@ -1,51 +1,101 @@
-"""personalisation benchmark, per client: benign and poisoned clients' accuracy, apart.
+"""Personalisation matrix, per client: each client's final model on its held-out split, benign and poisoned apart.
 
-``python -m benchmarks.personalisation.clients`` (run from ``benchmarks/personalisation/``; ``--cells results
---out .`` by default)
+The matrix's ``personalised_accuracy_mean`` averages every client, so under data poisoning it mixes two effects:
+the poisoned clients' own models learning their corrupted data (self-harm: a personal model fitted to flipped
+labels and scored on clean held-out labels loses ≈ its clean accuracy, whatever the server does; with 20% of the
+clients poisoned the all-client mean must drop by ≈ 0.2 × the clean accuracy) and the harm that reaches the
+*benign* clients through the shared model, which is what a robust server rule (FedMLAC's LPA) is for. The cell
+stage therefore evaluates, once its run has finished, each client's final model (the global model, or the
+personal model from the cell's client store) on the client's clean held-out split, checks that their mean is the
+cell's ``personalised_accuracy_mean``, and writes ``clients.json`` beside ``metrics.json``:
 
-The matrix's metrics average the personalised accuracy over every client, so under data poisoning they mix two
-effects: poisoned clients' own models learning their corrupted data (self-harm, which no server rule can undo for
-a personal model) and the harm that reaches the *benign* clients through the shared model (what robust
-aggregation is for). For every finished cell this reads back each client's final model (the global model, or the
-personal model from the cell's client store), evaluates it on the client's clean held-out split, and splits the
-clients by the poison stage's ground truth. It checks that the mean over all clients equals the cell's
-``personalised_accuracy_mean``, then writes FOLDER/clients.json (per cell, per client) and FOLDER/clients.md: per
-dataset, rows = methods, columns = poisoned scenarios, each cell "benign clients' mean (change against the same
-clients in the method's clean run) / poisoned clients' mean", and, for rules that flag clients (``lpa``), the
-precision and recall of the flags against the data-poisoned clients.
+- ``accuracy``: ``{client id: accuracy}``;
+- ``attacked``: the poisoned clients: the poison stage's ground truth (``poison/ground_truth.json``,
+  ``attacked_clients``) together with the clients whose updates were attacked (``metrics.json``,
+  ``malicious_clients``; none in this matrix);
+- ``benign_accuracy_mean`` / ``poisoned_accuracy_mean``: the means over the clients not attacked / attacked
+  (None where there are none), ``personalised_accuracy_mean`` (every client) and ``global_accuracy`` (the shared
+  model's test accuracy; ``local``: the clients' own models', averaged), as the cell reported them;
+- ``flags`` / ``flags_on_attacked``: the (round, client) pairs the server rule flagged (``detection.json``), and
+  those on poisoned clients, for the rules that flag (``lpa``).
+
+The change of the benign clients against the method's clean run (same dataset and seed, so the same partition and
+the same clients) is the table's business (:func:`benign_change`), since it reads two cells.
 """
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.benchlib import read_matrix_params
-from benchmarks.personalisation.driver import CELLS, CLEAN, SECTION, cell_params, settings_of
+from fedcore.config import Params
 from fedcore.evaluation import evaluate
 from fedcore.federation.checkpoint import load_state
 from fedcore.federation.client_store import ClientStore
 from fedcore.models import build_model
 from fedcore.plans.supervised import build_algorithm, make_spec, own_model, sent_keys
-from flows import stage
-from tasks.common import read_json, write_json, write_text
+from tasks.common import read_json
 from tasks.federate import load_federated_data
 
 #: Tolerance of the check against the cell's own personalised mean (float64 mean of float accuracies).
 TOLERANCE = 1e-6
 
 
-def client_accuracies(raw: Mapping[str, Any], settings: Mapping[str, Any], cells: Path, dataset: str, method: str,
-                      scenario: str) -> dict[str, Any]:
-    """Per-client held-out accuracy of the final models of one finished cell, with the poisoned clients listed."""
-    cell = cells / dataset / method / scenario
-    data_dir = cells / dataset / "data"
-    params = cell_params(raw, settings, dataset, method, scenario)
-    data = load_federated_data.fn(data_dir / "features", data_dir / "partition" / "partition.json", cell / "poison")
+def _mean(values: Iterable[float]) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def split_clients(accuracy: Mapping[int, float], attacked: Iterable[int]) -> dict[str, float | None]:
+    """The means of the per-client accuracies over every client, the benign ones and the poisoned ones."""
+    attacked = set(attacked)
+    return {"personalised_accuracy_mean": _mean(accuracy.values()),
+            "benign_accuracy_mean": _mean(a for c, a in accuracy.items() if c not in attacked),
+            "poisoned_accuracy_mean": _mean(a for c, a in accuracy.items() if c in attacked)}
+
+
+def benign_change(cell: Mapping[str, Any], clean: Mapping[str, Any]) -> float | None:
+    """Benign clients' mean accuracy change against the same clients in the clean run: mean_k (a_k − c_k).
+
+    ``cell`` and ``clean`` are two ``clients.json`` records of one method, dataset and seed (``accuracy`` keyed by
+    client id as a string, ``attacked``); the benign clients are those ``cell`` does not list as attacked and
+    ``clean`` evaluated. None when there is none.
+    """
+    attacked = {int(c) for c in cell.get("attacked", [])}
+    before = clean["accuracy"]
+    diffs = [float(a) - float(before[c]) for c, a in cell["accuracy"].items()
+             if int(c) not in attacked and c in before]
+    return _mean(diffs)
+
+
+def attacked_clients(cell: Path, metrics: Mapping[str, Any]) -> list[int]:
+    """The poison stage's attacked clients (``poison/ground_truth.json``) and the cell's ``malicious_clients``."""
+    ground_truth = cell / "poison" / "ground_truth.json"
+    data = read_json(ground_truth).get("attacked_clients", []) if ground_truth.exists() else []
+    return sorted({int(c) for c in data} | {int(c) for c in metrics.get("malicious_clients") or []})
+
+
+def client_accuracies(params: Params, cell: Path, features: Path, partition: Path) -> dict[str, Any]:
+    """The ``clients.json`` record of one finished cell (see the module docstring).
+
+    Parameters
+    ----------
+    params : Params
+        The cell's params (as its run used them).
+    cell : Path
+        The cell's folder: ``metrics.json``, ``model.safetensors``, ``checkpoints/clients``, ``poison``.
+    features, partition : Path
+        The dataset's features folder and the seed's ``partition.json``.
+
+    Raises
+    ------
+    RuntimeError
+        If the clients' mean differs from the cell's ``personalised_accuracy_mean``.
+    """
+    data = load_federated_data.fn(features, partition, cell / "poison")
     spec = make_spec(params, data.num_clients, data.num_classes, data.input_shape, 1)
     algorithm = build_algorithm(spec)
     keys = sent_keys(spec)
@@ -55,110 +105,24 @@ def client_accuracies(raw: Mapping[str, Any], settings: Mapping[str, Any], cells
     batch = spec.federation.eval_batch_size
     shared = build_model(spec.model, spec.num_classes, spec.input_shape, torch.Generator().manual_seed(0))
     shared.load_state_dict(state)
-    accuracies: dict[int, float] = {}
+    accuracy: dict[int, float] = {}
     for client, part in enumerate(data.holdout):
         if part is None:
             continue
         model = own_model(spec, algorithm, state, keys, store, client, int(metrics["rounds"]))
         model = shared if model is None else model
-        accuracies[client] = evaluate(model, part.features, part.labels, batch)["accuracy"]
-    mean = sum(accuracies.values()) / len(accuracies)
-    if abs(mean - float(metrics["personalised_accuracy_mean"])) > TOLERANCE:
-        raise RuntimeError(f"personalisation_clients: {cell}: the clients' mean {mean:.6f} differs from the cell's "
-                           f"personalised_accuracy_mean {metrics['personalised_accuracy_mean']}.")
-    ground_truth = cell / "poison" / "ground_truth.json"
-    attacked = sorted(read_json(ground_truth).get("attacked_clients", [])) if ground_truth.exists() else []
+        accuracy[client] = evaluate(model, part.features, part.labels, batch)["accuracy"]
+    attacked = attacked_clients(cell, metrics)
+    means = split_clients(accuracy, attacked)
+    if abs(float(means["personalised_accuracy_mean"] or 0.0) - float(metrics["personalised_accuracy_mean"])) \
+            > TOLERANCE:
+        raise RuntimeError(f"personalisation: {cell}: the clients' mean {means['personalised_accuracy_mean']:.6f} "
+                           f"differs from the cell's personalised_accuracy_mean "
+                           f"{metrics['personalised_accuracy_mean']}.")
     flagged = [c for row in read_json(cell / "detection.json")["rounds"] for c in row["flagged"]] \
         if (cell / "detection.json").exists() else []
-    return {"accuracy": {str(c): round(a, 6) for c, a in accuracies.items()}, "attacked": attacked,
+    return {**{k: None if v is None else round(v, 6) for k, v in means.items()},
+            "global_accuracy": metrics["global_accuracy"],
+            "attacked": attacked, "accuracy": {str(c): round(a, 6) for c, a in accuracy.items()},
             "flags": len(flagged), "flags_on_attacked": sum(1 for c in flagged if c in attacked),
             "rounds": int(metrics["rounds"])}
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def summarise(cells: Mapping[str, Mapping[str, Mapping[str, dict[str, Any]]]]) -> dict[str, Any]:
-    """Benign and poisoned clients' means per cell; the benign change is against the same clients' clean run."""
-    summary: dict[str, Any] = {}
-    for dataset, methods in cells.items():
-        for method, scenarios in methods.items():
-            clean = scenarios.get(CLEAN)
-            for scenario, cell in scenarios.items():
-                attacked = set(cell["attacked"])
-                accuracy = {int(c): a for c, a in cell["accuracy"].items()}
-                benign = [a for c, a in accuracy.items() if c not in attacked]
-                row: dict[str, Any] = {"benign_mean": _mean(benign),
-                                       "poisoned_mean": _mean([a for c, a in accuracy.items() if c in attacked])}
-                if clean is not None:
-                    before = [float(clean["accuracy"][str(c)]) for c in accuracy if c not in attacked
-                              and str(c) in clean["accuracy"]]
-                    row["benign_clean_mean"] = _mean(before)
-                if attacked:
-                    # pooled over rounds: a flag is one (round, client) pair; every attacked client, every round
-                    possible = len(attacked) * cell["rounds"]
-                    row["flag_precision"] = cell["flags_on_attacked"] / cell["flags"] if cell["flags"] else None
-                    row["flag_recall"] = cell["flags_on_attacked"] / possible if possible else None
-                summary.setdefault(dataset, {}).setdefault(method, {})[scenario] = row
-    return summary
-
-
-def markdown(summary: Mapping[str, Any], methods: Sequence[str], scenarios: Sequence[str]) -> str:
-    """Per dataset: benign clients' mean (change vs the same clients clean) / poisoned clients' mean; LPA flags."""
-    lines = ["Each cell: personalised accuracy of the **benign** clients (change against the same clients in the "
-             "method's clean run) / of the **poisoned** clients, on their clean held-out splits; flags: precision "
-             "and recall, pooled over rounds, of the clients the server rule flagged against the data-poisoned "
-             "ones (— where the rule flags nobody).", ""]
-    poisoned = [s for s in scenarios if s != CLEAN]
-    for dataset in sorted(summary):
-        lines += [f"**{dataset}**", "", "| method | " + " | ".join(poisoned) + " |",
-                  "|---|" + "---|" * len(poisoned)]
-        for method in [m for m in methods if m in summary[dataset]]:
-            cells = []
-            for scenario in poisoned:
-                row = summary[dataset][method].get(scenario)
-                if row is None:
-                    cells.append("not run")
-                    continue
-                change = ("" if row.get("benign_clean_mean") is None
-                          else f" ({row['benign_mean'] - row['benign_clean_mean']:+.3f})")
-                text = f"{row['benign_mean']:.3f}{change} / {row['poisoned_mean']:.3f}"
-                if row.get("flag_precision") is not None:
-                    text += f"<br>flags P {row['flag_precision']:.2f} R {row['flag_recall']:.2f}"
-                cells.append(text)
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _main(args: argparse.Namespace) -> None:
-    raw, bench = read_matrix_params(args.params, SECTION)
-    settings = settings_of(bench)
-    cells: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
-    for metrics in sorted(Path(args.cells).glob("*/*/*/metrics.json")):
-        scenario, method, dataset = metrics.parent.name, metrics.parent.parent.name, metrics.parent.parent.parent.name
-        if not (metrics.parent / "model.safetensors").exists():
-            continue
-        cells.setdefault(dataset, {}).setdefault(method, {})[scenario] = client_accuracies(
-            raw, settings, Path(args.cells), dataset, method, scenario)
-    summary = summarise(cells)
-    out = Path(args.out)
-    write_json(out / "clients.json", {"summary": summary, "cells": cells})
-    text = markdown(summary, settings.get("method_names") or [], settings.get("scenarios") or [])
-    write_text(out / "clients.md", text)
-    print(text)
-
-
-def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cells", type=Path, default=CELLS)
-    p.add_argument("--out", type=Path, default=Path("."))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m benchmarks.personalisation.clients``)."""
-    return stage.entry(__doc__ or "", _arguments, _main, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -95,3 +95,25 @@ def test_stats_helpers_are_exported_from_benchlib() -> None:
 
     assert benchlib.paired_t_interval is stats.paired_t_interval
     assert benchlib.verdict is stats.verdict
+
+
+def test_claim_part_gives_the_interval_verdict_and_seeds_needed() -> None:
+    from benchmarks.stats import claim_part
+
+    part = claim_part({0: 0.01, 1: 0.03, 2: 0.02})
+    half = 4.302652729911275 * 0.01 / math.sqrt(3)
+    assert part["mean_diff"] == pytest.approx(0.02) and part["low"] == pytest.approx(0.02 - half)
+    assert part["verdict"] == "unresolved" and part["seeds_needed"] == 3 and part["note"] == ""
+    small = claim_part({0: 0.010, 1: 0.012, 2: 0.011})
+    assert small["verdict"] == "holds" and small["seeds_needed"] == 5 and small["note"] == "needs 5 seeds (has 3)"
+    assert claim_part({0: 0.010, 1: 0.012, 2: 0.011}, margin=0.02)["verdict"] == "does not hold"
+    assert claim_part({0: 0.5})["verdict"] == "unresolved" and claim_part({})["n"] == 0
+
+
+def test_overall_needs_every_part_to_hold() -> None:
+    from benchmarks.stats import overall
+
+    assert overall(["holds", "holds"]) == "holds"
+    assert overall(["holds", "unresolved"]) == "unresolved"
+    assert overall(["holds", "does not hold", "unresolved"]) == "does not hold"
+    assert overall([]) == "unresolved"
