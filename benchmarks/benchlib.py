@@ -21,7 +21,9 @@ from typing import Any
 import yaml
 
 from benchmarks.stats import claim_part as claim_part  # re-exported: the drivers take their helpers from here
+from benchmarks.stats import claim_verdicts as claim_verdicts
 from benchmarks.stats import format_pm as format_pm
+from benchmarks.stats import interval_text as interval_text
 from benchmarks.stats import mean_sd as mean_sd
 from benchmarks.stats import overall as overall
 from benchmarks.stats import paired_t_interval as paired_t_interval
@@ -111,6 +113,22 @@ def bench_settings(bench: Any, section: str, named: Sequence[tuple[str, str]] = 
     if problems:
         raise ConfigError(problems)
     return dict(settings)
+
+
+def seed_problems(settings: Mapping[str, Any], section: str, keys: Sequence[str] = ("seeds", "context_seeds"),
+                  claim_key: str = "seeds") -> list[str]:
+    """Problems of a matrix's seed lists: each of ``keys`` a non-empty list of distinct ints >= 0, and ``claim_key``
+    with at least 2 seeds (a claim's interval needs them)."""
+    problems = []
+    for key in keys:
+        seeds = settings.get(key) or []
+        if (not seeds or len(set(seeds)) != len(seeds)
+                or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
+            problems.append(f"{section}: '{key}' must be a non-empty list of distinct ints >= 0. Got {seeds!r}.")
+    if len(settings.get(claim_key) or []) < 2:
+        problems.append(f"{section}: a claim needs >= 2 seeds for an interval (issue 21: >= 3). Got "
+                        f"{settings.get(claim_key)!r}.")
+    return problems
 
 
 def named_overrides(settings: Mapping[str, Any], section: str, mapping: str, name: str) -> Mapping[str, Any]:

@@ -129,6 +129,22 @@ def overall(verdicts: Sequence[str]) -> Verdict:
     return "does not hold" if "does not hold" in verdicts else "unresolved"
 
 
+def interval_text(part: Mapping[str, Any]) -> tuple[str, str]:
+    """A :func:`claim_part`'s mean difference and 95% interval as table cells (``—`` without an interval)."""
+    if part["mean_diff"] is None:
+        return "—", "—"
+    return f"{part['mean_diff']:+.3f}", f"[{part['low']:+.3f}, {part['high']:+.3f}]"
+
+
+def claim_verdicts(parts: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One markdown line per claim of ``parts`` (rows with ``claim`` and ``verdict``): its :func:`overall` verdict."""
+    lines = []
+    for claim in dict.fromkeys(part["claim"] for part in parts):
+        verdicts = [part["verdict"] for part in parts if part["claim"] == claim]
+        lines.append(f"- {claim}: **{overall(verdicts)}** ({len(verdicts)} parts)")
+    return lines
+
+
 def _checked(where: str, name: str, values: Sequence[float]) -> list[float]:
     values = [float(v) for v in values]
     if len(values) < 2:

@@ -37,13 +37,15 @@ from benchmarks.benchlib import (
     apply_overrides,
     bench_settings,
     claim_part,
+    claim_verdicts,
     format_pm,
+    interval_text,
     mean_sd,
     named_overrides,
-    overall,
     parse_sets,
     read_matrix_params,
     run_command,
+    seed_problems,
     write_table,
 )
 from fedcore.config import Params, load_params
@@ -82,14 +84,7 @@ def settings_of(bench: Mapping[str, Any]) -> dict[str, Any]:
     settings = bench_settings(bench, SECTION, [("variant_names", "variants"), ("context_names", "variants"),
                                                ("init_names", "inits")])
     problems = []
-    for key in ("seeds", "context_seeds"):
-        seeds = settings.get(key) or []
-        if (not seeds or len(set(seeds)) != len(seeds)
-                or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
-            problems.append(f"{SECTION}: '{key}' must be a non-empty list of distinct ints >= 0. Got {seeds!r}.")
-    if len(settings.get("seeds") or []) < 2:
-        problems.append(f"{SECTION}: a claim needs >= 2 seeds for an interval (issue 21: >= 3). Got "
-                        f"{settings.get('seeds')!r}.")
+    problems += seed_problems(settings, SECTION)
     if settings.get("pretrain_seed") not in (settings.get("seeds") or []):
         problems.append(f"{SECTION}: 'pretrain_seed' must be one of 'seeds' (its partition is built there). Got "
                         f"{settings.get('pretrain_seed')!r}.")
@@ -320,14 +315,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], claim_rows: Sequence[Mappi
                   "it:", "", "| claim | a vs b | metric | margin | seeds | mean d | 95% interval | verdict | note |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for c in claim_rows:
-            interval = "—" if c["low"] is None else f"[{c['low']:+.3f}, {c['high']:+.3f}]"
-            diff = "—" if c["mean_diff"] is None else f"{c['mean_diff']:+.3f}"
+            diff, interval = interval_text(c)
             lines.append(f"| {c['claim']} | {c['a']} vs {c['b']} | {c['metric']} | {c['margin']:+g} | {c['n']} | "
                          f"{diff} | {interval} | {c['verdict']} | {c.get('note', '')} |")
-        lines.append("")
-        for claim in dict.fromkeys(c["claim"] for c in claim_rows):
-            parts = [c["verdict"] for c in claim_rows if c["claim"] == claim]
-            lines.append(f"- {claim}: **{overall(parts)}** ({len(parts)} parts)")
+        lines += ["", *claim_verdicts(claim_rows)]
     if missing:
         lines += ["", f"Not finished ({len(missing)} of the planned cells): " + ", ".join(missing)]
     return "\n".join(lines) + "\n"

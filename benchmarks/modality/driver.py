@@ -46,13 +46,15 @@ from benchmarks.benchlib import (
     apply_overrides,
     bench_settings,
     claim_part,
+    claim_verdicts,
     format_pm,
+    interval_text,
     mean_sd,
     named_overrides,
-    overall,
     parse_sets,
     read_matrix_params,
     run_command,
+    seed_problems,
     write_table,
 )
 from fedcore.config import Params, load_params
@@ -98,14 +100,7 @@ def settings_of(bench: Mapping[str, Any]) -> dict[str, Any]:
     rates = settings.get("rates") or []
     if bad := [r for r in rates if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1]:
         problems.append(f"{SECTION}: 'rates' must be numbers in [0, 1]. Got {bad}.")
-    for key in ("seeds", "context_seeds"):
-        seeds = settings.get(key) or []
-        if (not seeds or len(set(seeds)) != len(seeds)
-                or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
-            problems.append(f"{SECTION}: '{key}' must be a non-empty list of distinct ints >= 0. Got {seeds!r}.")
-    if len(settings.get("seeds") or []) < 2:
-        problems.append(f"{SECTION}: a claim needs >= 2 seeds for an interval (issue 21: >= 3). Got "
-                        f"{settings.get('seeds')!r}.")
+    problems += seed_problems(settings, SECTION)
     claimed = [*(settings.get("method_names") or []), *(settings.get("rate_free") or [])]
     if both := sorted(set(claimed) & set(settings.get("context_names") or [])):
         problems.append(f"{SECTION}: a method is a claim cell or a context cell, not both. Got {both} in both.")
@@ -419,15 +414,11 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], settings: Mapping[str, Any
                   "| claim | a − b | metric | rate | seeds | mean diff | 95% interval | verdict | note |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for c in claim_rows:
-            interval = "—" if c["low"] is None else f"[{c['low']:+.3f}, {c['high']:+.3f}]"
-            diff = "—" if c["mean_diff"] is None else f"{c['mean_diff']:+.3f}"
+            diff, interval = interval_text(c)
             margin = f" (margin {c['margin']:+g})" if c["margin"] else ""
             lines.append(f"| {c['claim']} | {c['a']} − {c['b']} | {c['metric']}{margin} | {c['rate']} | {c['n']} | "
                          f"{diff} | {interval} | {c['verdict']} | {c.get('note', '')} |")
-        lines.append("")
-        for claim in dict.fromkeys(c["claim"] for c in claim_rows):
-            parts = [c["verdict"] for c in claim_rows if c["claim"] == claim]
-            lines.append(f"- {claim}: **{overall(parts)}** ({len(parts)} parts)")
+        lines += ["", *claim_verdicts(claim_rows)]
         lines.append("")
     if missing:
         lines += [f"Not finished ({len(missing)} of the planned cells): " + ", ".join(missing), ""]

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -89,3 +90,24 @@ def run(command: list[str], cwd: Path, env: dict[str, str] | None = None, timeou
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """The processes of ``processes`` still running (zombies count as gone)."""
+    running = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                running.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return running
+
+
+@pytest.fixture()
+def started() -> Iterator[list[psutil.Process]]:
+    """Processes a test started; any still running at the end are killed (so a failure leaves none)."""
+    processes: list[psutil.Process] = []
+    yield processes
+    for p in alive(processes):
+        p.kill()

@@ -24,6 +24,7 @@ import pytest
 from fedcore.config import FeaturesConfig, PartitionConfig, to_dict
 from fedcore.data.features import label_index, write_feature_store
 from tasks.common import pyplot, save_figure, write_json, write_text
+from tests.flows.conftest import alive as _alive
 
 LISTENING_SCRIPT = r'''
 import json, os, sys
@@ -143,17 +144,6 @@ def _wait_running(process: subprocess.Popen[bytes], folder: Path, timeout_s: flo
     return psutil.Process(process.pid).children(recursive=True)
 
 
-def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
-    alive = []
-    for p in processes:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                alive.append(p)
-        except psutil.NoSuchProcess:
-            continue
-    return alive
-
-
 def _kill_and_wait(process: subprocess.Popen[bytes], descendants: list[psutil.Process],
                    timeout_s: float) -> tuple[list[psutil.Process], float]:
     """SIGKILL ``process``; return the descendants still running after ``timeout_s`` and the time they took."""
@@ -181,15 +171,6 @@ def _healthy(api_url: str) -> bool:
             return response.status == 200
     except OSError:
         return False
-
-
-@pytest.fixture()
-def started() -> Iterator[list[psutil.Process]]:
-    """Processes a test started; any still running at the end are killed (so a failure leaves none)."""
-    processes: list[psutil.Process] = []
-    yield processes
-    for p in _alive(processes):
-        p.kill()
 
 
 def test_a_killed_stage_leaves_nothing_running_and_spares_a_server_it_was_handed(

@@ -11,13 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
 from flows import stage
+from tests.flows.conftest import alive as _alive
 
 pytestmark = pytest.mark.integration
 
@@ -64,26 +64,6 @@ def _main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     raise SystemExit(stage.entry(__doc__, _arguments, _main))
 '''
-
-
-def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
-    alive = []
-    for p in processes:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                alive.append(p)
-        except psutil.NoSuchProcess:
-            continue
-    return alive
-
-
-@pytest.fixture()
-def started() -> Iterator[list[psutil.Process]]:
-    """Processes a test started; any still running at the end are killed (so a failure leaves none)."""
-    processes: list[psutil.Process] = []
-    yield processes
-    for p in _alive(processes):
-        p.kill()
 
 
 def _interrupt(folder: Path, number: signal.Signals, started: list[psutil.Process],
