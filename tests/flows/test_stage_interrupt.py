@@ -66,6 +66,11 @@ if __name__ == "__main__":
 '''
 
 
+def _as_from_a_terminal() -> None:
+    """SIGINT at its default, as a terminal's foreground job has it (a background shell, e.g. CI's, ignores it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(folder: Path, number: signal.Signals, started: list[psutil.Process],
                *extra: str) -> tuple[subprocess.Popen[bytes], int, list[psutil.Process], float]:
     """Start the stage in a new process group, wait for its task, signal the group. Return the stage, the process
@@ -78,7 +83,8 @@ def _interrupt(folder: Path, number: signal.Signals, started: list[psutil.Proces
                 "PYTHONPATH": os.pathsep.join([str(Path(stage.__file__).parents[1]), env.get("PYTHONPATH", "")])})
     with open(folder / "log.txt", "wb") as log:
         process = subprocess.Popen([sys.executable, "interrupted.py", "--marker", "marker", *extra], cwd=folder,
-                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=_as_from_a_terminal)
     started.append(psutil.Process(process.pid))
     deadline = time.monotonic() + 150
     while not (folder / "marker").exists():
