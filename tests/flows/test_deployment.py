@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,10 +63,17 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, small_mirror: Path, prefe
         log.close()
 
 
-def run_and_wait(root: Path, parameters: dict[str, Any]) -> Any:
-    from prefect.deployments import run_deployment
+def run_and_wait(root: Path, parameters: dict[str, Any], api: str) -> Any:
+    """The README's ``prefect deployment run`` (``--param name=<json>`` per parameter), watched to its end."""
+    from prefect.client.orchestration import get_client
 
-    flow_run = run_deployment(DEPLOYMENT, parameters=parameters, timeout=600, poll_interval=1)
+    params = [arg for name, value in parameters.items() for arg in ("--param", f"{name}={json.dumps(value)}")]
+    shown = run([prefect_cli(), "--no-prompt", "deployment", "run", DEPLOYMENT, *params, "--watch",
+                 "--watch-interval", "1", "--watch-timeout", "600"], root, stage_env(api), timeout=660, check=False)
+    found = re.search(r"UUID:\s*([0-9a-f-]{36})", shown.stdout)
+    assert found, shown.stdout + shown.stderr
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(found.group(1))
     worker_log = (root.parent / "worker.log").read_text()
     assert flow_run.state is not None and flow_run.state.is_completed(), f"{flow_run.state}\n{worker_log[-6000:]}"
     return flow_run
@@ -81,17 +89,17 @@ def parent_run(root: Path, flow_run_id: str) -> Any:
     return client, found
 
 
-def test_a_deployment_override_is_recorded_alike_by_dvc_prefect_and_mlflow(deployed: Path) -> None:
+def test_a_deployment_override_is_recorded_alike_by_dvc_prefect_and_mlflow(deployed: Path, prefect_api: str) -> None:
     root = deployed
     params_before = (root / "params.yaml").read_text()
     started = time.monotonic()
-    baseline = run_and_wait(root, {})  # the deployment's own parameters: params.yaml as it is (2 rounds)
+    baseline = run_and_wait(root, {}, prefect_api)  # the deployment's own parameters: params.yaml as it is (2 rounds)
     baseline_s = time.monotonic() - started
     baseline_metrics = json.loads((root / "metrics/federate.json").read_text())
     assert baseline_metrics["rounds"] == 2
 
     started = time.monotonic()
-    changed = run_and_wait(root, {"run": {"rounds": 1}})
+    changed = run_and_wait(root, {"run": {"rounds": 1}}, prefect_api)
     changed_s = time.monotonic() - started
     print(f"deployment runs: baseline {baseline_s:.1f} s, with the override {changed_s:.1f} s")
 

@@ -163,3 +163,12 @@ def test_killed_federate_resumes_to_the_same_metrics(project: Path, prefect_api:
     # the per-round detection log is the same file, whether its rounds came from a checkpoint or from memory
     detection = (project / "plots/federate/detection.json").read_text()
     assert detection == (project / "ref/plots/detection.json").read_text()
+
+
+def test_the_readme_python_block_loads_the_final_model(project: Path) -> None:
+    """The README's python block, pasted as is in the project folder, loads the registered final model."""
+    from tests.test_readme import python_blocks
+
+    (block,) = python_blocks()
+    result = run([sys.executable, "-c", block + "\nprint('loaded', type(model).__name__)"], project, stage_env())
+    assert "loaded" in result.stdout and "NoneType" not in result.stdout, result.stdout + result.stderr

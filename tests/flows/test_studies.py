@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -206,3 +207,22 @@ def test_the_study_has_its_own_experiment_and_registered_model(study_project: Pa
     assert client.get_experiment_by_name("fedaudio") is None, "nothing of the default study's"
     version = client.get_model_version_by_alias("fedaudio-earlyexit", "final")
     assert client.get_run(version.run_id).info.experiment_id == experiment.experiment_id
+
+
+@pytest.mark.integration
+def test_the_pipeline_flow_runs_a_study_with_an_override(study_project: Path, prefect_api: str) -> None:
+    """The README's ``python -m flows.pipeline --study <s> -S key=value``: the study reruns with the override,
+    recorded in its lock, and its params file is put back."""
+    root = study_project
+    params_file = root / f"studies/{RUN_STUDY}/params.yaml"
+    before = params_file.read_text()
+    result = run([sys.executable, "-m", "flows.pipeline", "--study", RUN_STUDY, "-S", "federation.rounds=1"], root,
+                 stage_env(prefect_api), timeout=900)
+    assert "pipeline finished" in result.stdout, result.stdout + result.stderr
+    assert json.loads((root / "metrics/earlyexit/earlyexit.json").read_text())["rounds"] == 1
+    lock = yaml.safe_load((root / f"studies/{RUN_STUDY}/dvc.lock").read_text())
+    recorded = [s["params"][f"studies/{RUN_STUDY}/params.yaml"]["federation"]["rounds"]
+                for s in lock["stages"].values() if "federation" in s.get("params", {}).get(
+                    f"studies/{RUN_STUDY}/params.yaml", {})]
+    assert recorded and set(recorded) == {1}
+    assert params_file.read_text() == before
