@@ -10,7 +10,7 @@ A matrix's claims are its ``params.yaml``'s ``claims`` (``<section>.claims``); i
 ``low``, ``high``, the seeds and a setting). A claim of several parts holds when every part holds
 (:func:`benchmarks.stats.overall`). A matrix whose table predates the seeds (no ``claims`` in its ``table.json``)
 shows its claims as not yet run. Each matrix names the commit of its code: the last commit that changed a file of
-its code fingerprint (``benchmarks.benchlib.CODE`` and its own modules); ``benchmarks.freshness`` (and its test)
+its code fingerprint (``benchmarks.benchlib.CODE`` and its own ``*.py``); ``benchmarks.freshness`` (and its test)
 check that its ``dvc.lock`` still matches that code, so the commit named is the one that produced the table.
 """
 
@@ -60,7 +60,7 @@ def table_claims(matrix: str, project: Path = PROJECT) -> list[dict[str, Any]] |
 
 def code_commit(matrix: str, project: Path = PROJECT) -> str:
     """``<short hash> (<date>)`` of the last commit that changed the matrix's code, or ``—`` outside git."""
-    paths = [*CODE, f"benchmarks/{matrix}"]
+    paths = [*CODE, f"benchmarks/{matrix}/*.py"]
     result = subprocess.run(["git", "log", "-1", "--format=%h (%cs)", "--", *paths], cwd=project,
                             capture_output=True, text=True, check=False)
     return result.stdout.strip() or "—"
