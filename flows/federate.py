@@ -37,6 +37,7 @@ from fedcore.plans.supervised import (
     make_spec,
     run_fingerprint,
 )
+from fedcore.serving import ServingSpec
 from flows import stage
 from flows.runners import stage_runner
 from tasks.common import read_params, write_json, write_text
@@ -68,6 +69,8 @@ class FederatePaths:
     root: Path = Path(".")
     #: Feature stores of the downstream tasks, ``<downstream>/<dataset>`` (self-supervised runs).
     downstream: Path = Path("data/downstream")
+    #: The params file read (``--params``): names the study in the registered model's tags.
+    params: Path = Path("params.yaml")
 
 
 
@@ -105,7 +108,11 @@ def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
                           paths.poison / "overlay.npz"])
     checkpointer = Checkpointer(paths.checkpoints, run_fingerprint(spec, digest, params))
     model_spec = federate_model_spec(spec.model, spec.ssl, spec.num_classes, spec.input_shape)
-    tracker = FederateTracker(registry_config(params), paths.root, model_spec=model_spec)
+    # A classifier's logged models carry what classifying audio needs (serving.json: the features stage's settings,
+    # statistics and class names), so that mlflow.pyfunc loads them without the data folder.
+    serving = None if spec.ssl.self_supervised else ServingSpec.from_feature_store(
+        paths.features, batch_size=fed.eval_batch_size)
+    tracker = FederateTracker(registry_config(params), paths.root, model_spec=model_spec, serving=serving)
     primary = primary_metric(params)
 
     def log_model(server_round: int, row: dict[str, float]) -> bool:
@@ -192,7 +199,8 @@ def _finish(params: Params, paths: FederatePaths, tracker: FederateTracker, stat
     write_json(detection, {"aggregator": aggregator_name(params), "attack": params.attack.name,
                            "malicious_clients": sorted(malicious), "rounds": detections}, sort_keys=True)
     final = {k: v for k, v in metrics.items() if k.startswith("detect_") and v is not None}
-    version = tracker.finish({**summary, **final}, int(history[-1]["round"]), [tsv, png, detection])
+    version = tracker.finish({**summary, **final, primary: last[primary]}, int(history[-1]["round"]),
+                             [tsv, png, detection], metric=primary, study=study_of(paths.params, paths.root))
     # What differs between two runs of the same inputs stays out of the DVC outputs (see tasks.rounds).
     record = {"stage": "federate", "mlflow_run_id": tracker.run_id, "registered_version": version,
               **timing_summary(timings), "round_timings": timings}
@@ -209,6 +217,17 @@ def _finish(params: Params, paths: FederatePaths, tracker: FederateTracker, stat
     print(f"federate: final {primary} {last[primary]:.4f} (best {best[primary]:.4f} at round "
           f"{metrics['best_round']}); metrics {paths.metrics}, plot {png}, MLflow run {tracker.run_id}")
     return {**metrics, **record}
+
+
+def study_of(params_file: Path, root: Path) -> str:
+    """The study whose params file is ``params_file`` (:data:`tasks.studies.STUDIES`), else that file's path."""
+    from tasks.studies import STUDIES
+
+    resolved = (root / params_file).resolve()
+    for name, study in STUDIES.items():
+        if (root / study.params_file).resolve() == resolved:
+            return name
+    return str(params_file)
 
 
 def round_columns(params: Params, history: Sequence[dict[str, float]]) -> list[str]:
@@ -230,7 +249,7 @@ def _main(args: argparse.Namespace) -> None:
     params = read_params(args.params)
     paths = FederatePaths(features=args.features, partition=args.partition, poison=args.poison,
                           checkpoints=args.checkpoints, model=args.model, metrics=args.metrics, plots=args.plots,
-                          root=Path.cwd(), downstream=args.downstream)
+                          root=Path.cwd(), downstream=args.downstream, params=Path(args.params))
     federate(params, paths)
 
 

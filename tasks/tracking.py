@@ -14,8 +14,11 @@ Models
 Every logged model carries the MLmodel flavour ``fedaudio`` (:data:`FLAVOR`): ``model_spec.json`` (the
 architecture, :class:`fedcore.models.spec.ModelSpec`), ``weights.safetensors`` and the inputs it takes in call
 order (``audio`` or ``audio,visual``; also the LoggedModel tag ``fedaudio.inputs``). The federate stage's models
-also hold MLflow's ``pytorch`` flavour as a ``torch.export`` program (pt2), for ``mlflow.pyfunc``. Nothing is
-pickled. :func:`load_model` copies a model's files (no deserialisation), reads ``MLmodel`` with
+also hold MLflow's ``pytorch`` flavour as a ``torch.export`` program (pt2) and, for its classifiers,
+``serving.json`` (feature settings, normalisation statistics, class names: :mod:`fedcore.serving`) with a
+``python_function`` flavour loaded by ``fedcore.serving``, so that
+``mlflow.pyfunc.load_model(uri).predict("a.wav")`` classifies audio (:func:`add_serving`). Nothing is pickled.
+:func:`load_model` copies a model's files (no deserialisation), reads ``MLmodel`` with
 ``yaml.safe_load``, checks the flavour, then rebuilds the model from its spec and loads the weights strictly
 (:func:`fedcore.models.spec.rebuild`). A model without the flavour (e.g. pickled by ``mlflow.pytorch``) is refused
 unless ``mlflow.trust_pickle`` is set, and then loaded by MLflow (which runs any code it holds).
@@ -50,6 +53,7 @@ import numpy as np
 
 from fedcore.config import MlflowConfig
 from fedcore.models.spec import ModelSpec, rebuild, spec_of
+from fedcore.serving import SERVING_FILE, ServingSpec
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,8 @@ FLAVOR = "fedaudio"
 FLAVOR_VERSION = 1
 SPEC_FILE = "model_spec.json"
 WEIGHTS_FILE = "weights.safetensors"
+#: ``python_function`` loader of the federate stage's models (reads serving.json, model_spec.json, safetensors).
+SERVING_LOADER = "fedcore.serving"
 #: Largest MLmodel file read; largest weights file read (a wav2vec 2.0 large is 1.3 GB).
 MAX_MLMODEL_BYTES = 1 << 20
 MAX_WEIGHTS_BYTES = 4 << 30
@@ -351,8 +357,9 @@ class SpecFlavour:
     ``extra_files/weights.safetensors`` then serves as the weights.
     """
 
-    def __init__(self, export: ExportOnce | None = None) -> None:
+    def __init__(self, export: ExportOnce | None = None, serving: ServingSpec | None = None) -> None:
         self.export = export
+        self.serving = serving
 
     def save_model(self, path: str, mlflow_model: Any, pytorch_model: Any, model_spec: ModelSpec,
                    model_inputs: Sequence[str], **kwargs: Any) -> None:
@@ -371,7 +378,32 @@ class SpecFlavour:
             save_state(target / weights, {k: v.detach() for k, v in pytorch_model.state_dict().items()})
         mlflow_model.add_flavor(FLAVOR, spec=SPEC_FILE, weights=weights, inputs=list(model_inputs),
                                 architecture=model_spec.architecture, format_version=FLAVOR_VERSION)
+        if self.serving is not None:
+            add_serving(mlflow_model, target, self.serving.with_files(SPEC_FILE, weights))
         mlflow_model.save(str(target / "MLmodel"))
+
+
+def add_serving(mlflow_model: Any, folder: Path, serving: ServingSpec) -> None:
+    """Make the model in ``folder`` classify audio through ``mlflow.pyfunc``: ``serving.json`` + the pyfunc flavour.
+
+    Writes ``serving`` as ``serving.json`` (:mod:`fedcore.serving`: the feature settings, the normalisation
+    statistics and the class names; its file names relative to ``folder``) and sets the ``python_function`` flavour
+    with :func:`mlflow.pyfunc.add_to_model` (``loader_module="fedcore.serving"``, ``data="serving.json"``), keeping
+    the environment files that ``mlflow.pytorch`` wrote, if any. ``mlflow.pytorch``'s own pyfunc entry (the pt2
+    program on log-mel tensors) is replaced; its ``pytorch`` flavour stays. The signature keeps no input schema
+    (the pyfunc takes paths, waveforms or a DataFrame, which one schema cannot say) and names the output columns:
+    ``label`` and one probability per class.
+    """
+    import mlflow
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    (folder / SERVING_FILE).write_text(serving.to_json())
+    env = (mlflow_model.flavors.get(mlflow.pyfunc.FLAVOR_NAME) or {}).get("env") or {}
+    mlflow.pyfunc.add_to_model(mlflow_model, loader_module=SERVING_LOADER, data=SERVING_FILE,
+                               conda_env=env.get("conda"), python_env=env.get("virtualenv"))
+    outputs = Schema([ColSpec("string", "label"), *(ColSpec("double", name) for name in serving.labels)])
+    mlflow_model.signature = ModelSignature(inputs=None, outputs=outputs)
 
 
 class FederateTracker:
@@ -387,13 +419,18 @@ class FederateTracker:
         None: the federate stage's models, which take log-mel audio and are also exported as a pt2 program.
     model_spec : ModelSpec, optional
         Architecture of the models the rounds log (else each model's own, :func:`fedcore.models.spec.spec_of`).
+    serving : ServingSpec, optional
+        What the logged classifiers need to classify audio (feature settings, normalisation statistics, class
+        names): written as ``serving.json`` beside every exported model, whose ``python_function`` flavour then
+        loads with :mod:`fedcore.serving` (:func:`add_serving`). None: MLflow's pytorch pyfunc, on log-mel tensors.
     """
 
     def __init__(self, cfg: MlflowConfig, root: Path, model_inputs: tuple[str, ...] | None = None,
-                 model_spec: ModelSpec | None = None) -> None:
+                 model_spec: ModelSpec | None = None, serving: ServingSpec | None = None) -> None:
         import mlflow
 
         self.cfg = cfg
+        self.serving = serving
         self.export = model_inputs is None
         self.model_inputs: tuple[str, ...] = tuple(model_inputs) if model_inputs is not None else ("audio",)
         self.model_spec = model_spec
@@ -557,6 +594,7 @@ class FederateTracker:
                              "makes one), or build the model with fedcore.models.spec.build.")
         inputs = tuple(inputs) if inputs is not None else self.model_inputs
         export = self._export if self.export and input_shape is not None else None
+        serving = self.serving if export is not None and inputs == ("audio",) else None
         options = _pt2_options(input_shape, weights_file) if export is not None and input_shape is not None else {}
         tags = {**(tags if tags is not None else {"fedaudio.round": str(step)}), INPUTS_TAG: ",".join(inputs),
                 "fedaudio.architecture": spec.architecture}
@@ -565,12 +603,13 @@ class FederateTracker:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             info = mlflow.models.Model.log(
-                artifact_path=None, name=name, flavor=SpecFlavour(export), run_id=self.run_id,
+                artifact_path=None, name=name, flavor=SpecFlavour(export, serving), run_id=self.run_id,
                 model_id=logged.model_id, pytorch_model=model.eval(), model_spec=spec, model_inputs=inputs,
                 step=step, flavor_name=FLAVOR,
                 # MLflow reloads a pt2 model and runs the example through it: once per run is enough (every round
-                # has the same architecture), and it costs as much as the export.
-                validate_serving_input=export is not None and not self._validated,
+                # has the same architecture), and it costs as much as the export. A served model's pyfunc takes
+                # audio, not the log-mel example: prepare_export checks its program instead.
+                validate_serving_input=export is not None and not self._validated and serving is None,
                 **options,
             )
         if export is not None:
@@ -625,10 +664,12 @@ class FederateTracker:
         self.client.set_registered_model_alias(registered_model, alias, str(version))
         return version
 
-    def finish(self, summary: Mapping[str, float], final_round: int, artifacts: list[Path]) -> int | None:
+    def finish(self, summary: Mapping[str, float], final_round: int, artifacts: list[Path], *,
+               metric: str | None = None, study: str | None = None) -> int | None:
         """Log the summary, attach artifacts, register the final round's model (alias ``final``), end FINISHED.
 
-        Returns the registered model version.
+        The registered version is tagged (:func:`version_tags`) with its round, the run, ``metric`` (the stage's
+        primary score) and its value in ``summary``, and the ``study``. Returns the registered model version.
         """
         import mlflow
 
@@ -648,6 +689,8 @@ class FederateTracker:
                     registered = mlflow.register_model(f"models:/{model_id}", self.cfg.registered_model)
                 version = int(registered.version)
             self.client.set_registered_model_alias(self.cfg.registered_model, FINAL_ALIAS, str(version))
+            for key, value in version_tags(final_round, self.run_id, summary, metric, study).items():
+                self.client.set_model_version_tag(self.cfg.registered_model, str(version), key, value)
         self.client.set_terminated(self.run_id, status="FINISHED")
         if self._own_parent is not None:
             end_run(self._own_parent, "FINISHED")
@@ -687,6 +730,23 @@ class FederateTracker:
         except Exception as problem:  # the stage's own error matters more
             log.warning("MLflow: cannot mark run %s %s: %s", self.run_id, status, problem)
         return status
+
+
+def version_tags(server_round: int, run_id: str, summary: Mapping[str, float], metric: str | None,
+                 study: str | None) -> dict[str, str]:
+    """Tags of a registered version of the final round's model.
+
+    ``fedaudio.round``, ``fedaudio.run_id``, and when known ``fedaudio.metric`` (the metric's name),
+    ``fedaudio.<metric>`` (its value at that round) and ``fedaudio.study``.
+    """
+    tags = {"fedaudio.round": str(int(server_round)), "fedaudio.run_id": str(run_id)}
+    if metric is not None:
+        tags["fedaudio.metric"] = metric
+        if metric in summary:
+            tags[f"fedaudio.{metric}"] = repr(float(summary[metric]))
+    if study is not None:
+        tags["fedaudio.study"] = study
+    return tags
 
 
 def _pt2_options(input_shape: tuple[int, ...], weights_file: Path | None) -> dict[str, Any]:

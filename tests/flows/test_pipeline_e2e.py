@@ -69,6 +69,80 @@ def test_mlflow_holds_one_model_per_round_and_registers_the_final(project: Path)
     assert parent.data.params["partition.num_clients"] == "3"
 
 
+#: Run in a fresh process, outside the project: what a user with the MLflow store and some WAV files runs.
+CLASSIFY_WAVS = """
+import json, sys
+import mlflow
+model = mlflow.pyfunc.load_model("models:/fedaudio-global@final")
+out = model.predict(json.loads(sys.argv[1]))
+print(json.dumps({"labels": out["label"].tolist(), "columns": list(out.columns),
+                  "loader": sys.modules["fedcore.serving"].__file__,
+                  "project_modules": sorted({m.split(".")[0] for m in sys.modules} & {"tasks", "flows"})}))
+"""
+
+
+def test_the_registered_model_classifies_test_wavs_as_the_pipelines_evaluation(project: Path,
+                                                                               tmp_path: Path) -> None:
+    """Issue 22: mlflow.pyfunc loads the final model without the data folder and predicts FSDD's test WAV files
+    exactly as the federate stage's evaluation does (per-clip labels, and so its accuracy)."""
+    import csv
+
+    import mlflow
+
+    from fedcore.data.features import FeatureStore
+    from fedcore.data.federated import load_federated_data
+    from fedcore.evaluation.metrics import evaluate, predict
+    from tasks.tracking import load_model
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias("fedaudio-global", "final")
+    tags = version.tags
+    final_round = int(tags["fedaudio.round"])
+    assert tags["fedaudio.metric"] == "global_accuracy" and tags["fedaudio.study"] == "fedavg"
+    assert tags["fedaudio.run_id"] == version.run_id
+    logged = {m.step: m.value for m in client.get_metric_history(version.run_id, "global_accuracy")}
+    assert float(tags["fedaudio.global_accuracy"]) == logged[final_round]
+
+    # The pipeline's own evaluation of that model: the federate stage's test rows, through fedcore's evaluate.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    data = load_federated_data(project / "data/features", project / "data/partition/partition.json",
+                               project / "data/poison")
+    model = load_model("models:/fedaudio-global@final").model  # the stages' safe loader
+    batch = params["federation"]["eval_batch_size"]
+    assert evaluate(model, data.test.features, data.test.labels, batch)["accuracy"] == logged[final_round]
+    store = FeatureStore.load(project / "data/features")
+    expected = [store.label_names[i] for i in predict(model, data.test.features, batch).argmax(dim=1).tolist()]
+    truth = [store.label_names[i] for i in data.test.labels.tolist()]
+
+    # The same clips as WAV files outside the project, whose data folder is then moved away.
+    test_rows = json.loads((project / "data/partition/partition.json").read_text())["test"]
+    with open(project / "data/raw/manifest.csv", newline="") as handle:
+        path_of = {row["id"]: row["path"] for row in csv.DictReader(handle)}
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    files = []
+    for row in test_rows:
+        source = project / "data/raw" / path_of[store.ids[row]]
+        shutil.copy(source, wavs / source.name)
+        files.append(str(wavs / source.name))
+    assert len(files) == len(expected) > 0
+    away = project.parent / "data-moved-away"
+    (project / "data").rename(away)
+    try:
+        env = {**stage_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+        result = run([sys.executable, "-c", CLASSIFY_WAVS, json.dumps(files)], tmp_path, env, timeout=300)
+    finally:
+        away.rename(project / "data")
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not Path(served["loader"]).resolve().is_relative_to(project.resolve())  # the installed package
+    assert served["project_modules"] == []
+    assert served["columns"] == ["label", *store.label_names]
+    assert served["labels"] == expected
+    accuracy = sum(a == b for a, b in zip(served["labels"], truth, strict=True)) / len(truth)
+    assert accuracy == logged[final_round]
+
+
 def test_second_repro_does_nothing(project: Path) -> None:
     lock_before = (project / "dvc.lock").read_text()
     result = run([dvc_executable(), "repro"], project)
@@ -171,4 +245,5 @@ def test_the_readme_python_block_loads_the_final_model(project: Path) -> None:
 
     (block,) = python_blocks()
     result = run([sys.executable, "-c", block + "\nprint('loaded', type(model).__name__)"], project, stage_env())
-    assert "loaded" in result.stdout and "NoneType" not in result.stdout, result.stdout + result.stderr
+    assert "loaded PyFuncModel" in result.stdout, result.stdout + result.stderr
+    assert "label" in result.stdout, result.stdout  # it classified the WAV: a label and the class probabilities
