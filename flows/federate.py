@@ -25,7 +25,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from fedcore.config import MlflowConfig, Params, flatten
-from fedcore.evaluation.downstream import load_downstream
+from fedcore.evaluation.downstream import load_downstream, score_names
 from fedcore.federation.checkpoint import Checkpointer, file_digest, save_state
 from fedcore.federation.engine import run_rounds
 from fedcore.models.spec import federate_model_spec
@@ -173,8 +173,12 @@ def _finish(params: Params, paths: FederatePaths, tracker: FederateTracker, stat
     scored = [row for row in history if primary in row]
     last = scored[-1]
     best = max(scored, key=lambda row: row[primary])
+    # Downstream scores in the scorer's order: rows read back from a checkpoint have sorted keys, and a resumed run
+    # must write the same bytes as an uninterrupted one.
+    order = score_names([task.name for task in params.downstream.task_configs()], params.downstream)
     if params.ssl.self_supervised:
-        summary = {key: value for key, value in last.items() if "/" in key}
+        scores = {key for key in last if "/" in key}
+        summary = {key: last[key] for key in [*order, *sorted(scores - set(order))] if key in scores}
     else:
         summary = {key: last[key] for key in SUMMARY_KEYS if key in last}
     rows, timings = split_timings(history)
@@ -186,7 +190,8 @@ def _finish(params: Params, paths: FederatePaths, tracker: FederateTracker, stat
         **_detection_summary(history, malicious),
     }
     if initial:
-        metrics["floor"] = {key: round(value, 6) for key, value in initial.items()}
+        metrics["floor"] = {key: round(initial[key], 6) for key in [*order, *sorted(set(initial) - set(order))]
+                            if key in initial}
     tsv = paths.plots / "rounds.tsv"
     columns = round_columns(params, rows)
     write_text(tsv, rounds_tsv(rows, columns))

@@ -132,12 +132,24 @@ def score_encoder(encoder: nn.Module, tasks: Sequence[RetrievalTask], features: 
     return metrics
 
 
+def score_names(task_names: Sequence[str], cfg: DownstreamConfig) -> list[str]:
+    """The names :func:`score_encoder` returns, in its order: per task then ``mean``, validation then test.
+
+    A checkpoint stores rows with sorted keys, so a resumed run orders its summary by this list to write the
+    same bytes as an uninterrupted one.
+    """
+    per_split = {split: [f"knn{k}_{split}" for k in cfg.ks] + ([f"probe_{split}"] if cfg.linear_probe else [])
+                 for split in ("val", "test")}
+    return [f"{name}/{key}" for name in [*task_names, "mean"] for split in ("val", "test")
+            for key in per_split[split]]
+
+
 def selection_key(task: str, cfg: DownstreamConfig, split: str = "val") -> str:
     """The metric that selects ``task``'s best round (``<task>/<select_metric>_val``)."""
     return f"{task}/{cfg.select_metric}_{split}"
 
 
-__all__ = ["RetrievalTask", "retrieval_task", "score_encoder", "score_task", "selection_key"]
+__all__ = ["RetrievalTask", "retrieval_task", "score_encoder", "score_names", "score_task", "selection_key"]
 
 
 @dataclass(frozen=True)

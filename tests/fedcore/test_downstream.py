@@ -13,7 +13,14 @@ from torch import nn
 from fedcore.config import DownstreamConfig, DownstreamTaskConfig
 from fedcore.data.features import FeatureStore, write_feature_store
 from fedcore.data.pool import pool_feature_stores
-from fedcore.evaluation.downstream import RetrievalTask, retrieval_task, score_encoder, score_task, selection_key
+from fedcore.evaluation.downstream import (
+    RetrievalTask,
+    retrieval_task,
+    score_encoder,
+    score_names,
+    score_task,
+    selection_key,
+)
 
 N_MELS, FRAMES = 4, 6
 
@@ -159,6 +166,17 @@ def test_score_encoder_hand_checked_accuracies(tmp_path: Path) -> None:
     }
     assert encoder.calls == 1  # two tasks on one dataset: embedded once
     assert encoder.training  # embedding puts it in eval mode only for the pass
+
+
+@pytest.mark.parametrize("probe", [False, True])
+def test_score_names_are_the_scorer_keys_in_its_order(tmp_path: Path, probe: bool) -> None:
+    """A resumed run orders its summary by score_names (checkpoint rows have sorted keys): it must be the scorer's."""
+    store = _known_store(tmp_path)
+    tasks = [retrieval_task(_task("who", "speaker"), store, 0.25, 0), retrieval_task(_task("digit"), store, 0.25, 0)]
+    cfg = DownstreamConfig(ks=[3, 1], linear_probe=probe)
+    scores = score_encoder(FirstTwo(), tasks, {"d": _features(store)}, cfg, 64)
+    assert score_names(["who", "digit"], cfg) == list(scores)
+    assert list(scores) != sorted(scores)  # the case a sorted checkpoint row would get wrong
 
 
 def test_score_encoder_embeds_each_dataset_once(tmp_path: Path) -> None:

@@ -131,6 +131,11 @@ def test_backbone_only_acop_keeps_heads_on_clients_and_resumes_bit_for_bit(
     scores = [k for k in reference if "/" in k]
     assert scores and {k: resumed[k] for k in scores} == {k: reference[k] for k in scores}
     assert resumed["floor"] == reference["floor"]
+    assert (sslwork / "acop.json").read_bytes() == (sslwork / "acop-ref.json").read_bytes()
+    # Run again once finished (as `dvc repro` does after a code change: the checkpoints persist): every row, the
+    # last and the floor included, is read back from the checkpoint (sorted keys), and the same bytes are written.
+    assert federate.main(_args(p, "acop")) == 0
+    assert (sslwork / "acop.json").read_bytes() == (sslwork / "acop-ref.json").read_bytes()
     final, expected = load_state(sslwork / "acop.st"), load_state(sslwork / "acop-ref.st")
     assert all(torch.equal(final[k], expected[k]) for k in expected)
     rows = (sslwork / "plots-acop-ref/rounds.tsv").read_text().splitlines()
