@@ -41,7 +41,7 @@ from fedcore.data.audio import read_audio
 from fedcore.data.features import LogMelExtractor
 from fedcore.errors import AudioError
 from fedcore.evaluation.metrics import predict
-from fedcore.models.spec import MAX_SPEC_BYTES, ModelSpec, rebuild
+from fedcore.models.spec import MAX_SPEC_BYTES, ModelSpec, rebuild, strict_json_loads
 
 __all__ = ["SERVING_FILE", "SERVING_VERSION", "AudioClassifier", "ServingSpec", "load_classifier"]
 
@@ -68,17 +68,6 @@ def _relative(value: Any, where: str, name: str) -> str:
         raise ValueError(f"{where}: '{name}' must be a relative file name inside the model folder (no '..', no "
                          f"absolute path). Got {_short(value)}.")
     return value
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"duplicate keys {sorted({k for k in keys if keys.count(k) > 1})}")
-    return dict(pairs)
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 @dataclass(frozen=True)
@@ -188,7 +177,7 @@ class ServingSpec:
         if len(text) > MAX_SERVING_BYTES:
             raise ValueError(f"{where}: must be at most {MAX_SERVING_BYTES} bytes. Got {len(text)}.")
         try:
-            raw = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+            raw = strict_json_loads(text)
         except (ValueError, RecursionError, UnicodeDecodeError) as error:
             raise ValueError(f"{where}: must be JSON. Got an unreadable file ({error}).") from None
         if not isinstance(raw, dict):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
+import subprocess
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -99,3 +103,14 @@ def white_noise(sample_rate: int = 16000, seconds: float = 1.0, seed: int = 0) -
     """Mono float32 white noise in [-0.5, 0.5), shape (time,), from its own generator."""
     rng = np.random.default_rng(seed)
     return (rng.random(int(sample_rate * seconds)) - 0.5).astype(np.float32)
+
+
+def stop_group(process: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """End a process started with ``start_new_session=True`` and everything in its group: SIGTERM, then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

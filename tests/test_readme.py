@@ -12,7 +12,6 @@ import ast
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -182,15 +183,6 @@ def _readme(prefix: str) -> list[str]:
     return shlex.split(command)
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 @pytest.mark.integration
 def test_the_mlflow_ui_command_serves_the_store(tmp_path: Path) -> None:
     MLFLOW_UI = _readme("mlflow ui")
@@ -207,7 +199,7 @@ def test_the_mlflow_ui_command_serves_the_store(tmp_path: Path) -> None:
         assert '"Default"' in experiments
         assert (tmp_path / "mlflow.db").is_file()  # the store the README names, in the folder it runs from
     finally:
-        _stop(process)
+        stop_group(process)
 
 
 @pytest.mark.integration
@@ -231,4 +223,4 @@ def test_the_prefect_server_and_work_pool_commands(tmp_path: Path) -> None:
                                capture_output=True, text=True, timeout=120)
         assert "type='process'" in shown.stdout.replace('"', "'"), shown.stdout + shown.stderr
     finally:
-        _stop(server)
+        stop_group(server)

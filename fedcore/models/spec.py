@@ -152,7 +152,7 @@ class ModelSpec:
         if len(text) > MAX_SPEC_BYTES:
             raise ValueError(f"{where}: must be at most {MAX_SPEC_BYTES} bytes. Got {len(text)}.")
         try:
-            raw = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+            raw = strict_json_loads(text)
         except (ValueError, RecursionError, UnicodeDecodeError) as error:
             raise ValueError(f"{where}: must be JSON. Got an unreadable file ({error}).") from None
         return cls.from_dict(raw, where)
@@ -172,6 +172,11 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def strict_json_loads(text: str | bytes) -> Any:
+    """``json.loads`` that refuses duplicate keys and NaN/Infinity (``ValueError``): for files from others."""
+    return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
 
 
 def _check_json(value: Any, where: str, depth: int) -> None:

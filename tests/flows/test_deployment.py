@@ -8,9 +8,7 @@ and its MLflow store.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ import pytest
 import yaml
 
 from tasks.rounds import read_run_record
+from tests.conftest import stop_group
 from tests.flows.conftest import REPO_ROOT, make_project, run, stage_env, tiny_params
 
 pytestmark = pytest.mark.integration
@@ -54,12 +53,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, small_mirror: Path, prefe
     try:
         yield root
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        stop_group(worker)
         log.close()
 
 
