@@ -94,7 +94,8 @@ class FeaturesConfig:
     kind: Literal["log_mel", "waveform"] = _opt("log_mel", "log_mel: (n_mels, frames) per clip | waveform: the "
                                                            "prepared clip itself, (1, samples) (wav2vec2 backbones)")
     sample_rate: int = _opt(16000, "resample every clip to this rate, Hz", gt=0)
-    clip_seconds: float = _opt(1.0, "pad or crop every clip to this length, seconds", gt=0.0)
+    clip_seconds: float | None = _opt(1.0, "pad or crop every clip to this length, seconds (None: the dataset's "
+                                           "own, DatasetSpec.clip_seconds: 1 s for fsdd, 5 s for esc50)", gt=0.0)
     crop: Literal["center", "start"] = _opt("center", "which part of a longer clip is kept")
     pad: Literal["end", "center", "repeat"] = _opt("end", "how a shorter clip is filled")
     n_fft: int = _opt(400, "FFT size, samples", gt=0)

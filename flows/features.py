@@ -25,7 +25,8 @@ def features(cfg: FeaturesConfig, raw_dir: Path, out_dir: Path) -> dict[str, Any
     summary = featurise(cfg, raw_dir, out_dir)
     skipped = f" (listed in {out_dir}/meta.json)" if summary["num_skipped"] else ""
     print(f"features: {summary['num_samples']} clips -> {summary['shape']} log-mel, "
-          f"{summary['num_skipped']} skipped{skipped}; train mean {summary['mean']:.3f}, std {summary['std']:.3f}")
+          f"{summary['num_skipped']} skipped{skipped}; {summary['cropped_share']:.0%} of the audio cropped away; "
+          f"train mean {summary['mean']:.3f}, std {summary['std']:.3f}")
     return summary
 
 

@@ -2,9 +2,10 @@
 
 Every stage also leaves nothing running behind it. A watchdog process (:func:`watch`) follows the stage and, if
 the stage dies without exiting normally (kill -9 included), ends every process the stage started and left:
-Prefect's temporary API server, the processes of a local Dask or Ray cluster, runner workers. And once Prefect
-starts its temporary server in a stage, the stage's child processes use that server (``PREFECT_API_URL``)
-instead of starting one each.
+Prefect's temporary API server, the processes of a local Dask or Ray cluster, runner workers. With no server
+configured, the stages share one (:mod:`flows.server`): its keeper outlives a stage and stops itself once no stage
+has used it for a minute. With ``FEDAUDIO_SHARED_SERVER=0`` each stage starts a temporary server of its own, and
+its child processes use that server (``PREFECT_API_URL``) instead of starting one each.
 
 An interrupted stage (Ctrl-C, which the terminal sends to the whole foreground process group, or SIGTERM) exits
 within seconds. Its temporary server runs in a session of its own, so the signal does not reach it and the stage
@@ -69,6 +70,7 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     start_watchdog()
+    _attach_shared_server()
     share_temporary_server()
     detach_temporary_server()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -88,6 +90,16 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _attach_shared_server() -> None:
+    """Use the server the stages share (:mod:`flows.server`); on failure, say so and start one of its own."""
+    from flows import server
+
+    try:
+        server.attach()
+    except (OSError, RuntimeError) as error:
+        print(f"warning: {error}; this stage starts a temporary Prefect server of its own", file=sys.stderr)
 
 
 def entry(description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
@@ -157,11 +169,13 @@ def watch(parent: int, interval_s: float = WATCH_INTERVAL_S, grace_s: float = RE
         elif not reading:
             time.sleep(interval_s)
         try:
-            for child in watched.children(recursive=True):
-                if child.pid != me:
-                    known.setdefault(child.pid, child)
+            children = watched.children(recursive=True)
         except psutil.NoSuchProcess:
             break
+        spared = _shared_server_processes(children)
+        for child in children:
+            if child.pid != me and child.pid not in spared:
+                known.setdefault(child.pid, child)
         known = {pid: p for pid, p in known.items() if p.is_running()}
     left = _still_running(known.values())
     names = ", ".join(f"{_name(p)} ({p.pid})" for p in left)
@@ -184,6 +198,26 @@ def watch(parent: int, interval_s: float = WATCH_INTERVAL_S, grace_s: float = RE
         except OSError:
             pass  # nobody reads the stage's stderr any more
     return len(left)
+
+
+def _shared_server_processes(processes: list[Any]) -> set[int]:
+    """Process ids of the shared server's keeper among ``processes`` and of its own descendants (``flows.server``).
+
+    The keeper a stage starts serves the stages after it and stops itself once idle, so it is never reaped.
+    """
+    import psutil
+
+    from flows.server import KEEPER_MARK
+
+    spared: set[int] = set()
+    for process in processes:
+        try:
+            if KEEPER_MARK in process.cmdline():
+                spared.add(process.pid)
+                spared.update(child.pid for child in process.children(recursive=True))
+        except psutil.Error:
+            continue
+    return spared
 
 
 def _still_running(processes: Any) -> list[Any]:

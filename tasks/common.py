@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from fedcore.config import Params, load_params
+from fedcore.data.datasets import with_dataset_defaults
 from fedcore.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
@@ -31,7 +32,7 @@ def read_params(path: str | Path = PARAMS_FILE) -> Params:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"params: {path} is not valid YAML: {error}") from error
-    return load_params(raw)
+    return with_dataset_defaults(load_params(raw))
 
 
 def write_json(path: str | Path, data: Mapping[str, Any] | list[Any], *, sort_keys: bool = False) -> None:

@@ -1,4 +1,8 @@
-"""Data tasks: ingest, featurise, partition, poison. Thin wrappers around fedcore.data; they own the file I/O."""
+"""Data tasks: ingest, featurise, partition, poison. Thin wrappers around fedcore.data; they own the file I/O.
+
+Torch and torchaudio are imported by the tasks that use them, so the download and partition stages start without
+them (about 3 s each).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -18,17 +21,8 @@ from fedcore.config import DownloadConfig, FeaturesConfig, PartitionConfig, Pois
 from fedcore.data.audio import read_audio
 from fedcore.data.datasets import ingest
 from fedcore.data.download import resolve_mirror
-from fedcore.data.features import (
-    FeatureStore,
-    LogMelExtractor,
-    extract_clips,
-    label_index,
-    normalisation_stats,
-    write_feature_store,
-)
 from fedcore.data.manifest import read_manifest
 from fedcore.data.partition import client_class_counts, make_partition
-from fedcore.data.poison import noisy_features, plan_poison
 from fedcore.errors import DataError
 from tasks.common import pyplot, read_json, save_figure, write_json, write_text
 from tasks.progress import Progress
@@ -85,6 +79,14 @@ def featurise(cfg: FeaturesConfig, raw_dir: Path, out_dir: Path) -> dict[str, An
     DataError
         When the kept rows lack a train split, a test split or a second class; the message names the fix.
     """
+    from fedcore.data.features import (
+        LogMelExtractor,
+        extract_clips,
+        label_index,
+        normalisation_stats,
+        write_feature_store,
+    )
+
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     rows = read_manifest(raw_dir / "manifest.csv")
     if not rows:
@@ -118,8 +120,27 @@ def featurise(cfg: FeaturesConfig, raw_dir: Path, out_dir: Path) -> dict[str, An
     ]
     write_feature_store(out_dir, result.features, index_rows, names, mean, std, to_dict(cfg), cfg.dtype, skipped)
     seconds = float(sum(r.duration for r in kept))
+    cropped = _warn_cropped([r.duration for r in kept], cfg.clip_seconds)
     return {"num_samples": len(kept), "num_skipped": len(skipped), "audio_seconds": seconds,
-            "shape": list(extractor.output_shape), "mean": mean, "std": std, "labels": names}
+            "cropped_share": cropped, "shape": list(extractor.output_shape), "mean": mean, "std": std,
+            "labels": names}
+
+
+CROP_WARN_SHARE = 0.5
+"""The features stage warns when its crop discards more than this share of the audio."""
+
+
+def _warn_cropped(durations: list[float], clip_seconds: float) -> float:
+    """Warn, naming the param, when cropping to ``clip_seconds`` discards most of the audio; return the share."""
+    from fedcore.data.features import cropped_share
+
+    share = cropped_share(durations, clip_seconds)
+    if share > CROP_WARN_SHARE:
+        median = float(np.median(durations))
+        log.warning("features: cropping every clip to features.clip_seconds = %g s discards %.0f%% of the audio "
+                    "(the clips last %.3g s at the median). Fix: set features.clip_seconds (e.g. %.3g), or leave it "
+                    "null for the dataset's own length.", clip_seconds, 100 * share, median, median)
+    return share
 
 
 def _without_folder(reason: str, folder: Path) -> str:
@@ -195,6 +216,11 @@ def poison_clients(
     out_dir: Path,
 ) -> dict[str, Any]:
     """Attack a seeded fraction of clients; write the overlay and the ground truth (no copy of the dataset)."""
+    import torch
+
+    from fedcore.data.features import FeatureStore, LogMelExtractor
+    from fedcore.data.poison import noisy_features, plan_poison
+
     store = FeatureStore.load(Path(features_dir))
     partition = read_json(partition_file)
     clients_rows = [np.asarray(c["train"], dtype=np.int64) for c in partition["clients"]]

@@ -114,21 +114,23 @@ def format_value(value: Any) -> str:
 
 # ----------------------------------------------------------------------------------------------------- applying
 def _rt_yaml() -> Any:
-    """Round-trip YAML (ruamel) that writes this project's params files back byte for byte when nothing changed."""
+    """Round-trip YAML (ruamel) in the layout DVC's own ``-S`` writer gives, plus values both readers agree on.
+
+    The params files are kept in the form ``dvc exp run -S`` writes (ruamel's round-trip defaults: a null is a
+    blank, lists indented by two, ``''`` quotes), so DVC's writer and this one change only the overridden lines
+    (``tests/tasks/test_overrides.py`` checks both on every params file). New floats and strings are written so
+    that PyYAML (the stages) reads them as DVC (YAML 1.2) does: ``1.0e-05``, ``'yes'``.
+    """
     from ruamel.yaml import YAML
     from ruamel.yaml.representer import RoundTripRepresenter
 
     class Representer(RoundTripRepresenter):  # a subclass: ruamel's add_representer changes the class it is called on
         pass
 
-    Representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     Representer.add_representer(float, _represent_float)
     Representer.add_representer(str, _represent_str)
     rt = YAML(typ="rt")
     rt.Representer = Representer
-    rt.indent(mapping=2, sequence=4, offset=2)
-    rt.width = 4096
-    rt.preserve_quotes = True
     return rt
 
 

@@ -30,6 +30,7 @@ for _key, _value in {
     "DVC_NO_ANALYTICS": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "TQDM_DISABLE": "1",
+    "FEDAUDIO_SHARED_SERVER": "0",  # each stage its own temporary server, unless a test hands it one or turns this on
 }.items():
     os.environ.setdefault(_key, _value)
 

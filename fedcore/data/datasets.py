@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
-from fedcore.config import DownloadConfig, register_names_lookup
+from fedcore.config import DownloadConfig, Params, register_names_lookup
 from fedcore.data.audio import AudioInfo, audio_error_reason, inspect_audio, probe_handle
 from fedcore.data.download import extract_archive_detailed, fetch_detailed, make_partial_dir, sha256_file
 from fedcore.data.manifest import SPLITS, ManifestRow, write_manifest
@@ -68,6 +68,7 @@ __all__ = [
     "StageProgress",
     "ingest",
     "limit_per_class",
+    "with_dataset_defaults",
 ]
 
 StageProgress = Callable[[str, int, int | None], None]
@@ -118,6 +119,9 @@ class DatasetSpec(abc.ABC):
         Other archive names accepted in the mirror (offline copies).
     label_fix, split_fix : str
         What to change when the ingested rows have fewer than two labels, or lack a train or test split.
+    clip_seconds : float
+        The dataset's own feature crop length, used where ``features.clip_seconds`` is None: its clips' length
+        (see :func:`with_dataset_defaults`).
     """
 
     name: str
@@ -128,6 +132,7 @@ class DatasetSpec(abc.ABC):
     mirror_names: tuple[str, ...] = ()
     label_fix: str = "check that download.url points to the dataset's full archive"
     split_fix: str = "check that download.url points to the dataset's full archive"
+    clip_seconds: float = 1.0
 
     @abc.abstractmethod
     def scan(self, root: Path, cfg: DownloadConfig) -> list[Candidate]:
@@ -149,6 +154,19 @@ class DatasetSpec(abc.ABC):
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
 register_names_lookup("dataset", DATASETS.names)
+
+
+def with_dataset_defaults(params: Params) -> Params:
+    """``params`` with the feature settings it leaves None set to the dataset's own (``download.dataset``).
+
+    Today one setting: ``features.clip_seconds`` None becomes the dataset's :attr:`DatasetSpec.clip_seconds`
+    (1 s for FSDD and Speech Commands, 5 s for ESC-50), so a study that switches datasets keeps whole clips
+    without a second override. A value set in the params always wins.
+    """
+    if params.features.clip_seconds is not None:
+        return params
+    spec = DATASETS.build(params.download.dataset)
+    return dataclasses.replace(params, features=dataclasses.replace(params.features, clip_seconds=spec.clip_seconds))
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -265,6 +283,7 @@ class ESC50(DatasetSpec):
     label_fix: str = "check download.url and meta/esc50.csv (with download.esc10_only the csv's esc10 rows are kept)"
     split_fix: str = "set download.test_fold to a fold whose clips are readable (the others are train)"
     columns: tuple[str, ...] = ("filename", "fold", "target", "category", "esc10", "src_file", "take")
+    clip_seconds: float = 5.0  # every ESC-50 clip lasts 5 s
 
     def scan(self, root: Path, cfg: DownloadConfig) -> list[Candidate]:
         """Read ``meta/esc50.csv``; keep ESC-10 rows only when ``cfg.esc10_only``."""

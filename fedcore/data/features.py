@@ -48,6 +48,7 @@ __all__ = [
     "extract_clips",
     "extract_features",
     "label_index",
+    "cropped_share",
     "normalisation_stats",
     "write_feature_store",
 ]
@@ -133,6 +134,9 @@ class LogMelExtractor:
             raise ValueError(f"features: 'crop' must be one of {', '.join(_CROPS)}. Got {cfg.crop!r}.")
         if cfg.pad not in _PADS:
             raise ValueError(f"features: 'pad' must be one of {', '.join(_PADS)}. Got {cfg.pad!r}.")
+        if cfg.clip_seconds is None:
+            raise ValueError("features: 'clip_seconds' must be a number of seconds here. Got None (the dataset's own "
+                             "length: fill it with fedcore.data.datasets.with_dataset_defaults first).")
         self.cfg = cfg
         self.num_samples = int(round(cfg.clip_seconds * cfg.sample_rate))
         if self.num_samples <= cfg.n_fft // 2:
@@ -421,6 +425,19 @@ def extract_clips(
         if progress is not None and ((i + 1) % every == 0 or i + 1 == num_items):
             progress(i + 1, num_items)
     return ClipFeatures(features=out[: len(kept)], kept=np.asarray(kept, dtype=np.int64), skipped=skipped)
+
+
+def cropped_share(durations: Iterable[float], clip_seconds: float) -> float:
+    """Share of the audio that cropping every clip to ``clip_seconds`` discards.
+
+    ``sum_i max(0, d_i - clip_seconds) / sum_i d_i`` over the clips' durations ``d_i`` (seconds); 0.0 when there
+    is no audio. Padding discards nothing, so clips shorter than ``clip_seconds`` count as kept whole.
+    """
+    values = [float(d) for d in durations]
+    total = sum(values)
+    if total <= 0.0:
+        return 0.0
+    return sum(max(0.0, d - clip_seconds) for d in values) / total
 
 
 def normalisation_stats(features: np.ndarray, rows: np.ndarray) -> tuple[float, float]:

@@ -14,16 +14,19 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import yaml
 
 from fedcore.config import FeaturesConfig
 from fedcore.data.audio import read_audio
-from fedcore.data.features import LogMelExtractor, extract_features
+from fedcore.data.features import LogMelExtractor, cropped_share, extract_features
 from fedcore.data.manifest import ManifestRow, read_manifest, write_manifest
 from fedcore.errors import DataError
+from tasks.common import read_params
 from tasks.data import featurise
 from tests.conftest import sine, white_noise
 
 STORE_FILES = ("features.npy", "index.csv", "meta.json")
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +186,44 @@ def test_features_stage_refuses_a_feature_array_beyond_memory_before_reading(tmp
                                         r"\(64, 100000000001\) × float16 = 9.54e\+04 GiB. Fix: lower "
                                         r"features.clip_seconds"):
         featurise.fn(FeaturesConfig(clip_seconds=1e9), raw, tmp_path / "features")
+
+
+def test_cropped_share_is_the_audio_beyond_the_clip_over_all_audio() -> None:
+    # clips of 0.5, 2 and 5 s cut to 1 s: 0 + 1 + 4 of 7.5 seconds discarded
+    assert cropped_share([0.5, 2.0, 5.0], 1.0) == pytest.approx(5.0 / 7.5)
+    assert cropped_share([0.5, 0.9], 1.0) == 0.0 and cropped_share([], 1.0) == 0.0
+
+
+@pytest.mark.parametrize(("clip_seconds", "warned"), [(0.2, True), (0.6, False)])
+def test_features_stage_warns_when_its_crop_discards_most_of_the_audio(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, clip_seconds: float, warned: bool) -> None:
+    raw = tmp_path / "raw"
+    write_manifest(_good_rows(raw), raw / "manifest.csv")  # 0.6 s clips
+    with caplog.at_level(logging.WARNING):
+        summary = featurise.fn(FeaturesConfig(clip_seconds=clip_seconds), raw, tmp_path / "features")
+    assert summary["cropped_share"] == pytest.approx(max(0.0, 0.6 - clip_seconds) / 0.6)
+    messages = [r.getMessage() for r in caplog.records if "discards" in r.getMessage()]
+    expected = (f"features: cropping every clip to features.clip_seconds = {clip_seconds:g} s discards 67% of the "
+                "audio (the clips last 0.6 s at the median). Fix: set features.clip_seconds (e.g. 0.6), or leave it "
+                "null for the dataset's own length.")
+    assert messages == ([expected] if warned else [])
+
+
+@pytest.mark.parametrize(("dataset", "given", "used"), [
+    ("fsdd", None, 1.0), ("esc50", None, 5.0), ("esc50", 2.0, 2.0), ("speechcommands", None, 1.0)])
+def test_a_null_clip_length_is_the_datasets_own_and_a_set_one_wins(
+        tmp_path: Path, dataset: str, given: float | None, used: float) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"download": {"dataset": dataset}, "features": {"clip_seconds": given}}))
+    assert read_params(params).features.clip_seconds == used
+
+
+def test_the_default_params_leave_the_clip_length_to_the_dataset() -> None:
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    assert params["features"]["clip_seconds"] is None
+    assert read_params(REPO_ROOT / "params.yaml").features.clip_seconds == 1.0  # fsdd's
+
+
+def test_the_front_end_refuses_an_unresolved_clip_length() -> None:
+    with pytest.raises(ValueError, match="'clip_seconds' must be a number of seconds here. Got None"):
+        LogMelExtractor(FeaturesConfig(clip_seconds=None))

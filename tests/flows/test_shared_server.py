@@ -1,0 +1,97 @@
+"""The Prefect server the stages share when none is configured (flows.server): one keeper, stopped when idle."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from flows import server
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STAGE = """
+import os, sys
+from prefect import flow
+from flows import server
+url = server.attach()
+@flow(name="tiny")
+def tiny() -> str:
+    return os.environ["PREFECT_API_URL"]
+print(url, tiny(), os.getpid(), flush=True)
+"""
+
+
+def _env(home: Path, idle_s: float = 3) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), FEDAUDIO_SHARED_SERVER="1", FEDAUDIO_SERVER_IDLE_S=f"{idle_s:g}",
+               PYTHONPATH=str(REPO_ROOT))
+    return env
+
+
+def _stage(home: Path) -> subprocess.Popen[str]:
+    # idle 15 s: more than a stage's start-up, so the server waits from one stage to the next
+    return subprocess.Popen([sys.executable, "-c", STAGE], env=_env(home, idle_s=15), cwd=home.parent, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while (alive := [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive
+
+
+def test_stages_started_together_and_after_share_one_server_which_stops_once_idle(tmp_path: Path) -> None:
+    home = tmp_path / "prefect"
+    first = [_stage(home), _stage(home)]  # at the same time: one keeper for both
+    outputs = [process.communicate(timeout=300) for process in first]
+    assert [process.returncode for process in first] == [0, 0], [err[-2000:] for _, err in outputs]
+    later = _stage(home)
+    out, err = later.communicate(timeout=120)
+    assert later.returncode == 0, err[-2000:]
+    urls = {word for line, _ in [*outputs, (out, "")] for word in line.split()[:2]}
+    assert len(urls) == 1 and next(iter(urls)).startswith("http://127.0.0.1:")  # attach's URL = the flow's
+    log = (home / "fedaudio-server.log").read_text()
+    assert log.count("shared Prefect server at") == 1, log
+    state = json.loads((home / server.STATE_NAME).read_text())
+    keeper = psutil.Process(state["pid"])
+    processes = [keeper.pid, *(child.pid for child in keeper.children(recursive=True))]
+    assert server.healthy(state["url"])
+    assert not _wait_gone(processes, timeout_s=60)  # 15 s idle, then the server and its keeper end
+    assert not (home / server.STATE_NAME).exists() and not server.healthy(state["url"], timeout_s=1)
+    assert "stopped after 15 s without a stage" in (home / "fedaudio-server.log").read_text()
+
+
+def test_the_keeper_waits_for_a_stage_using_it_and_not_for_a_killed_one(tmp_path: Path) -> None:
+    home = tmp_path / "prefect"
+    home.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "from flows import server; import sys, time; "
+                               "print(server.attach(), flush=True); time.sleep(600)"],
+                              env=_env(home), cwd=tmp_path, text=True, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None
+        url = holder.stdout.readline().strip()
+        keeper = psutil.Process(json.loads((home / server.STATE_NAME).read_text())["pid"])
+        time.sleep(5)  # longer than the idle time: the lease of a live stage keeps the server
+        assert server.healthy(url) and keeper.is_running()
+        holder.kill()
+        holder.wait()
+        assert not _wait_gone([keeper.pid], timeout_s=30)
+    finally:
+        holder.kill()
+
+
+def test_nothing_is_shared_when_turned_off_or_a_server_is_configured(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.setenv("FEDAUDIO_SHARED_SERVER", "0")
+    assert server.attach() is None
+    monkeypatch.setenv("FEDAUDIO_SHARED_SERVER", "1")
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert server.attach() is None
+    assert not (tmp_path / server.STATE_NAME).exists()
