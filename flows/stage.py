@@ -71,8 +71,9 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
         os.environ.setdefault(key, value)
     start_watchdog()
     _attach_shared_server()
-    share_temporary_server()
-    detach_temporary_server()
+    if not os.environ.get("PREFECT_API_URL"):  # this process may start a temporary server (importing it: ~4 s)
+        share_temporary_server()
+        detach_temporary_server()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
