@@ -12,6 +12,7 @@ import ast
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -54,8 +55,7 @@ EXERCISED: dict[str, list[tuple[str, str, str]]] = {
         ("tests/flows/test_deployment.py", "deployed", '"worker", "start"')],
     "prefect deployment run pipeline/fedaudio-pipeline --param 'run={\"rounds\": 3}'": [
         ("tests/flows/test_deployment.py", "run_and_wait", '"deployment", "run"')],
-    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 "
-    "--workers 1": [("tests/test_readme.py", "test_the_mlflow_ui_command_serves_the_store", "MLFLOW_UI")],
+    "fedaudio ui": [("tests/test_readme.py", "test_the_mlflow_ui_command_serves_the_store", "MLFLOW_UI")],
     "python: load a model": [(E2E, "test_the_readme_python_block_loads_the_final_model", "python_blocks")],
 }
 
@@ -154,10 +154,10 @@ def test_make_run_and_test_set_up_first(tmp_path: Path) -> None:
 
 
 def test_the_environment_has_its_commands() -> None:
-    """What ``source .venv/bin/activate`` puts on PATH: the environment's python, dvc, prefect and mlflow."""
+    """What ``source .venv/bin/activate`` puts on PATH: the environment's python, dvc, prefect, mlflow and fedaudio."""
     bin_dir = Path(sys.executable).parent
     assert (bin_dir / "activate").is_file()
-    for tool in ["dvc", "prefect", "mlflow"]:
+    for tool in ["dvc", "prefect", "mlflow", "fedaudio"]:
         assert (bin_dir / tool).is_file(), tool
 
 
@@ -185,12 +185,11 @@ def _readme(prefix: str) -> list[str]:
 
 @pytest.mark.integration
 def test_the_mlflow_ui_command_serves_the_store(tmp_path: Path) -> None:
-    MLFLOW_UI = _readme("mlflow ui")
+    MLFLOW_UI = _readme("fedaudio ui")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    env.update(a.split("=", 1) for a in MLFLOW_UI if "=" in a and not a.startswith("-"))
-    argv = [a for a in MLFLOW_UI if "=" not in a or a.startswith("-")]
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")  # names the store: sqlite:///mlflow.db
     port = _free_port()
-    process = subprocess.Popen([*argv, "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen([*MLFLOW_UI, "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         assert _get(f"http://127.0.0.1:{port}/health", time.monotonic() + 120).strip() == "OK"
