@@ -50,7 +50,7 @@ from tasks.rounds import (
     timing_summary,
     write_run_record,
 )
-from tasks.tracking import FederateTracker
+from tasks.tracking import FederateTracker, run_link
 
 SUMMARY_KEYS = ("global_accuracy", "global_loss", "personalised_accuracy_mean", "personalised_accuracy_worst10")
 
@@ -215,8 +215,9 @@ def _finish(params: Params, paths: FederatePaths, tracker: FederateTracker, stat
                           key="federate-rounds", description="per-round metrics")
     create_markdown_artifact(
         f"# federate\nfinal {primary} **{last[primary]:.4f}** after {metrics['rounds']} rounds "
-        f"(best {best[primary]:.4f} at round {metrics['best_round']}); MLflow run "
-        f"`{tracker.run_id}`, registered `{tracker.cfg.registered_model}` v{version} (alias `final`).",
+        f"(best {best[primary]:.4f} at round {metrics['best_round']}); "
+        f"{run_link(tracker.experiment_id, tracker.run_id)} (with `fedaudio ui` running), registered "
+        f"`{tracker.cfg.registered_model}` v{version} (alias `final`).",
         key="federate-summary",
     )
     print(f"federate: final {primary} {last[primary]:.4f} (best {best[primary]:.4f} at round "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -44,22 +45,53 @@ def study_targets(study: Study, root: Path, stages: Sequence[str] | None) -> lis
     return chosen if study.dvc_file == "dvc.yaml" else [f"{study.dvc_file}:{name}" for name in chosen]
 
 
+PIPELINE_RUN_ENV = "FEDAUDIO_PIPELINE_RUN"
+"""Set for the stages a pipeline runs: its Prefect flow run id; each stage's flow run is tagged with it."""
+
+
+def pipeline_tag(flow_run_id: str) -> str:
+    """The tag of the stage flow runs of pipeline flow run ``flow_run_id``."""
+    return f"pipeline-run:{flow_run_id}"
+
+
 @task(name="dvc-repro", task_run_name="repro {name}", retries=0)
-def repro_stage(name: str, env: dict[str, str], force: bool = False) -> None:
-    """``dvc repro <name>``: runs the stage (and anything stale upstream) or reports it up to date."""
+def repro_stage(name: str, env: dict[str, str], force: bool = False) -> str:
+    """``dvc repro <name>``: runs the stage (and anything stale upstream) or finds it up to date.
+
+    DVC's output goes line by line to this task's log (and the terminal); the last line says which stages ran
+    and which were skipped. Returns ``"ran"`` or ``"up to date"``.
+    """
     command = [str(Path(sys.executable).with_name("dvc")), "repro", name]
     if force:
         command.append("--force")
     print("$ " + " ".join(command[1:]))
-    result = subprocess.run(command, env=env, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"pipeline: stage {name!r} failed (dvc exit code {result.returncode}); "
+    ran, skipped = [], []
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            line = line.rstrip()
+            if found := re.match(r"Running stage '([^']+)'", line):
+                ran.append(found.group(1))
+            elif found := re.match(r"Stage '([^']+)' didn't change, skipping", line):
+                skipped.append(found.group(1))
+            if line:
+                print(line)
+    if process.returncode != 0:
+        raise RuntimeError(f"pipeline: stage {name!r} failed (dvc exit code {process.returncode}); "
                            "finished stages and checkpoints are kept, run again to resume.")
+    outcome = "ran" if ran else "up to date"
+    print(f"repro {name}: {outcome}" + (f" (ran {', '.join(ran)})" if ran else "")
+          + (f"; up to date: {', '.join(skipped)}" if skipped else ""))
+    return outcome
 
 
 def _child_env(parent_run_id: str) -> dict[str, str]:
+    from prefect.runtime import flow_run
+
     env = dict(os.environ)
     env[PARENT_ENV] = parent_run_id
+    env[PIPELINE_RUN_ENV] = str(flow_run.id)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     # Without a configured server this flow runs on Prefect's temporary server: hand it to the stages, so each
     # stage's flow shows up in the same place and none pays ~10 s to start a temporary server of its own. The
@@ -74,6 +106,35 @@ def _prefect_tags() -> dict[str, str]:
     from prefect.runtime import flow_run
 
     return {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
+
+
+def stage_runs(flow_run_id: str) -> list[dict[str, str]]:
+    """The stage flow runs of pipeline flow run ``flow_run_id`` (tagged :func:`pipeline_tag`), oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_UI_URL
+
+    ui = PREFECT_UI_URL.value()
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[
+            pipeline_tag(flow_run_id)])), sort=FlowRunSort.START_TIME_ASC)
+        flows = {run.flow_id: client.read_flow(run.flow_id).name for run in runs}
+    return [{"stage": flows[run.flow_id], "name": run.name, "id": str(run.id),
+             "state": run.state.name if run.state else "?",
+             "url": f"{ui}/runs/flow-run/{run.id}" if ui else ""} for run in runs]
+
+
+def _stage_runs_lines(flow_run_id: str) -> list[str]:
+    try:
+        runs = stage_runs(flow_run_id)
+    except Exception as error:  # noqa: BLE001 - the summary must not fail the finished run
+        return [f"- stage flow runs: not listed ({type(error).__name__}: {error})"]
+    if not runs:
+        return ["- stage flow runs: none (every stage was up to date)"]
+    links = [f"[{r['stage']}]({r['url']})" if r["url"] else f"{r['stage']} (`{r['id']}`)" for r in runs]
+    return [f"- stage flow runs (tag `{pipeline_tag(flow_run_id)}`): " + ", ".join(
+        f"{link} {r['state']}" for link, r in zip(links, runs, strict=True))]
 
 
 def _changes_table(changes: Sequence[Change]) -> list[str]:
@@ -110,6 +171,8 @@ def pipeline(run: PipelineRun = PipelineRun()) -> dict[str, Any]:  # noqa: B008 
             end_run(parent, run_status(error), error)
             raise
         end_run(parent, "FINISHED")
+    from prefect.runtime import flow_run
+
     metrics_file = root / study.metrics
     metrics = read_json(metrics_file).get(run.study, {}) if metrics_file.exists() else {}
     uri = tracking_uri(params.mlflow, root)
@@ -121,6 +184,7 @@ def pipeline(run: PipelineRun = PipelineRun()) -> dict[str, Any]:  # noqa: B008 
         f"- metrics: `dvc metrics show` ({study.metrics}); per-round plot: {study.plot}",
         f"- MLflow: `mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --workers 1`, experiment "
         f"`{params.mlflow.experiment}`, parent run `{parent}`; every round's model is a LoggedModel.",
+        *_stage_runs_lines(str(flow_run.id)),
     ])
     create_markdown_artifact(message, key="pipeline-summary")
     return {"metrics": metrics, "params": flatten(params), "overrides": overrides, "summary": message}

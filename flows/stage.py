@@ -81,8 +81,14 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
     if not os.environ.get("FEDAUDIO_VERBOSE"):
         logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
 
+    from prefect import tags
+
+    # A stage the pipeline flow runs: its flow run carries the pipeline run's tag (flows.pipeline.pipeline_tag).
+    pipeline_run = os.environ.get("FEDAUDIO_PIPELINE_RUN")
+    stage_tags = [f"pipeline-run:{pipeline_run}"] if pipeline_run else []
     try:
-        with exit_when_interrupted(INTERRUPT_GRACE_S), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        with exit_when_interrupted(INTERRUPT_GRACE_S), tags(*stage_tags), \
+                temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             main(args)
     except ConfigError as error:
         print(f"error: invalid params ({args.params}):\n{error}", file=sys.stderr)

@@ -149,7 +149,7 @@ class ProgressCallback(Callback):
 
     @override
     def on_start(self, run: Run) -> None:
-        self.bar = Progress(self.total, self.description, key=self.key)
+        self.bar = Progress(self.total, self.description, key=self.key, line_interval_s=0.0)  # a line per round
         self.bar.update(run.start_round)
 
     @override

@@ -95,11 +95,25 @@ def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
     return uri
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""The tag MLflow's UI reads to open an experiment in model-training mode (its other kinds: GenAI, fine-tuning)."""
+
+MLFLOW_UI_ENV = "FEDAUDIO_MLFLOW_UI"
+"""Base URL of the MLflow UI that links point at (default: ``fedaudio ui``'s, http://127.0.0.1:5000)."""
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """Markdown link to a run in the MLflow UI (``FEDAUDIO_MLFLOW_UI``, else ``fedaudio ui``'s address)."""
+    base = os.environ.get(MLFLOW_UI_ENV, "http://127.0.0.1:5000").rstrip("/")
+    return f"[MLflow run `{run_id}`]({base}/#/experiments/{experiment_id}/runs/{run_id})"
+
+
 def setup(cfg: MlflowConfig, root: Path) -> str:
     """Point MLflow at the store and make sure the experiment exists (artifacts under ``root/mlartifacts``).
 
-    Also marks the experiment's runs whose owner process is gone KILLED (:func:`reap_orphans`). Returns the
-    experiment id.
+    A new experiment is tagged as model training (:data:`EXPERIMENT_KIND`), so MLflow's UI opens it on runs,
+    charts and models rather than GenAI traces and evaluation runs. Also marks the experiment's runs whose owner
+    process is gone KILLED (:func:`reap_orphans`). Returns the experiment id.
     """
     import mlflow
 
@@ -112,7 +126,8 @@ def setup(cfg: MlflowConfig, root: Path) -> str:
     else:
         location = (root / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
         try:
-            experiment_id = str(mlflow.create_experiment(cfg.experiment, artifact_location=location))
+            experiment_id = str(mlflow.create_experiment(cfg.experiment, artifact_location=location,
+                                                         tags=dict([EXPERIMENT_KIND])))
         except Exception:  # another process created it first
             experiment = mlflow.get_experiment_by_name(cfg.experiment)
             if experiment is None:

@@ -154,7 +154,7 @@ def test_make_run_and_test_set_up_first(tmp_path: Path) -> None:
 
 
 def test_the_environment_has_its_commands() -> None:
-    """What ``source .venv/bin/activate`` puts on PATH: the environment's python, dvc, prefect, mlflow and fedaudio."""
+    """What ``source .venv/bin/activate`` puts on PATH: the environment's python, dvc, prefect, mlflow, fedaudio."""
     bin_dir = Path(sys.executable).parent
     assert (bin_dir / "activate").is_file()
     for tool in ["dvc", "prefect", "mlflow", "fedaudio"]:

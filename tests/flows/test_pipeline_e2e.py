@@ -247,3 +247,36 @@ def test_the_readme_python_block_loads_the_final_model(project: Path) -> None:
     result = run([sys.executable, "-c", block + "\nprint('loaded', type(model).__name__)"], project, stage_env())
     assert "loaded PyFuncModel" in result.stdout, result.stdout + result.stderr
     assert "label" in result.stdout, result.stdout  # it classified the WAV: a label and the class probabilities
+
+
+def test_the_prefect_run_names_stages_clients_and_rounds_and_links_its_stage_runs(project: Path,
+                                                                                   prefect_api: str) -> None:
+    """Read back from the Prefect API: the pipeline run's tasks are `repro <stage>`, each stage's flow run carries
+    the pipeline run's tag (and is listed in its summary), the federate run's tasks are `train client c round r`."""
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+
+    from flows.pipeline import pipeline_tag, stage_runs
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    (parent,) = mlflow.search_runs(experiment_names=["fedaudio"], filter_string="tags.`fedaudio.study` = 'fedavg'",
+                                   output_format="list")
+    pipeline_run = parent.data.tags["prefect.flow_run_id"]
+
+    def task_names(flow_run_id: str) -> list[str]:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+                flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])))
+        return sorted(run.name for run in runs)
+
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    assert task_names(pipeline_run) == sorted(f"repro {name}" for name in stages)
+    runs = stage_runs(pipeline_run)
+    assert [r["stage"] for r in runs] == ["download", "features", "partition", "poison", "federate"]
+    assert {r["state"] for r in runs} == {"Completed"}
+    with get_client(sync_client=True) as client:
+        assert all(pipeline_tag(pipeline_run) in client.read_flow_run(r["id"]).tags for r in runs)
+    federate = next(r["id"] for r in runs if r["stage"] == "federate")
+    trained = [name for name in task_names(federate) if name.startswith("train client")]
+    assert sorted(trained) == sorted(f"train client {c} round {r}" for c in range(3) for r in (1, 2))

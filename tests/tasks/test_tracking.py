@@ -8,7 +8,15 @@ import torch
 
 from fedcore.config import MlflowConfig, ModelConfig
 from fedcore.models.spec import build, classifier_spec
-from tasks.tracking import PARENT_ENV, FederateTracker, load_model, start_parent_run, tracking_uri
+from tasks.tracking import (
+    PARENT_ENV,
+    FederateTracker,
+    load_model,
+    run_link,
+    setup,
+    start_parent_run,
+    tracking_uri,
+)
 
 #: A small registered classifier on (1, 4, 5) log-mel (conv, BatchNorm, linear): what the rounds log.
 SPEC = classifier_spec(ModelConfig(name="cnn", width=2, depth=1), 3, (1, 4, 5))
@@ -27,6 +35,15 @@ def tiny_model() -> torch.nn.Module:
 
 def test_relative_sqlite_uri_lives_under_the_project(cfg: MlflowConfig, tmp_path: Path) -> None:
     assert tracking_uri(cfg, tmp_path) == f"sqlite:///{tmp_path / 'store/mlflow.db'}"
+
+
+def test_a_new_experiment_opens_in_model_training_mode_with_links_to_its_runs(
+        cfg: MlflowConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    experiment_id = setup(cfg, tmp_path)
+    tags = mlflow.MlflowClient().get_experiment(experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    monkeypatch.setenv("FEDAUDIO_MLFLOW_UI", "http://host:5001/")
+    assert run_link(experiment_id, "abc") == f"[MLflow run `abc`](http://host:5001/#/experiments/{experiment_id}/runs/abc)"
 
 
 def test_env_overrides_the_uri(cfg: MlflowConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
