@@ -42,7 +42,8 @@ def test_detector_sees_a_forbidden_import(tmp_path: Path) -> None:
     assert {"prefect", "mlflow"} <= imported_modules(bad)
 
 
-STAGE_HELPERS = {"flows.stage", "flows.runners", "flows"}  # the stage entry point and runners every flow shares
+# the stage entry point, the server the stages share and the runners every flow uses
+STAGE_HELPERS = {"flows.stage", "flows.server", "flows.runners", "flows"}
 
 
 def flow_imports(path: Path) -> set[str]:
@@ -63,7 +64,7 @@ def flow_imports(path: Path) -> set[str]:
 def test_stage_flows_do_not_import_each_other() -> None:
     offenders = {
         path.name: sorted(flow_imports(path) - STAGE_HELPERS)
-        for path in (ROOT / "flows").glob("*.py") if path.name not in {"__init__.py", "pipeline.py"}
+        for path in (ROOT / "flows").glob("*.py") if path.name not in {"__init__.py", "pipeline.py", "cli.py"}
     }
     assert {k: v for k, v in offenders.items() if v} == {}
 

@@ -187,6 +187,7 @@ def _readme(prefix: str) -> list[str]:
 def test_the_mlflow_ui_command_serves_the_store(tmp_path: Path) -> None:
     MLFLOW_UI = _readme("fedaudio ui")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.pop("MLFLOW_TRACKING_URI", None)  # set by earlier tests' mlflow.set_tracking_uri; it would win
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")  # names the store: sqlite:///mlflow.db
     port = _free_port()
     process = subprocess.Popen([*MLFLOW_UI, "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
