@@ -33,9 +33,8 @@ def _env(home: Path, idle_s: float = 3) -> dict[str, str]:
     return env
 
 
-def _stage(home: Path) -> subprocess.Popen[str]:
-    # idle 15 s: more than a stage's start-up, so the server waits from one stage to the next
-    return subprocess.Popen([sys.executable, "-c", STAGE], env=_env(home, idle_s=15), cwd=home.parent, text=True,
+def _stage(home: Path, idle_s: float) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", STAGE], env=_env(home, idle_s), cwd=home.parent, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -47,44 +46,39 @@ def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
     return alive
 
 
-def test_stages_started_together_and_after_share_one_server_which_stops_once_idle(tmp_path: Path) -> None:
-    home = tmp_path / "prefect"
-    first = [_stage(home), _stage(home)]  # at the same time: one keeper for both
+def test_stages_share_one_server_which_waits_for_live_stages_and_stops_once_idle(tmp_path: Path) -> None:
+    """Two stages started together and one after them use one server (one keeper); the keeper keeps it while a
+    stage holds it, past the idle time, and not for a killed one: then it stops the server and exits."""
+    home, idle_s = tmp_path / "prefect", 10.0  # more than a stage's start-up: the server waits between stages
+    first = [_stage(home, idle_s), _stage(home, idle_s)]
     outputs = [process.communicate(timeout=300) for process in first]
     assert [process.returncode for process in first] == [0, 0], [err[-2000:] for _, err in outputs]
-    later = _stage(home)
+    later = _stage(home, idle_s)
     out, err = later.communicate(timeout=120)
     assert later.returncode == 0, err[-2000:]
     urls = {word for line, _ in [*outputs, (out, "")] for word in line.split()[:2]}
     assert len(urls) == 1 and next(iter(urls)).startswith("http://127.0.0.1:")  # attach's URL = the flow's
-    log = (home / "fedaudio-server.log").read_text()
-    assert log.count("shared Prefect server at") == 1, log
-    state = json.loads((home / server.STATE_NAME).read_text())
-    keeper = psutil.Process(state["pid"])
-    processes = [keeper.pid, *(child.pid for child in keeper.children(recursive=True))]
-    assert server.healthy(state["url"])
-    assert not _wait_gone(processes, timeout_s=60)  # 15 s idle, then the server and its keeper end
-    assert not (home / server.STATE_NAME).exists() and not server.healthy(state["url"], timeout_s=1)
-    assert "stopped after 15 s without a stage" in (home / "fedaudio-server.log").read_text()
+    assert (home / "fedaudio-server.log").read_text().count("shared Prefect server at") == 1
 
-
-def test_the_keeper_waits_for_a_stage_using_it_and_not_for_a_killed_one(tmp_path: Path) -> None:
-    home = tmp_path / "prefect"
-    home.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "from flows import server; import sys, time; "
+    holder = subprocess.Popen([sys.executable, "-c", "from flows import server; import time; "
                                "print(server.attach(), flush=True); time.sleep(600)"],
-                              env=_env(home), cwd=tmp_path, text=True, stdout=subprocess.PIPE)
+                              env=_env(home, idle_s), cwd=tmp_path, text=True, stdout=subprocess.PIPE)
     try:
         assert holder.stdout is not None
         url = holder.stdout.readline().strip()
-        keeper = psutil.Process(json.loads((home / server.STATE_NAME).read_text())["pid"])
-        time.sleep(5)  # longer than the idle time: the lease of a live stage keeps the server
+        assert {url} == urls
+        state = json.loads((home / server.STATE_NAME).read_text())
+        keeper = psutil.Process(state["pid"])
+        processes = [keeper.pid, *(child.pid for child in keeper.children(recursive=True))]
+        time.sleep(idle_s + 2)  # a live stage's lease keeps the server past the idle time
         assert server.healthy(url) and keeper.is_running()
-        holder.kill()
+        holder.kill()  # a killed stage's lease does not
         holder.wait()
-        assert not _wait_gone([keeper.pid], timeout_s=30)
+        assert not _wait_gone(processes, timeout_s=idle_s + 30)
     finally:
         holder.kill()
+    assert not (home / server.STATE_NAME).exists() and not server.healthy(url, timeout_s=1)
+    assert "stopped after 10 s without a stage" in (home / "fedaudio-server.log").read_text()
 
 
 def test_nothing_is_shared_when_turned_off_or_a_server_is_configured(tmp_path: Path, monkeypatch) -> None:
