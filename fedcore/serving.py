@@ -41,7 +41,7 @@ from fedcore.data.audio import read_audio
 from fedcore.data.features import LogMelExtractor
 from fedcore.errors import AudioError
 from fedcore.evaluation.metrics import predict
-from fedcore.models.spec import MAX_SPEC_BYTES, ModelSpec, rebuild, strict_json_loads
+from fedcore.models.spec import MAX_SPEC_BYTES, ModelSpec, read_json_file_text, rebuild
 
 __all__ = ["SERVING_FILE", "SERVING_VERSION", "AudioClassifier", "ServingSpec", "load_classifier"]
 
@@ -62,8 +62,8 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _relative(value: Any, where: str, name: str) -> str:
-    """A file name inside the model folder: relative, plain characters, no ``..``."""
+def relative_name(value: Any, where: str, name: str) -> str:
+    """A file name inside a model folder: relative, plain characters, no ``..`` (else ``ValueError``)."""
     if not isinstance(value, str) or len(value) > 200 or not _RELATIVE.match(value) or ".." in value.split("/"):
         raise ValueError(f"{where}: '{name}' must be a relative file name inside the model folder (no '..', no "
                          f"absolute path). Got {_short(value)}.")
@@ -123,8 +123,8 @@ class ServingSpec:
             raise ValueError(f"{where}: 'labels' must not hold {clash} (a column of the predictions). "
                              f"Got {clash}.")
         object.__setattr__(self, "labels", tuple(labels))
-        _relative(self.model_spec, where, "model_spec")
-        _relative(self.weights, where, "weights")
+        relative_name(self.model_spec, where, "model_spec")
+        relative_name(self.weights, where, "weights")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"{where}: 'batch_size' must be an int >= 1. Got {_short(self.batch_size)}.")
 
@@ -174,12 +174,7 @@ class ServingSpec:
         ValueError
             If the text is too long, not JSON, lacks a key or holds a bad value (the message names it).
         """
-        if len(text) > MAX_SERVING_BYTES:
-            raise ValueError(f"{where}: must be at most {MAX_SERVING_BYTES} bytes. Got {len(text)}.")
-        try:
-            raw = strict_json_loads(text)
-        except (ValueError, RecursionError, UnicodeDecodeError) as error:
-            raise ValueError(f"{where}: must be JSON. Got an unreadable file ({error}).") from None
+        raw = read_json_file_text(text, MAX_SERVING_BYTES, where)
         if not isinstance(raw, dict):
             raise ValueError(f"{where}: must be a JSON object with keys {sorted(_KEYS)}. Got {_short(raw)}.")
         if set(raw) != set(_KEYS):

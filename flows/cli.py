@@ -35,6 +35,15 @@ STAGES: dict[str, str] = {
     "headline": "flows.headline",
 }
 """Stage name -> the module DVC runs (``python -m <module>``); each has a ``main(argv)``."""
+PIPELINE = "flows.pipeline"
+"""The module of ``fedaudio run`` (``python -m flows.pipeline``)."""
+
+
+def _main_of(module: str, argv: list[str]) -> int:
+    """``main(argv)`` of ``module``, imported only now (what keeps ``fedaudio --help`` fast)."""
+    import importlib
+
+    return int(importlib.import_module(module).main(argv))
 
 STUDIES = ("fedavg", "personalised", "fassl", "modalitymirror", "earlyexit")
 """The studies ``fedaudio run --study`` takes (tasks.studies.STUDIES, which a test keeps equal to this)."""
@@ -64,12 +73,10 @@ def run(
     """Run a study: apply the overrides, `dvc repro` each stage under one Prefect flow run, put params back."""
     if study not in STUDIES:
         raise typer.BadParameter(f"must be one of {', '.join(STUDIES)}. Got {study!r}.", param_hint="--study")
-    from flows import pipeline
-
     argv = ["--study", study, *[a for value in set_ or [] for a in ("-S", value)]]
     if stages:
         argv += ["--stages", *stages]
-    _exit(pipeline.main([*argv, *(["--force"] if force else [])]))
+    _exit(_main_of(PIPELINE, [*argv, *(["--force"] if force else [])]))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
@@ -84,9 +91,7 @@ def stage(
         return
     if name not in STAGES:
         raise typer.BadParameter(f"must be one of {', '.join(STAGES)}. Got {name!r}.", param_hint="NAME")
-    import importlib
-
-    _exit(importlib.import_module(STAGES[name]).main(list(ctx.args)))
+    _exit(_main_of(STAGES[name], list(ctx.args)))
 
 
 @app.command()
@@ -109,9 +114,7 @@ def deploy(
                                "help_option_names": []})
 def select(ctx: typer.Context) -> None:
     """Register each downstream task's best round of a self-supervised run (`flows.select`; --help for options)."""
-    from flows import select as select_stage
-
-    _exit(select_stage.main(list(ctx.args)))
+    _exit(_main_of(STAGES["select"], list(ctx.args)))
 
 
 @app.command()

@@ -3,7 +3,7 @@
 Every stage also leaves nothing running behind it. A watchdog process (:func:`watch`) follows the stage and, if
 the stage dies without exiting normally (kill -9 included), ends every process the stage started and left:
 Prefect's temporary API server, the processes of a local Dask or Ray cluster, runner workers. With no server
-configured, the stages share one (:mod:`flows.server`): its keeper outlives a stage and stops itself once no stage
+configured, the stages share one (:mod:`tasks.server`): its keeper outlives a stage and stops itself once no stage
 has used it for a minute. With ``FEDAUDIO_SHARED_SERVER=0`` each stage starts a temporary server of its own, and
 its child processes use that server (``PREFECT_API_URL``) instead of starting one each.
 
@@ -100,8 +100,8 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
 
 
 def _attach_shared_server() -> None:
-    """Use the server the stages share (:mod:`flows.server`); on failure, say so and start one of its own."""
-    from flows import server
+    """Use the server the stages share (:mod:`tasks.server`); on failure, say so and start one of its own."""
+    from tasks import server
 
     try:
         server.attach()
@@ -208,13 +208,13 @@ def watch(parent: int, interval_s: float = WATCH_INTERVAL_S, grace_s: float = RE
 
 
 def _shared_server_processes(processes: list[Any]) -> set[int]:
-    """Process ids of the shared server's keeper among ``processes`` and of its own descendants (``flows.server``).
+    """Process ids of the shared server's keeper among ``processes`` and of its own descendants (``tasks.server``).
 
     The keeper a stage starts serves the stages after it and stops itself once idle, so it is never reaped.
     """
     import psutil
 
-    from flows.server import KEEPER_MARK
+    from tasks.server import KEEPER_MARK
 
     spared: set[int] = set()
     for process in processes:

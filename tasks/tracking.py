@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import socket
 import sys
@@ -53,7 +52,7 @@ import numpy as np
 
 from fedcore.config import MlflowConfig
 from fedcore.models.spec import ModelSpec, rebuild, spec_of
-from fedcore.serving import SERVING_FILE, ServingSpec
+from fedcore.serving import SERVING_FILE, ServingSpec, relative_name
 
 log = logging.getLogger(__name__)
 
@@ -797,17 +796,6 @@ def _safe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-_RELATIVE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
-
-
-def _relative(value: Any, where: str, name: str) -> str:
-    """A file name inside a model folder: relative, no ``..``, plain characters."""
-    if not isinstance(value, str) or len(value) > 200 or not _RELATIVE.match(value) or ".." in value.split("/"):
-        raise ValueError(f"{where}: the MLmodel flavour {FLAVOR!r}'s '{name}' must be a relative file name inside "
-                         f"the model folder. Got {_safe(value)}.")
-    return value
-
-
 @dataclass(frozen=True)
 class _Source:
     """Where a model's files are: a local folder, or an artifact URI (MLflow copies the files, no more)."""
@@ -952,8 +940,9 @@ def load_model(uri: str, *, trust_pickle: bool = False) -> LoadedModel:
                 raise ValueError(f"{where}: the MLmodel flavour {FLAVOR!r} must have format_version "
                                  f"{FLAVOR_VERSION}. Got {_safe(version)}. Fix: load it with the version of this "
                                  "project that logged it.")
-            spec_name = _relative(config.get("spec"), where, "spec")
-            weights_name = _relative(config.get("weights"), where, "weights")
+            flavour = f"{where}: the MLmodel flavour {FLAVOR!r}"
+            spec_name = relative_name(config.get("spec"), flavour, "spec")
+            weights_name = relative_name(config.get("weights"), flavour, "weights")
             inputs = _inputs(config.get("inputs"), where)
             from fedcore.models.spec import MAX_SPEC_BYTES
 

@@ -42,8 +42,8 @@ def test_detector_sees_a_forbidden_import(tmp_path: Path) -> None:
     assert {"prefect", "mlflow"} <= imported_modules(bad)
 
 
-# the stage entry point, the server the stages share and the runners every flow uses
-STAGE_HELPERS = {"flows.stage", "flows.server", "flows.runners", "flows"}
+# the stage entry point and the runners every flow uses
+STAGE_HELPERS = {"flows.stage", "flows.runners", "flows"}
 
 
 def flow_imports(path: Path) -> set[str]:

@@ -149,13 +149,7 @@ class ModelSpec:
         ValueError
             If the text is too long, not JSON, or not a valid spec.
         """
-        if len(text) > MAX_SPEC_BYTES:
-            raise ValueError(f"{where}: must be at most {MAX_SPEC_BYTES} bytes. Got {len(text)}.")
-        try:
-            raw = strict_json_loads(text)
-        except (ValueError, RecursionError, UnicodeDecodeError) as error:
-            raise ValueError(f"{where}: must be JSON. Got an unreadable file ({error}).") from None
-        return cls.from_dict(raw, where)
+        return cls.from_dict(read_json_file_text(text, MAX_SPEC_BYTES, where), where)
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -177,6 +171,16 @@ def _no_constant(name: str) -> Any:
 def strict_json_loads(text: str | bytes) -> Any:
     """``json.loads`` that refuses duplicate keys and NaN/Infinity (``ValueError``): for files from others."""
     return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+
+
+def read_json_file_text(text: str | bytes, max_bytes: int, where: str) -> Any:
+    """:func:`strict_json_loads` of a file's text from others, refused (``ValueError``) when over ``max_bytes``."""
+    if len(text) > max_bytes:
+        raise ValueError(f"{where}: must be at most {max_bytes} bytes. Got {len(text)}.")
+    try:
+        return strict_json_loads(text)
+    except (ValueError, RecursionError, UnicodeDecodeError) as error:
+        raise ValueError(f"{where}: must be JSON. Got an unreadable file ({error}).") from None
 
 
 def _check_json(value: Any, where: str, depth: int) -> None:

@@ -1,4 +1,4 @@
-"""The Prefect server the stages share when none is configured (flows.server): one keeper, stopped when idle."""
+"""The Prefect server the stages share when none is configured (tasks.server): one keeper, stopped when idle."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from pathlib import Path
 
 import psutil
 
-from flows import server
+from tasks import server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STAGE = """
 import os, sys
 from prefect import flow
-from flows import server
+from tasks import server
 url = server.attach()
 @flow(name="tiny")
 def tiny() -> str:

@@ -3,7 +3,7 @@
 Without ``PREFECT_API_URL`` every Prefect process starts a temporary API server of its own: 7-14 s per DVC stage,
 most of a small experiment. Instead, a stage calls :func:`attach` first. Under a lock in ``PREFECT_HOME`` it reads
 :data:`STATE_NAME`; when that server answers ``/api/health`` the stage uses it (``PREFECT_API_URL``), otherwise it
-starts ``python -m flows.server`` in a session of its own, the *keeper*, which starts Prefect's temporary server,
+starts ``python -m tasks.server`` in a session of its own, the *keeper*, which starts Prefect's temporary server,
 writes the state file, and waits. Each stage holds a lease (a file named by its process id in
 :data:`LEASES_NAME`) while it runs; the keeper stops the server and exits once no lease has been alive for
 ``FEDAUDIO_SERVER_IDLE_S`` seconds (default :data:`IDLE_S`), so the server outlives one stage, not the work.
@@ -36,7 +36,7 @@ IDLE_S = 60.0
 """Seconds the keeper waits with no stage alive before it stops the server (``FEDAUDIO_SERVER_IDLE_S``)."""
 START_TIMEOUT_S = 180.0
 """Seconds a stage waits for a keeper it started to report its server."""
-KEEPER_MARK = "flows.server"
+KEEPER_MARK = "tasks.server"
 """In the keeper's command line: the stage watchdog (``flows.stage.watch``) spares it and its server."""
 
 
@@ -112,7 +112,7 @@ def attach() -> str | None:
                 pid = _start_keeper(folder)
                 (folder / STATE_NAME).write_text(json.dumps({"starting": pid}))
         if time.monotonic() > deadline:
-            raise RuntimeError(f"flows.server: the shared Prefect server did not start within {START_TIMEOUT_S:g} s "
+            raise RuntimeError(f"tasks.server: the shared Prefect server did not start within {START_TIMEOUT_S:g} s "
                                f"(its log: {folder / 'fedaudio-server.log'}); set PREFECT_API_URL to a running "
                                "server, or FEDAUDIO_SHARED_SERVER=0")
         time.sleep(0.2)
@@ -163,7 +163,7 @@ def keep(idle_s: float, poll_s: float = 0.5) -> int:
     server.start(timeout=int(START_TIMEOUT_S))
     with _locked(folder):
         (folder / STATE_NAME).write_text(json.dumps({"url": server.api_url, "pid": os.getpid()}))
-    print(f"flows.server: shared Prefect server at {server.api_url} (keeper {os.getpid()})", flush=True)
+    print(f"tasks.server: shared Prefect server at {server.api_url} (keeper {os.getpid()})", flush=True)
     idle_since: float | None = None
     try:
         while server.server_process is not None and server.server_process.poll() is None:
@@ -178,7 +178,7 @@ def keep(idle_s: float, poll_s: float = 0.5) -> int:
                     break
     finally:
         server.stop()
-    print(f"flows.server: stopped after {idle_s:g} s without a stage", flush=True)
+    print(f"tasks.server: stopped after {idle_s:g} s without a stage", flush=True)
     return 0
 
 
