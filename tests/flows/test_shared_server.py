@@ -60,7 +60,7 @@ def test_stages_share_one_server_which_waits_for_live_stages_and_stops_once_idle
     assert len(urls) == 1 and next(iter(urls)).startswith("http://127.0.0.1:")  # attach's URL = the flow's
     assert (home / "fedaudio-server.log").read_text().count("shared Prefect server at") == 1
 
-    holder = subprocess.Popen([sys.executable, "-c", "from flows import server; import time; "
+    holder = subprocess.Popen([sys.executable, "-c", "from tasks import server; import time; "
                                "print(server.attach(), flush=True); time.sleep(600)"],
                               env=_env(home, idle_s), cwd=tmp_path, text=True, stdout=subprocess.PIPE)
     try:
