@@ -1,5 +1,5 @@
 # The README's commands (run and test set up on first use), plus the benchmarks.
-.PHONY: setup run test bench bench-reference bench-scale flower-venv lint matrix
+.PHONY: setup run test bench bench-reference bench-scale flower-venv lint matrix screenshots
 
 VENV := .venv/bin
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
@@ -49,5 +49,11 @@ matrix: $(SETUP_STAMP)
 flower-venv:
 	bash benchmarks/flower/setup.sh
 
+# docs/img: MLflow's and Prefect's UIs after a run of the default study in a fresh clone (headless Chromium driven
+# by Playwright, in .venv-screenshots; Chromium from the system: apt-get install chromium). S="-S federation.rounds=10"
+screenshots: $(SETUP_STAMP)
+	test -x .venv-screenshots/bin/python || { python3 -m venv .venv-screenshots && .venv-screenshots/bin/pip install -q playwright==1.65.3; }
+	.venv-screenshots/bin/python scripts/screenshots.py $(S)
+
 lint: $(SETUP_STAMP)
-	$(VENV)/ruff check fedcore tasks flows tests benchmarks
+	$(VENV)/ruff check fedcore tasks flows tests benchmarks scripts

@@ -9,22 +9,22 @@ of principal components kept and their share of the variance. (Before, ``python 
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from prefect import flow
+import typer
 
 from fedcore.config import ModalityConfig
 from flows import stage
-from tasks.common import read_params
-from tasks.modality import write_visual_store
+
+FLOWS = stage.LazyFlows(__name__)
 
 
-@flow(name="av", log_prints=True)
-def pair_av(cfg: ModalityConfig, features_dir: Path, out_dir: Path, manifest: Path | None = None) -> dict[str, Any]:
+@FLOWS.flow("pair_av", name="av", log_prints=True)
+def _pair_av(cfg: ModalityConfig, features_dir: Path, out_dir: Path, manifest: Path | None = None) -> dict[str, Any]:
     """Write the visual store of ``features_dir`` into ``out_dir`` (see the module docstring)."""
+    from tasks.modality import write_visual_store
+
     summary = write_visual_store(features_dir, out_dir, cfg, manifest)
     print(f"av: {summary['rows']} visual examples {tuple(summary['visual_shape'])} from {summary['source']}; "
           f"examples in {out_dir / 'pairs.png'}")
@@ -35,20 +35,23 @@ def pair_av(cfg: ModalityConfig, features_dir: Path, out_dir: Path, manifest: Pa
     return summary
 
 
-def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--features", type=Path, default=Path("data/features"), help="the feature store")
-    p.add_argument("--visual", type=Path, default=Path("data/av"), help="where the visual store goes")
-    p.add_argument("--manifest", type=Path, default=None, help="an AV manifest CSV (default: digit images)")
+def _main(
+    params: stage.ParamsFile = stage.PARAMS_FILE,
+    features: Annotated[Path, typer.Option(metavar="DIR", help="the feature store to pair (features "
+                                                               "stage)")] = Path("data/features"),
+    visual: Annotated[Path, typer.Option(metavar="DIR", help="where the visual store goes")] = Path("data/av"),
+    manifest: Annotated[Path | None, typer.Option(metavar="FILE", help="an AV manifest CSV whose visual arrays to "
+                                                                       "use  [default: digit images]",
+                                                  show_default=False)] = None,
+) -> None:
+    from tasks.common import read_params
+
+    FLOWS["pair_av"](read_params(params).modality, features, visual, manifest)
 
 
-def _main(args: argparse.Namespace) -> None:
-    pair_av(read_params(args.params).modality, args.features, args.visual, args.manifest)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m flows.av``)."""
-    return stage.entry(__doc__ or "", _arguments, _main, argv)
-
+main = stage.command(__doc__, _main)
+"""Command-line entry point (``python -m flows.av``)."""
+__getattr__ = FLOWS.module_getattr  # from flows.av import pair_av: the flow, built then
 
 if __name__ == "__main__":
     raise SystemExit(main())

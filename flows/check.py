@@ -11,33 +11,38 @@ outputs intact. The stamp's content never changes, so a valid change re-runs onl
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated
 
-from fedcore.errors import ConfigError
-from tasks.common import read_params, write_text
+import typer
+
+from flows import stage
 
 #: The stamp's fixed content: what depends on it must not change when a param does.
 STAMP = "params.yaml checked by fedcore.config (this file's content never changes)\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m flows.check``)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--out", type=Path, default=Path("data/params.ok"), help="stamp written when valid")
-    args = parser.parse_args(argv)
+def _main(
+    params: stage.ParamsFile = stage.PARAMS_FILE,
+    out: Annotated[Path, typer.Option(metavar="FILE", help="the stamp written when the params are "
+                                                           "valid")] = Path("data/params.ok"),
+) -> int:
+    from fedcore.errors import ConfigError
+    from tasks.common import read_params, write_text
+
     try:
-        read_params(args.params)
+        read_params(params)
     except ConfigError as error:
-        print(f"error: invalid params ({args.params}); no stage was run and no output was removed:\n{error}",
+        print(f"error: invalid params ({params}); no stage was run and no output was removed:\n{error}",
               file=sys.stderr)
         return 2
-    write_text(args.out, STAMP)
+    write_text(out, STAMP)
     return 0
 
+
+main = stage.command(__doc__, _main, prefect=False)
+"""Command-line entry point (``python -m flows.check``)."""
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -7,7 +7,7 @@
     fedaudio ui [--port 5000]                            # MLflow's UI on the project's store
 
 Each command imports what it runs only when it runs, so ``fedaudio --help`` and ``fedaudio <command> --help``
-answer at once; a stage's own options are in ``fedaudio stage <name> --help`` (its module's parser).
+answer at once; a stage's own options are in ``fedaudio stage <name> --help`` (its module's command line).
 """
 
 from __future__ import annotations
@@ -39,11 +39,14 @@ PIPELINE = "flows.pipeline"
 """The module of ``fedaudio run`` (``python -m flows.pipeline``)."""
 
 
-def _main_of(module: str, argv: list[str]) -> int:
-    """``main(argv)`` of ``module``, imported only now (what keeps ``fedaudio --help`` fast)."""
+def _main_of(module: str, argv: list[str], prog_name: str | None = None) -> int:
+    """``main(argv)`` of ``module``, imported only now (what keeps ``fedaudio --help`` fast).
+
+    ``prog_name`` is the command its help and usage errors name (default: ``python -m <module>``).
+    """
     import importlib
 
-    return int(importlib.import_module(module).main(argv))
+    return int(importlib.import_module(module).main(argv, prog_name=prog_name))
 
 STUDIES = ("fedavg", "personalised", "fassl", "modalitymirror", "earlyexit")
 """The studies ``fedaudio run --study`` takes (tasks.studies.STUDIES, which a test keeps equal to this)."""
@@ -74,8 +77,7 @@ def run(
     if study not in STUDIES:
         raise typer.BadParameter(f"must be one of {', '.join(STUDIES)}. Got {study!r}.", param_hint="--study")
     argv = ["--study", study, *[a for value in set_ or [] for a in ("-S", value)]]
-    if stages:
-        argv += ["--stages", *stages]
+    argv += [a for name in stages or [] for a in ("--stage", name)]
     _exit(_main_of(PIPELINE, [*argv, *(["--force"] if force else [])]))
 
 
@@ -91,7 +93,7 @@ def stage(
         return
     if name not in STAGES:
         raise typer.BadParameter(f"must be one of {', '.join(STAGES)}. Got {name!r}.", param_hint="NAME")
-    _exit(_main_of(STAGES[name], list(ctx.args)))
+    _exit(_main_of(STAGES[name], list(ctx.args), f"fedaudio stage {name}"))
 
 
 @app.command()
@@ -114,7 +116,7 @@ def deploy(
                                "help_option_names": []})
 def select(ctx: typer.Context) -> None:
     """Register each downstream task's best round of a self-supervised run (`flows.select`; --help for options)."""
-    _exit(_main_of(STAGES["select"], list(ctx.args)))
+    _exit(_main_of(STAGES["select"], list(ctx.args), "fedaudio select"))
 
 
 @app.command()
@@ -126,12 +128,17 @@ def ui(
 ) -> None:
     """Open MLflow's UI on the project's store, to compare rounds and pick a model (Ctrl-C ends it)."""
     from tasks.common import read_params
-    from tasks.tracking import tracking_uri
+    from tasks.tracking import find_experiment, tracking_uri, ui_url
 
-    uri = tracking_uri(read_params(params).mlflow, Path.cwd())
+    cfg = read_params(params).mlflow
+    uri = tracking_uri(cfg, Path.cwd())
+    base = f"http://127.0.0.1:{port}"
+    experiment = find_experiment(cfg, Path.cwd())
+    where = (f"experiment {cfg.experiment!r}: its rounds' models {ui_url(experiment, 'models', base)} and runs "
+             f"{ui_url(experiment, 'runs', base)}" if experiment else f"experiments {ui_url(base=base)}")
     mlflow = Path(sys.executable).with_name("mlflow")
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    print(f"MLflow UI at http://127.0.0.1:{port} (store {uri})", flush=True)
+    print(f"MLflow UI on store {uri}, in model-training mode at {where}", flush=True)
     _exit(subprocess.run([str(mlflow), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port),
                           "--workers", "1"], env=env, check=False).returncode)
 

@@ -17,38 +17,25 @@ core); this flow loads the models and the data, wires tracking and progress, and
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
-from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+import typer
 
 from fedcore.config import Params, flatten
-from fedcore.federation.checkpoint import Checkpointer, file_digest, save_state
-from fedcore.federation.engine import run_rounds
-from fedcore.plans.distill import DistillPlan, run_fingerprint
 from flows import stage
-from flows.runners import stage_runner
-from tasks.common import read_params, write_json, write_text
-from tasks.federate import rounds_tsv
-from tasks.modality import AUDIO_INPUTS, load_av_data, plot_av_rounds
-from tasks.rounds import (
-    ProgressCallback,
-    TaskRunnerExecutor,
-    TrackingCallback,
-    split_timings,
-    timing_summary,
-    write_run_record,
-)
-from tasks.tracking import FederateTracker, load_logged_model, setup
+
+if TYPE_CHECKING:
+    import torch
+
+    from tasks.tracking import FederateTracker
 
 ROUND_COLUMNS = ("round", "audio_accuracy", "val_audio_accuracy", "train_loss_mean", "train_accuracy_mean",
                  "teacher_accuracy_mean", "num_clients", "num_rejected", "num_failed", "lr")
+FLOWS = stage.LazyFlows(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,13 +54,22 @@ class DistillPaths:
 
 def distill(params: Params, paths: DistillPaths) -> dict[str, Any]:
     """Run the distill flow with the task runner of ``execution.runner`` (threads by default)."""
+    from flows.runners import stage_runner
+
     runner = stage_runner(params)
-    return distillation.with_options(task_runner=runner)(params, paths)
+    return FLOWS["distillation"].with_options(task_runner=runner)(params, paths)
 
 
-@flow(name="distill", log_prints=True)
-def distillation(params: Params, paths: DistillPaths) -> dict[str, Any]:
+@FLOWS.flow("distillation", name="distill", log_prints=True)
+def _distillation(params: Params, paths: DistillPaths) -> dict[str, Any]:
     """Run (or resume) the distillation rounds; write the student, metrics, per-round table and plot."""
+    from fedcore.federation.checkpoint import Checkpointer, file_digest
+    from fedcore.federation.engine import run_rounds
+    from fedcore.plans.distill import DistillPlan, run_fingerprint
+    from tasks.modality import AUDIO_INPUTS, load_av_data
+    from tasks.rounds import ProgressCallback, TaskRunnerExecutor, TrackingCallback
+    from tasks.tracking import FederateTracker, load_logged_model, setup
+
     fed, cfg = params.federation, params.distill
     # The models first (before any data): rebuilt from their specs, no code from their files runs.
     setup(params.mlflow, paths.root)  # the store the URIs refer to
@@ -107,6 +103,14 @@ def _finish(params: Params, paths: DistillPaths, tracker: FederateTracker, state
             history: list[dict[str, float]], clients: list[int],
             records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Student, metrics JSON, per-round TSV and plot; register the last student (alias final)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from fedcore.federation.checkpoint import save_state
+    from tasks.common import write_json, write_text
+    from tasks.federate import rounds_tsv
+    from tasks.modality import plot_av_rounds
+    from tasks.rounds import split_timings, timing_summary, write_run_record
+
     cfg = params.distill
     save_state(paths.model, state)
     first, last = history[0], history[-1]
@@ -138,23 +142,35 @@ def _finish(params: Params, paths: DistillPaths, tracker: FederateTracker, state
     return {**metrics, **record}
 
 
-def _arguments(p: argparse.ArgumentParser) -> None:
-    defaults = DistillPaths()
-    for name in ("features", "partition", "visual", "checkpoints", "model", "metrics", "plots"):
-        p.add_argument(f"--{name}", type=Path, default=getattr(defaults, name))
+_DEFAULTS = DistillPaths()
 
 
-def _main(args: argparse.Namespace) -> None:
-    params = read_params(args.params)
-    distill(params, DistillPaths(features=args.features, partition=args.partition, visual=args.visual,
-                                 checkpoints=args.checkpoints, model=args.model, metrics=args.metrics,
-                                 plots=args.plots, root=Path.cwd()))
+def _main(
+    params: stage.ParamsFile = stage.PARAMS_FILE,
+    features: Annotated[Path, typer.Option(metavar="DIR", help="the feature store (features "
+                                                               "stage)")] = _DEFAULTS.features,
+    partition: Annotated[Path, typer.Option(metavar="FILE", help="the clients' partition.json (partition "
+                                                                 "stage)")] = _DEFAULTS.partition,
+    visual: Annotated[Path, typer.Option(metavar="DIR", help="the visual store (av stage)")] = _DEFAULTS.visual,
+    checkpoints: Annotated[Path, typer.Option(metavar="DIR", help="the round checkpoints a killed run resumes "
+                                                                  "from")] = _DEFAULTS.checkpoints,
+    model: Annotated[Path, typer.Option(metavar="FILE", help="the final student "
+                                                             "(safetensors)")] = _DEFAULTS.model,
+    metrics: Annotated[Path, typer.Option(metavar="FILE", help="the stage's summary metrics (JSON; the run record "
+                                                               "beside it)")] = _DEFAULTS.metrics,
+    plots: Annotated[Path, typer.Option(metavar="DIR", help="the per-round table and plot (rounds.tsv, "
+                                                            "rounds.png)")] = _DEFAULTS.plots,
+) -> None:
+    from tasks.common import read_params
+
+    distill(read_params(params), DistillPaths(features=features, partition=partition, visual=visual,
+                                              checkpoints=checkpoints, model=model, metrics=metrics, plots=plots,
+                                              root=Path.cwd()))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m flows.distill``)."""
-    return stage.entry(__doc__ or "", _arguments, _main, argv)
-
+main = stage.command(__doc__, _main)
+"""Command-line entry point (``python -m flows.distill``)."""
+__getattr__ = FLOWS.module_getattr  # from flows.distill import distillation: the flow, built then
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+import typer
 
 from fedcore.config import DownloadConfig
 from flows import stage
-from tasks.common import read_params
-from tasks.data import ingest_dataset
+
+FLOWS = stage.LazyFlows(__name__)
 
 
-@flow(name="download", log_prints=True)
-def download(cfg: DownloadConfig, out_dir: Path, downloads_dir: Path) -> dict[str, Any]:
+@FLOWS.flow("download", log_prints=True)
+def _download(cfg: DownloadConfig, out_dir: Path, downloads_dir: Path) -> dict[str, Any]:
     """Ingest ``cfg.dataset`` into ``out_dir`` (``manifest.csv``, ``report.json``, audio)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.data import ingest_dataset
+
     report = ingest_dataset(cfg, out_dir, downloads_dir)
     lines = [
         f"# download: {report.get('dataset')}",
@@ -38,21 +39,22 @@ def download(cfg: DownloadConfig, out_dir: Path, downloads_dir: Path) -> dict[st
     return report
 
 
-def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("data/raw"), help="audio + manifest folder (DVC out)")
-    p.add_argument("--downloads", type=Path, default=Path("data/downloads"),
-                   help="archive cache (resumable), extraction and <dataset>.source.json; not a DVC output")
+def _main(
+    params: stage.ParamsFile = stage.PARAMS_FILE,
+    out: Annotated[Path, typer.Option(metavar="DIR", help="the audio and its manifest.csv and report.json (the "
+                                                          "stage's DVC output)")] = Path("data/raw"),
+    downloads: Annotated[Path, typer.Option(metavar="DIR", help="the archive cache (resumable), its extraction and "
+                                                                "<dataset>.source.json; not a DVC output")] = Path(
+        "data/downloads"),
+) -> None:
+    from tasks.common import read_params
+
+    FLOWS["download"](read_params(params).download, out, downloads)
 
 
-def _main(args: argparse.Namespace) -> None:
-    params = read_params(args.params)
-    download(params.download, args.out, args.downloads)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m flows.download``)."""
-    return stage.entry(__doc__ or "", _arguments, _main, argv)
-
+main = stage.command(__doc__, _main)
+"""Command-line entry point (``python -m flows.download``)."""
+__getattr__ = FLOWS.module_getattr  # from flows.download import download: the flow, built then
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -20,35 +20,24 @@ core); this flow reads the data and the initial weights, wires tracking and prog
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
-from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+import typer
 
 from fedcore.config import Params, flatten
-from fedcore.federation.checkpoint import Checkpointer, file_digest, save_state
-from fedcore.federation.engine import Stop, run_rounds
-from fedcore.plans.earlyexit import EarlyExitPlan, plateau_rule, run_fingerprint
 from flows import stage
-from flows.runners import stage_runner
-from tasks.common import read_params, write_json, write_text
-from tasks.earlyexit import initial_state, new_model, new_model_spec, plot_exits
-from tasks.federate import load_federated_data, rounds_tsv
-from tasks.rounds import (
-    ProgressCallback,
-    TaskRunnerExecutor,
-    TrackingCallback,
-    split_timings,
-    timing_summary,
-    write_run_record,
-)
-from tasks.tracking import FederateTracker
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedcore.federation.engine import Stop
+    from tasks.tracking import FederateTracker
+
+FLOWS = stage.LazyFlows(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,13 +55,23 @@ class EarlyExitPaths:
 
 def earlyexit(params: Params, paths: EarlyExitPaths) -> dict[str, Any]:
     """Run the earlyexit flow with the task runner of ``execution.runner``."""
+    from flows.runners import stage_runner
+
     runner = stage_runner(params)
-    return earlyexit_training.with_options(task_runner=runner)(params, paths)
+    return FLOWS["earlyexit_training"].with_options(task_runner=runner)(params, paths)
 
 
-@flow(name="earlyexit", log_prints=True)
-def earlyexit_training(params: Params, paths: EarlyExitPaths) -> dict[str, Any]:
+@FLOWS.flow("earlyexit_training", name="earlyexit", log_prints=True)
+def _earlyexit_training(params: Params, paths: EarlyExitPaths) -> dict[str, Any]:
     """Run (or resume) the early-exit rounds; write the model, metrics, per-round table and plot."""
+    from fedcore.federation.checkpoint import Checkpointer, file_digest
+    from fedcore.federation.engine import run_rounds
+    from fedcore.plans.earlyexit import EarlyExitPlan, plateau_rule, run_fingerprint
+    from tasks.earlyexit import initial_state, new_model, new_model_spec
+    from tasks.federate import load_federated_data
+    from tasks.rounds import ProgressCallback, TaskRunnerExecutor, TrackingCallback
+    from tasks.tracking import FederateTracker
+
     fed, cfg = params.federation, params.earlyexit
     data = load_federated_data(paths.features, paths.partition, None)
     state, left = initial_state(params, data.num_classes, data.input_shape, paths.root)
@@ -112,6 +111,14 @@ def _finish(params: Params, paths: EarlyExitPaths, tracker: FederateTracker, sta
             history: list[dict[str, float]], tiers: list[int], depths: list[int | None],
             records: Sequence[Mapping[str, Any]], stop: Stop, max_rounds: int) -> dict[str, Any]:
     """Write the stage's outs (model, metrics JSON, per-round TSV and PNG), close the MLflow run, artifacts."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from fedcore.federation.checkpoint import save_state
+    from tasks.common import write_json, write_text
+    from tasks.earlyexit import plot_exits
+    from tasks.federate import rounds_tsv
+    from tasks.rounds import split_timings, timing_summary, write_run_record
+
     cfg = params.earlyexit
     save_state(paths.model, state)
     last = history[-1]
@@ -161,22 +168,33 @@ def _finish(params: Params, paths: EarlyExitPaths, tracker: FederateTracker, sta
     return {**metrics, **record}
 
 
-def _arguments(p: argparse.ArgumentParser) -> None:
-    defaults = EarlyExitPaths()
-    for name in ("features", "partition", "checkpoints", "model", "metrics", "plots"):
-        p.add_argument(f"--{name}", type=Path, default=getattr(defaults, name))
+_DEFAULTS = EarlyExitPaths()
 
 
-def _main(args: argparse.Namespace) -> None:
-    params = read_params(args.params)
-    earlyexit(params, EarlyExitPaths(features=args.features, partition=args.partition, checkpoints=args.checkpoints,
-                                     model=args.model, metrics=args.metrics, plots=args.plots, root=Path.cwd()))
+def _main(
+    params: stage.ParamsFile = stage.PARAMS_FILE,
+    features: Annotated[Path, typer.Option(metavar="DIR", help="the feature store (features "
+                                                               "stage)")] = _DEFAULTS.features,
+    partition: Annotated[Path, typer.Option(metavar="FILE", help="the clients' partition.json (partition "
+                                                                 "stage)")] = _DEFAULTS.partition,
+    checkpoints: Annotated[Path, typer.Option(metavar="DIR", help="the round checkpoints a killed run resumes "
+                                                                  "from")] = _DEFAULTS.checkpoints,
+    model: Annotated[Path, typer.Option(metavar="FILE", help="the final model, every exit "
+                                                             "(safetensors)")] = _DEFAULTS.model,
+    metrics: Annotated[Path, typer.Option(metavar="FILE", help="the stage's summary metrics (JSON; the run record "
+                                                               "beside it)")] = _DEFAULTS.metrics,
+    plots: Annotated[Path, typer.Option(metavar="DIR", help="the per-round table and plot (rounds.tsv, "
+                                                            "rounds.png)")] = _DEFAULTS.plots,
+) -> None:
+    from tasks.common import read_params
+
+    earlyexit(read_params(params), EarlyExitPaths(features=features, partition=partition, checkpoints=checkpoints,
+                                                  model=model, metrics=metrics, plots=plots, root=Path.cwd()))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m flows.earlyexit``)."""
-    return stage.entry(__doc__ or "", _arguments, _main, argv)
-
+main = stage.command(__doc__, _main)
+"""Command-line entry point (``python -m flows.earlyexit``)."""
+__getattr__ = FLOWS.module_getattr  # from flows.earlyexit import earlyexit_training: the flow, built then
 
 if __name__ == "__main__":
     raise SystemExit(main())

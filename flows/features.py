@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from prefect import flow
+import typer
 
 from fedcore.config import FeaturesConfig
 from flows import stage
-from tasks.common import read_params
-from tasks.data import featurise
+
+FLOWS = stage.LazyFlows(__name__)
 
 
-@flow(name="features", log_prints=True)
-def features(cfg: FeaturesConfig, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
+@FLOWS.flow("features", log_prints=True)
+def _features(cfg: FeaturesConfig, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Featurise ``raw_dir/manifest.csv`` into ``out_dir`` (features.npy, index.csv, meta.json).
 
     Files that cannot be used (unreadable, NaN/Inf samples, overflowing) are skipped and listed with their reason
     in ``meta.json``; the same manifest and params give the same bytes whatever the thread count.
     """
+    from tasks.data import featurise
+
     summary = featurise(cfg, raw_dir, out_dir)
     skipped = f" (listed in {out_dir}/meta.json)" if summary["num_skipped"] else ""
     print(f"features: {summary['num_samples']} clips -> {summary['shape']} log-mel, "
@@ -30,19 +30,21 @@ def features(cfg: FeaturesConfig, raw_dir: Path, out_dir: Path) -> dict[str, Any
     return summary
 
 
-def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--raw", type=Path, default=Path("data/raw"))
-    p.add_argument("--out", type=Path, default=Path("data/features"))
+def _main(
+    params: stage.ParamsFile = stage.PARAMS_FILE,
+    raw: Annotated[Path, typer.Option(metavar="DIR", help="the downloaded clips and their manifest.csv "
+                                                          "(download stage)")] = Path("data/raw"),
+    out: Annotated[Path, typer.Option(metavar="DIR", help="the feature store to write (features.npy, index.csv, "
+                                                          "meta.json)")] = Path("data/features"),
+) -> None:
+    from tasks.common import read_params
+
+    FLOWS["features"](read_params(params).features, raw, out)
 
 
-def _main(args: argparse.Namespace) -> None:
-    features(read_params(args.params).features, args.raw, args.out)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m flows.features``)."""
-    return stage.entry(__doc__ or "", _arguments, _main, argv)
-
+main = stage.command(__doc__, _main)
+"""Command-line entry point (``python -m flows.features``)."""
+__getattr__ = FLOWS.module_getattr  # from flows.features import features: the flow, built then
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -13,45 +13,23 @@ round (FASSL). The random-init encoder is scored first, as round 0: the floor.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
-from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+import typer
 
 from fedcore.config import MlflowConfig, Params, flatten
-from fedcore.evaluation.downstream import load_downstream, score_names
-from fedcore.federation.checkpoint import Checkpointer, file_digest, save_state
-from fedcore.federation.engine import run_rounds
-from fedcore.models.spec import federate_model_spec
-from fedcore.plans.supervised import (
-    SupervisedPlan,
-    aggregator_name,
-    evaluated_round,
-    fresh_model,
-    make_spec,
-    run_fingerprint,
-)
-from fedcore.serving import ServingSpec
 from flows import stage
-from flows.runners import stage_runner
-from tasks.common import read_params, write_json, write_text
-from tasks.federate import ROUND_COLUMNS, load_federated_data, plot_downstream, plot_rounds, rounds_tsv
-from tasks.rounds import (
-    ProgressCallback,
-    TaskRunnerExecutor,
-    TrackingCallback,
-    split_timings,
-    timing_summary,
-    write_run_record,
-)
-from tasks.tracking import FederateTracker, run_link
 
+if TYPE_CHECKING:
+    import torch
+
+    from tasks.tracking import FederateTracker
+
+FLOWS = stage.LazyFlows(__name__)
 SUMMARY_KEYS = ("global_accuracy", "global_loss", "personalised_accuracy_mean", "personalised_accuracy_worst10")
 
 
@@ -86,13 +64,27 @@ def intra_op_threads(params: Params) -> int:
 
 def federate(params: Params, paths: FederatePaths) -> dict[str, Any]:
     """Run the federate flow with the task runner named in ``execution.runner``."""
+    from flows.runners import stage_runner
+
     runner = stage_runner(params)
-    return federated_training.with_options(task_runner=runner)(params, paths)
+    return FLOWS["federated_training"].with_options(task_runner=runner)(params, paths)
 
 
-@flow(name="federate", log_prints=True)
-def federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
+@FLOWS.flow("federated_training", name="federate", log_prints=True)
+def _federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
     """Run (or resume) the federated rounds and write the final model, metrics and per-round plots."""
+    import torch
+
+    from fedcore.evaluation.downstream import load_downstream
+    from fedcore.federation.checkpoint import Checkpointer, file_digest
+    from fedcore.federation.engine import run_rounds
+    from fedcore.models.spec import federate_model_spec
+    from fedcore.plans.supervised import SupervisedPlan, evaluated_round, fresh_model, make_spec, run_fingerprint
+    from fedcore.serving import ServingSpec
+    from tasks.federate import load_federated_data
+    from tasks.rounds import ProgressCallback, TaskRunnerExecutor, TrackingCallback
+    from tasks.tracking import FederateTracker
+
     fed = params.federation
     data = load_federated_data(paths.features, paths.partition, paths.poison)
     intra = intra_op_threads(params)
@@ -168,6 +160,16 @@ def _finish(params: Params, paths: FederatePaths, tracker: FederateTracker, stat
             history: list[dict[str, float]], detections: list[dict[str, Any]],
             malicious: frozenset[int], initial: dict[str, float] | None = None) -> dict[str, Any]:
     """Write the stage's outs (model, metrics JSON, per-round TSV and PNG), close the MLflow run, artifacts."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from fedcore.evaluation.downstream import score_names
+    from fedcore.federation.checkpoint import save_state
+    from fedcore.plans.supervised import aggregator_name
+    from tasks.common import write_json, write_text
+    from tasks.federate import plot_downstream, plot_rounds, rounds_tsv
+    from tasks.rounds import split_timings, timing_summary, write_run_record
+    from tasks.tracking import run_link
+
     save_state(paths.model, state)
     primary = primary_metric(params)
     scored = [row for row in history if primary in row]
@@ -238,6 +240,8 @@ def study_of(params_file: Path, root: Path) -> str:
 
 def round_columns(params: Params, history: Sequence[dict[str, float]]) -> list[str]:
     """Columns of the per-round TSV: the supervised set, or the downstream scores then the training metrics."""
+    from tasks.federate import ROUND_COLUMNS
+
     if not params.ssl.self_supervised:
         return list(ROUND_COLUMNS)
     scores = sorted({key for row in history for key in row if "/" in key})
@@ -245,24 +249,40 @@ def round_columns(params: Params, history: Sequence[dict[str, float]]) -> list[s
             "bytes_up", "bytes_down", "num_flagged", "num_rejected", "num_failed"]
 
 
-def _arguments(p: argparse.ArgumentParser) -> None:
-    defaults = FederatePaths()
-    for name in ("features", "partition", "poison", "checkpoints", "model", "metrics", "plots", "downstream"):
-        p.add_argument(f"--{name}", type=Path, default=getattr(defaults, name))
+_DEFAULTS = FederatePaths()
 
 
-def _main(args: argparse.Namespace) -> None:
-    params = read_params(args.params)
-    paths = FederatePaths(features=args.features, partition=args.partition, poison=args.poison,
-                          checkpoints=args.checkpoints, model=args.model, metrics=args.metrics, plots=args.plots,
-                          root=Path.cwd(), downstream=args.downstream, params=Path(args.params))
-    federate(params, paths)
+def _main(
+    params: stage.ParamsFile = stage.PARAMS_FILE,
+    features: Annotated[Path, typer.Option(metavar="DIR", help="the feature store (features "
+                                                               "stage)")] = _DEFAULTS.features,
+    partition: Annotated[Path, typer.Option(metavar="FILE", help="the clients' partition.json (partition "
+                                                                 "stage)")] = _DEFAULTS.partition,
+    poison: Annotated[Path, typer.Option(metavar="DIR", help="the attack overlay and ground truth (poison "
+                                                             "stage)")] = _DEFAULTS.poison,
+    checkpoints: Annotated[Path, typer.Option(metavar="DIR", help="the round checkpoints a killed run resumes "
+                                                                  "from")] = _DEFAULTS.checkpoints,
+    model: Annotated[Path, typer.Option(metavar="FILE", help="the final global model "
+                                                             "(safetensors)")] = _DEFAULTS.model,
+    metrics: Annotated[Path, typer.Option(metavar="FILE", help="the stage's summary metrics (JSON; the run record "
+                                                               "beside it)")] = _DEFAULTS.metrics,
+    plots: Annotated[Path, typer.Option(metavar="DIR", help="the per-round table and plots (rounds.tsv, rounds.png, "
+                                                            "detection.json)")] = _DEFAULTS.plots,
+    downstream: Annotated[Path, typer.Option(metavar="DIR", help="the downstream tasks' feature stores, one per "
+                                                                 "dataset (self-supervised "
+                                                                 "runs)")] = _DEFAULTS.downstream,
+) -> None:
+    from tasks.common import read_params
+
+    paths = FederatePaths(features=features, partition=partition, poison=poison, checkpoints=checkpoints,
+                          model=model, metrics=metrics, plots=plots, root=Path.cwd(), downstream=downstream,
+                          params=params)
+    federate(read_params(params), paths)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m flows.federate``)."""
-    return stage.entry(__doc__ or "", _arguments, _main, argv)
-
+main = stage.command(__doc__, _main)
+"""Command-line entry point (``python -m flows.federate``)."""
+__getattr__ = FLOWS.module_getattr  # from flows.federate import federated_training: the flow, built then
 
 if __name__ == "__main__":
     raise SystemExit(main())

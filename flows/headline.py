@@ -17,15 +17,16 @@ a second).
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from fedcore.errors import ConfigError
-from tasks.common import read_json, write_json
+from flows import stage
 
 
 def parse_entry(entry: str) -> tuple[str, Path, list[str]]:
@@ -62,6 +63,8 @@ def pick(data: Any, name: str, key: Sequence[str], where: str) -> dict[str, Any]
 
 def headline(entries: Sequence[str], root: Path = Path(".")) -> dict[str, Any]:
     """The study's headline numbers, in the order of ``entries``."""
+    from tasks.common import read_json
+
     values: dict[str, Any] = {}
     for entry in entries:
         name, path, key = parse_entry(entry)
@@ -74,22 +77,28 @@ def headline(entries: Sequence[str], root: Path = Path(".")) -> dict[str, Any]:
     return values
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m flows.headline``)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", required=True, help="study name: the file's one key (columns <study>.<name>)")
-    p.add_argument("--out", type=Path, required=True, help="the study's DVC metrics file")
-    p.add_argument("entries", nargs="+", metavar="NAME=FILE:KEY", help="a headline number and where it comes from")
-    args = p.parse_args(argv)
+def _main(
+    study: Annotated[str, typer.Option(metavar="NAME", help="the study: the file's one key (its columns read "
+                                                            "<study>.<name>)")],
+    out: Annotated[Path, typer.Option(metavar="FILE", help="the study's DVC metrics file")],
+    entries: Annotated[list[str], typer.Argument(metavar="NAME=FILE:KEY", help="a headline number and where it "
+                                                                               "comes from (one or more)",
+                                                            show_default=False)],
+) -> int:
+    from tasks.common import write_json
+
     try:
-        values = headline(args.entries)
+        values = headline(entries)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    write_json(args.out, {args.study: values})
-    print(f"{args.study}: " + ", ".join(f"{k} {v}" for k, v in values.items()))
+    write_json(out, {study: values})
+    print(f"{study}: " + ", ".join(f"{k} {v}" for k, v in values.items()))
     return 0
 
+
+main = stage.command(__doc__, _main, prefect=False)
+"""Command-line entry point (``python -m flows.headline``)."""
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -16,43 +16,27 @@ core); this flow reads the data, wires tracking and progress, and writes the out
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+import typer
 
-from fedcore.aggregation.state import to_cpu_state
 from fedcore.config import Params, flatten
-from fedcore.federation.checkpoint import Checkpointer, file_digest, save_state
-from fedcore.federation.engine import run_rounds
-from fedcore.models.spec import audio_branch_spec
-from fedcore.multimodal import AVModel, audio_branch
-from fedcore.plans.modality import ModalityPlan, run_fingerprint
 from flows import stage
-from flows.runners import stage_runner
-from tasks.common import read_params, write_json, write_text
-from tasks.federate import rounds_tsv
-from tasks.modality import AUDIO_INPUTS, AV_INPUTS, load_av_data, new_model_spec, plot_av_rounds
-from tasks.rounds import (
-    ProgressCallback,
-    TaskRunnerExecutor,
-    TrackingCallback,
-    split_timings,
-    timing_summary,
-    write_run_record,
-)
-from tasks.tracking import FederateTracker
+
+if TYPE_CHECKING:
+    from fedcore.multimodal import AVModel
+    from tasks.tracking import FederateTracker
 
 #: Tag of the logged audio branch: the round of the AV model it was cut from.
 BRANCH_TAG = "fedaudio.audio_branch_of_round"
 ROUND_COLUMNS = ("round", "phase", "audio_accuracy", "audio_branch_accuracy", "av_accuracy", "zero_video_accuracy",
                  "val_audio_accuracy", "val_av_accuracy", "train_loss_mean", "num_clients", "num_audio_clients",
                  "num_visual_clients", "num_rejected", "num_failed", "lr")
+FLOWS = stage.LazyFlows(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,13 +55,22 @@ class ModalityPaths:
 
 def modality(params: Params, paths: ModalityPaths) -> dict[str, Any]:
     """Run the modality flow with the task runner of ``execution.runner`` (threads by default)."""
+    from flows.runners import stage_runner
+
     runner = stage_runner(params)
-    return modality_training.with_options(task_runner=runner)(params, paths)
+    return FLOWS["modality_training"].with_options(task_runner=runner)(params, paths)
 
 
-@flow(name="modality", log_prints=True)
-def modality_training(params: Params, paths: ModalityPaths) -> dict[str, Any]:
+@FLOWS.flow("modality_training", name="modality", log_prints=True)
+def _modality_training(params: Params, paths: ModalityPaths) -> dict[str, Any]:
     """Run (or resume) the audio-visual method's rounds; write the model, metrics, per-round table and plot."""
+    from fedcore.federation.checkpoint import Checkpointer, file_digest
+    from fedcore.federation.engine import run_rounds
+    from fedcore.plans.modality import ModalityPlan, run_fingerprint
+    from tasks.modality import AV_INPUTS, load_av_data, new_model_spec
+    from tasks.rounds import ProgressCallback, TaskRunnerExecutor, TrackingCallback
+    from tasks.tracking import FederateTracker
+
     fed, cfg = params.federation, params.modality
     data = load_av_data(paths.features, paths.partition, paths.visual, cfg)
     plan = ModalityPlan(params, data)
@@ -110,6 +103,17 @@ def _finish(params: Params, paths: ModalityPaths, tracker: FederateTracker, mode
             history: list[dict[str, float]], video: list[int],
             records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Model, metrics JSON, per-round TSV and plot; register the AV model and its audio branch (alias final)."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from fedcore.aggregation.state import to_cpu_state
+    from fedcore.federation.checkpoint import save_state
+    from fedcore.models.spec import audio_branch_spec
+    from fedcore.multimodal import audio_branch
+    from tasks.common import write_json, write_text
+    from tasks.federate import rounds_tsv
+    from tasks.modality import AUDIO_INPUTS, plot_av_rounds
+    from tasks.rounds import split_timings, timing_summary, write_run_record
+
     cfg = params.modality
     save_state(paths.model, to_cpu_state(model))
     last = history[-1]
@@ -155,29 +159,41 @@ def _finish(params: Params, paths: ModalityPaths, tracker: FederateTracker, mode
     return {**metrics, **record}
 
 
-def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("command", nargs="?", choices=["train", "av"], default="train",
-                   help="train (the default; kept for older command lines); the av stage is now python -m flows.av")
-    defaults = ModalityPaths()
-    for name in ("features", "partition", "visual", "checkpoints", "model", "metrics", "plots"):
-        p.add_argument(f"--{name}", type=Path, default=getattr(defaults, name))
+_DEFAULTS = ModalityPaths()
 
 
-def _main(args: argparse.Namespace) -> None:
-    if args.command == "av":
+def _main(
+    command: Annotated[Literal["train", "av"], typer.Argument(
+        metavar="COMMAND", help="train (the only command, kept for older command lines; the av stage is "
+                                "python -m flows.av now)")] = "train",
+    params: stage.ParamsFile = stage.PARAMS_FILE,
+    features: Annotated[Path, typer.Option(metavar="DIR", help="the feature store (features "
+                                                               "stage)")] = _DEFAULTS.features,
+    partition: Annotated[Path, typer.Option(metavar="FILE", help="the clients' partition.json (partition "
+                                                                 "stage)")] = _DEFAULTS.partition,
+    visual: Annotated[Path, typer.Option(metavar="DIR", help="the visual store (av stage)")] = _DEFAULTS.visual,
+    checkpoints: Annotated[Path, typer.Option(metavar="DIR", help="the round checkpoints a killed run resumes "
+                                                                  "from")] = _DEFAULTS.checkpoints,
+    model: Annotated[Path, typer.Option(metavar="FILE", help="the final audio-visual model "
+                                                             "(safetensors)")] = _DEFAULTS.model,
+    metrics: Annotated[Path, typer.Option(metavar="FILE", help="the stage's summary metrics (JSON; the run record "
+                                                               "beside it)")] = _DEFAULTS.metrics,
+    plots: Annotated[Path, typer.Option(metavar="DIR", help="the per-round table and plot (rounds.tsv, "
+                                                            "rounds.png)")] = _DEFAULTS.plots,
+) -> None:
+    if command == "av":
         raise ValueError("modality: the av stage has a module of its own now. Fix: python -m flows.av --params ... "
                          "--features ... --visual ... [--manifest ...].")
-    params = read_params(args.params)
-    paths = ModalityPaths(features=args.features, partition=args.partition, visual=args.visual,
-                          checkpoints=args.checkpoints, model=args.model, metrics=args.metrics, plots=args.plots,
-                          root=Path.cwd())
-    modality(params, paths)
+    from tasks.common import read_params
+
+    paths = ModalityPaths(features=features, partition=partition, visual=visual, checkpoints=checkpoints,
+                          model=model, metrics=metrics, plots=plots, root=Path.cwd())
+    modality(read_params(params), paths)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m flows.modality``)."""
-    return stage.entry(__doc__ or "", _arguments, _main, argv)
-
+main = stage.command(__doc__, _main)
+"""Command-line entry point (``python -m flows.modality``)."""
+__getattr__ = FLOWS.module_getattr  # from flows.modality import modality_training: the flow, built then
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -6,23 +6,24 @@ larger than the memory or disk at hand) are refused before the first draw.
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from prefect import flow
-from prefect.artifacts import create_table_artifact
+import typer
 
 from fedcore.config import PartitionConfig
 from flows import stage
-from tasks.common import read_params
-from tasks.data import partition_clients
+
+FLOWS = stage.LazyFlows(__name__)
 
 
-@flow(name="partition", log_prints=True)
-def partition(cfg: PartitionConfig, features_dir: Path, out_dir: Path) -> dict[str, Any]:
+@FLOWS.flow("partition", log_prints=True)
+def _partition(cfg: PartitionConfig, features_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Write ``partition.json``, ``client_stats.csv`` and ``heatmap.png`` into ``out_dir``."""
+    from prefect.artifacts import create_table_artifact
+
+    from tasks.data import partition_clients
+
     summary = partition_clients(cfg, features_dir, out_dir)
     create_table_artifact([summary], key="partition-summary", description=f"{cfg.scheme} partition")
     print(f"partition: {summary['num_clients']} clients, {summary['min_client']}-{summary['max_client']} "
@@ -30,19 +31,21 @@ def partition(cfg: PartitionConfig, features_dir: Path, out_dir: Path) -> dict[s
     return summary
 
 
-def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--features", type=Path, default=Path("data/features"))
-    p.add_argument("--out", type=Path, default=Path("data/partition"))
+def _main(
+    params: stage.ParamsFile = stage.PARAMS_FILE,
+    features: Annotated[Path, typer.Option(metavar="DIR", help="the feature store to split (features "
+                                                               "stage)")] = Path("data/features"),
+    out: Annotated[Path, typer.Option(metavar="DIR", help="where partition.json, client_stats.csv and heatmap.png "
+                                                          "go")] = Path("data/partition"),
+) -> None:
+    from tasks.common import read_params
+
+    FLOWS["partition"](read_params(params).partition, features, out)
 
 
-def _main(args: argparse.Namespace) -> None:
-    partition(read_params(args.params).partition, args.features, args.out)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m flows.partition``)."""
-    return stage.entry(__doc__ or "", _arguments, _main, argv)
-
+main = stage.command(__doc__, _main)
+"""Command-line entry point (``python -m flows.partition``)."""
+__getattr__ = FLOWS.module_getattr  # from flows.partition import partition: the flow, built then
 
 if __name__ == "__main__":
     raise SystemExit(main())

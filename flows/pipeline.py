@@ -6,28 +6,28 @@ applies them, checked, and used by every stage; the file is put back when the ru
 Prefect flow run's parameters and the MLflow parent run therefore record the same values.
 """
 
-from __future__ import annotations
-
-import argparse
+# No ``from __future__ import annotations``: the pipeline flow is defined when first used (:data:`FLOWS`), and
+# Prefect reads its parameter's type (the deployment's form) from its annotation, an object only when evaluated.
 import os
 import re
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
+import typer
 import yaml
-from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 
-from fedcore.config import flatten
 from fedcore.errors import ConfigError
 from flows import stage
-from tasks.common import read_json, read_params
-from tasks.overrides import Change, overridden, run_lock
-from tasks.studies import STUDIES, PipelineRun, Study
-from tasks.tracking import PARENT_ENV, end_run, run_status, start_parent_run, tracking_uri
+from flows.cli import STUDIES as STUDY_NAMES
+
+if TYPE_CHECKING:
+    from tasks.overrides import Change
+    from tasks.studies import PipelineRun, Study
+
+FLOWS = stage.LazyFlows(__name__)
 
 
 def dvc_stages(dvc_file: Path = Path("dvc.yaml")) -> list[str]:
@@ -35,7 +35,7 @@ def dvc_stages(dvc_file: Path = Path("dvc.yaml")) -> list[str]:
     return list((yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {}))
 
 
-def study_targets(study: Study, root: Path, stages: Sequence[str] | None) -> list[str]:
+def study_targets(study: "Study", root: Path, stages: Sequence[str] | None) -> list[str]:
     """``dvc repro`` targets of the study's stages (all, in file order, or the ones asked for)."""
     names = dvc_stages(root / study.dvc_file)
     if unknown := [name for name in stages or [] if name not in names]:
@@ -54,8 +54,8 @@ def pipeline_tag(flow_run_id: str) -> str:
     return f"pipeline-run:{flow_run_id}"
 
 
-@task(name="dvc-repro", task_run_name="repro {name}", retries=0)
-def repro_stage(name: str, env: dict[str, str], force: bool = False) -> str:
+@FLOWS.task("repro_stage", name="dvc-repro", task_run_name="repro {name}", retries=0)
+def _repro_stage(name: str, env: dict[str, str], force: bool = False) -> str:
     """``dvc repro <name>``: runs the stage (and anything stale upstream) or finds it up to date.
 
     DVC's output goes line by line to this task's log (and the terminal); the last line says which stages ran
@@ -88,6 +88,8 @@ def repro_stage(name: str, env: dict[str, str], force: bool = False) -> str:
 
 def _child_env(parent_run_id: str) -> dict[str, str]:
     from prefect.runtime import flow_run
+
+    from tasks.tracking import PARENT_ENV
 
     env = dict(os.environ)
     env[PARENT_ENV] = parent_run_id
@@ -137,7 +139,7 @@ def _stage_runs_lines(flow_run_id: str) -> list[str]:
         f"{link} {r['state']}" for link, r in zip(links, runs, strict=True))]
 
 
-def _changes_table(changes: Sequence[Change]) -> list[str]:
+def _changes_table(changes: Sequence["Change"]) -> list[str]:
     if not changes:
         return ["- params: as the params file has them (no override)"]
     rows = [f"| `{c.key}` | `{c.before!r}` | `{c.after!r}` |" for c in changes]
@@ -145,14 +147,39 @@ def _changes_table(changes: Sequence[Change]) -> list[str]:
             "| key | params file | this run |", "| --- | --- | --- |", *rows, ""]
 
 
-@flow(name="pipeline", log_prints=True)
-def pipeline(run: PipelineRun = PipelineRun()) -> dict[str, Any]:  # noqa: B008 - frozen model, shared safely
-    """Run a study with this run's params: apply the overrides, check, ``dvc repro`` each stage, put params back.
+def _pipeline_flow() -> Any:
+    """The ``pipeline`` flow; its parameter is typed (:class:`tasks.studies.PipelineRun`): the deployment's form."""
+    from prefect import flow
 
-    The overrides go into the study's params file (as ``dvc exp run -S`` would put them) and the whole file is
-    checked before any stage runs; the MLflow parent run logs the params as applied; every stage of the study is
-    reproduced in order; the params file is put back; the summary says where the results are.
-    """
+    from tasks.studies import PipelineRun
+
+    @flow(name="pipeline", log_prints=True)
+    def pipeline(run: PipelineRun = PipelineRun()) -> dict[str, Any]:  # noqa: B008 - frozen model, shared safely
+        """Run a study with this run's params: apply the overrides, check, ``dvc repro`` each stage, put params back.
+
+        The overrides go into the study's params file (as ``dvc exp run -S`` would put them) and the whole file is
+        checked before any stage runs; the MLflow parent run logs the params as applied; every stage of the study is
+        reproduced in order; the params file is put back; the summary says where the results are.
+        """
+        return _pipeline(run)
+
+    return pipeline
+
+
+FLOWS.add("pipeline", _pipeline_flow)
+
+
+def _pipeline(run: "PipelineRun") -> dict[str, Any]:
+    """The body of the ``pipeline`` flow."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.runtime import flow_run
+
+    from fedcore.config import flatten
+    from tasks.common import read_json, read_params
+    from tasks.overrides import overridden, run_lock
+    from tasks.studies import STUDIES
+    from tasks.tracking import end_run, run_status, start_parent_run, tracking_uri
+
     study = STUDIES[run.study]
     root = Path.cwd()
     targets = study_targets(study, root, run.stages)
@@ -166,13 +193,11 @@ def pipeline(run: PipelineRun = PipelineRun()) -> dict[str, Any]:  # noqa: B008 
         env = _child_env(parent)
         try:
             for name in targets:
-                repro_stage(name, env, run.force)
+                FLOWS["repro_stage"](name, env, run.force)
         except BaseException as error:  # FAILED, or KILLED when interrupted (Ctrl-C, SIGTERM)
             end_run(parent, run_status(error), error)
             raise
         end_run(parent, "FINISHED")
-    from prefect.runtime import flow_run
-
     metrics_file = root / study.metrics
     metrics = read_json(metrics_file).get(run.study, {}) if metrics_file.exists() else {}
     uri = tracking_uri(params.mlflow, root)
@@ -194,28 +219,35 @@ def _number(value: object) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", default="fedavg", choices=sorted(STUDIES), help="study to run (default: fedavg)")
-    p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="change a param for this run, as `dvc exp run -S` does (repeatable)")
-    p.add_argument("--stages", nargs="*", default=None, help="stage names (default: all of the study, in order)")
-    p.add_argument("--force", action="store_true", help="re-run stages even when DVC finds them up to date")
-    return p
+def _main(
+    study: Annotated[str, typer.Option(metavar="NAME", help=f"study to run: {', '.join(STUDY_NAMES)}")] = "fedavg",
+    overrides: Annotated[list[str] | None, typer.Option("--set", "-S", metavar="KEY=VALUE",
+                                                        help="change a param for this run, as dvc exp run -S does "
+                                                             "(repeatable)")] = None,
+    stages: Annotated[list[str] | None, typer.Option("--stage", "--stages", metavar="STAGE",
+                                                     help="only this stage of the study (repeatable)  [default: "
+                                                          "all, in order]")] = None,
+    force: Annotated[bool, typer.Option("--force", help="re-run stages even when DVC finds them up to "
+                                                        "date")] = False,
+) -> int:
+    from tasks.studies import STUDIES, PipelineRun
+
+    def work() -> None:
+        result = FLOWS["pipeline"](PipelineRun(study=study, set=overrides or [], stages=stages, force=force))
+        print("\n" + result["summary"].replace("**", ""))  # on stdout whatever the log level
+
+    return stage.run_stage(STUDIES[study].params_file, work)  # the params file is named by its errors
 
 
-def _main(args: argparse.Namespace) -> None:
-    run = PipelineRun(study=args.study, set=args.overrides, stages=args.stages, force=args.force)
-    result = pipeline(run)
-    print("\n" + result["summary"].replace("**", ""))  # on stdout whatever the log level
+def _known_study(options: dict[str, Any]) -> None:
+    if options["study"] not in STUDY_NAMES:
+        raise typer.BadParameter(f"must be one of {', '.join(STUDY_NAMES)}. Got {options['study']!r}.",
+                                 param_hint="--study")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m flows.pipeline``)."""
-    args = _parser().parse_args(argv)
-    args.params = STUDIES[args.study].params_file  # named by stage.run's error messages
-    return stage.run(_main, args)
-
+main = stage.command(__doc__, _main, prefect=False, check=_known_study)
+"""Command-line entry point (``python -m flows.pipeline``)."""
+__getattr__ = FLOWS.module_getattr  # from flows.pipeline import pipeline: the flow, built then
 
 if __name__ == "__main__":
     raise SystemExit(main())

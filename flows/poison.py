@@ -2,47 +2,52 @@
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from prefect import flow
+import typer
 
 from fedcore.config import FeaturesConfig, PoisonConfig
 from flows import stage
-from tasks.common import read_params
-from tasks.data import poison_clients
+
+FLOWS = stage.LazyFlows(__name__)
 
 
-@flow(name="poison", log_prints=True)
-def poison(
+@FLOWS.flow("poison", log_prints=True)
+def _poison(
     cfg: PoisonConfig, features_cfg: FeaturesConfig, raw_dir: Path, features_dir: Path, partition_file: Path,
     out_dir: Path,
 ) -> dict[str, Any]:
     """Write ``overlay.npz`` and ``ground_truth.json`` into ``out_dir``."""
+    from tasks.data import poison_clients
+
     summary = poison_clients(cfg, features_cfg, raw_dir, features_dir, partition_file, out_dir)
     print(f"poison: attack {summary['attack']!r} on clients {summary['attacked_clients']} "
           f"({summary['num_attacked_samples']} samples)")
     return summary
 
 
-def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--raw", type=Path, default=Path("data/raw"))
-    p.add_argument("--features", type=Path, default=Path("data/features"))
-    p.add_argument("--partition", type=Path, default=Path("data/partition/partition.json"))
-    p.add_argument("--out", type=Path, default=Path("data/poison"))
+def _main(
+    params: stage.ParamsFile = stage.PARAMS_FILE,
+    raw: Annotated[Path, typer.Option(metavar="DIR", help="the downloaded clips and their manifest.csv (download "
+                                                          "stage): a noise attack featurises its clips "
+                                                          "again")] = Path("data/raw"),
+    features: Annotated[Path, typer.Option(metavar="DIR", help="the feature store (features "
+                                                               "stage)")] = Path("data/features"),
+    partition: Annotated[Path, typer.Option(metavar="FILE", help="the clients' partition.json (partition "
+                                                                 "stage)")] = Path("data/partition/partition.json"),
+    out: Annotated[Path, typer.Option(metavar="DIR", help="where overlay.npz and ground_truth.json "
+                                                          "go")] = Path("data/poison"),
+) -> None:
+    from tasks.common import read_params
+
+    cfg = read_params(params)
+    FLOWS["poison"](cfg.poison, cfg.features, raw, features, partition, out)
 
 
-def _main(args: argparse.Namespace) -> None:
-    params = read_params(args.params)
-    poison(params.poison, params.features, args.raw, args.features, args.partition, args.out)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m flows.poison``)."""
-    return stage.entry(__doc__ or "", _arguments, _main, argv)
-
+main = stage.command(__doc__, _main)
+"""Command-line entry point (``python -m flows.poison``)."""
+__getattr__ = FLOWS.module_getattr  # from flows.poison import poison: the flow, built then
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -12,34 +12,37 @@ logged one. Works on any finished run of the store; run it again at any time.
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+import typer
 
 from fedcore.config import Params
 from fedcore.errors import ConfigError
-from fedcore.evaluation.downstream import load_downstream, score_encoder
-from fedcore.evaluation.selection import TaskSelection
 from flows import stage
-from tasks.common import read_json, read_params, write_json, write_text
-from tasks.rounds import read_run_record, run_record_path, write_run_record
-from tasks.selection import load_selected, register_selection, select_rounds, selection_markdown
-from tasks.tracking import setup
+
+if TYPE_CHECKING:
+    from fedcore.evaluation.selection import TaskSelection
 
 #: Largest difference accepted between a reloaded model's score and the logged one.
 TOLERANCE = 1e-6
+FLOWS = stage.LazyFlows(__name__)
 
 
-@flow(name="select", log_prints=True)
-def select(params: Params, run_id: str, out: Path, root: Path = Path("."), metric: str | None = None,
-           registered_model: str | None = None, verify: bool = False,
-           downstream: Path = Path("data/downstream")) -> dict[str, Any]:
+@FLOWS.flow("select", log_prints=True)
+def _select(params: Params, run_id: str, out: Path, root: Path = Path("."), metric: str | None = None,
+            registered_model: str | None = None, verify: bool = False,
+            downstream: Path = Path("data/downstream")) -> dict[str, Any]:
     """Select and register each task's best round of run ``run_id``; write the selection JSON and table."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from tasks.common import write_json, write_text
+    from tasks.rounds import write_run_record
+    from tasks.selection import register_selection, select_rounds, selection_markdown
+    from tasks.tracking import setup
+
     setup(params.mlflow, root)
     selections, run_params = select_rounds(run_id, metric)
     name = registered_model or run_params.get("downstream.registered_model") or params.downstream.registered_model
@@ -65,6 +68,10 @@ def select(params: Params, run_id: str, out: Path, root: Path = Path("."), metri
 
 def _verify(params: Params, selections: Sequence[TaskSelection], name: str, root: Path) -> list[TaskSelection]:
     """Reload every alias, score it on its task again and check the logged test score is reproduced."""
+    from fedcore.evaluation.downstream import load_downstream, score_encoder
+    from fedcore.evaluation.selection import TaskSelection
+    from tasks.selection import load_selected
+
     # The models first (before any data): rebuilt from their specs, no code from their files runs.
     models = {sel.task: load_selected(name, sel.task, params.mlflow.trust_pickle) for sel in selections}
     data = load_downstream(root, params.downstream)
@@ -87,34 +94,48 @@ def _verify(params: Params, selections: Sequence[TaskSelection], name: str, root
     return checked
 
 
-def _arguments(p: argparse.ArgumentParser) -> None:
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--run-id", help="MLflow run id of a finished self-supervised federate run")
-    which.add_argument("--metrics", type=Path, help="the run's metrics.json (its mlflow_run_id is used)")
-    p.add_argument("--out", type=Path, required=True, help="folder of selection.json and selection.md")
-    p.add_argument("--metric", help="knn<k> or probe (default: the run's downstream.select_metric)")
-    p.add_argument("--registered-model", help="registry name (default: the run's downstream.registered_model)")
-    p.add_argument("--verify", action="store_true", help="reload each alias and reproduce its logged test score")
-    p.add_argument("--downstream", type=Path, default=Path("data/downstream"),
-                   help="--verify: folder of the downstream feature stores")
+def _main(
+    *,
+    params: stage.ParamsFile = stage.PARAMS_FILE,
+    run_id: Annotated[str | None, typer.Option(metavar="RUN", help="MLflow run id of a finished self-supervised "
+                                                                   "federate run (or --metrics)")] = None,
+    metrics: Annotated[Path | None, typer.Option(metavar="FILE", help="the run's metrics.json: the run id is read "
+                                                                      "from the run record beside it (or "
+                                                                      "--run-id)")] = None,
+    out: Annotated[Path, typer.Option(metavar="DIR", help="folder of selection.json and selection.md")],
+    metric: Annotated[str | None, typer.Option(metavar="METRIC", help="knn<k> or probe  [default: the run's "
+                                                                      "downstream.select_metric]")] = None,
+    registered_model: Annotated[str | None, typer.Option(metavar="NAME", help="registry name  [default: the run's "
+                                                                              "downstream.registered_model]")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="reload each alias and reproduce its logged test "
+                                                          "score")] = False,
+    downstream: Annotated[Path, typer.Option(metavar="DIR", help="with --verify: the folder of the downstream "
+                                                                 "feature stores")] = Path("data/downstream"),
+) -> None:
+    from tasks.common import read_json, read_params
+    from tasks.rounds import read_run_record, run_record_path
 
-
-def _main(args: argparse.Namespace) -> None:
-    params = read_params(args.params)
-    run_id = args.run_id
-    if run_id is None:
+    cfg = read_params(params)
+    if run_id is None and metrics is not None:
         # the run id lives in the run record beside the metrics (older runs wrote it into the metrics)
-        run_id = read_run_record(args.metrics).get("mlflow_run_id") or read_json(args.metrics).get("mlflow_run_id")
+        run_id = read_run_record(metrics).get("mlflow_run_id") or read_json(metrics).get("mlflow_run_id")
         if not run_id:
-            raise ConfigError(f"select: {str(args.metrics)!r} has no run record with an 'mlflow_run_id' beside it "
-                              f"({run_record_path(args.metrics).name}). Fix: pass --run-id, or rerun the stage.")
-    select(params, run_id, args.out, Path.cwd(), args.metric, args.registered_model, args.verify, args.downstream)
+            raise ConfigError(f"select: {str(metrics)!r} has no run record with an 'mlflow_run_id' beside it "
+                              f"({run_record_path(metrics).name}). Fix: pass --run-id, or rerun the stage.")
+    FLOWS["select"](cfg, run_id, out, Path.cwd(), metric, registered_model, verify, downstream)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m flows.select``)."""
-    return stage.entry(__doc__ or "", _arguments, _main, argv)
+def _one_run(options: dict[str, Any]) -> None:
+    """The run is named once: by --run-id or by --metrics."""
+    if (options["run_id"] is None) == (options["metrics"] is None):
+        given = "both" if options["run_id"] is not None else "neither"
+        raise typer.BadParameter(f"exactly one of them must be given. Got {given}.",
+                                 param_hint="--run-id / --metrics")
 
+
+main = stage.command(__doc__, _main, check=_one_run)
+"""Command-line entry point (``python -m flows.select``)."""
+__getattr__ = FLOWS.module_getattr  # from flows.select import select: the flow, built then
 
 if __name__ == "__main__":
     raise SystemExit(main())

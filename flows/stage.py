@@ -12,6 +12,10 @@ within seconds. Its temporary server runs in a session of its own, so the signal
 can still record its runs as Crashed; and if the stage has not exited :data:`INTERRUPT_GRACE_S` after the signal
 (the server it reports to is gone, and Prefect's client retries for minutes), it ends itself and the watchdog ends
 what it left. Checkpoints are written atomically per round, so the stage resumes from the last one.
+
+A stage's command line is the signature of one function (:func:`command`, on typer), parsed before anything slow is
+imported: ``python -m flows.<stage> --help`` and a mistyped option answer at once. Its Prefect flows are built on
+first use (:class:`LazyFlows`), so importing a stage module does not import Prefect, torch or the tasks.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import functools
+import inspect
 import logging
 import os
+import re
 import select
 import signal
 import subprocess
@@ -28,8 +35,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, Annotated, Any, TypeVar
+
+import typer
 
 from fedcore.errors import ConfigError, FedcoreError
 
@@ -43,8 +53,150 @@ QUIET_ENV = {
 }
 
 
+PARAMS_FILE = Path("params.yaml")
+"""The params file a stage reads unless ``--params`` names another."""
+ParamsFile = Annotated[Path, typer.Option("--params", metavar="FILE", help="the params file (the stage checks "
+                                          "all of it and reads its own sections)")]
+"""The ``--params`` option every stage has: ``params: stage.ParamsFile = stage.PARAMS_FILE``."""
+
+
+def command(doc: str | None, function: Callable[..., Any], *, prefect: bool = True,
+            check: Callable[[dict[str, Any]], None] | None = None) -> Callable[..., int]:
+    """A stage's ``main(argv=None, prog_name=None)``: the parameters of ``function`` are its options.
+
+    Each parameter of ``function`` is a typer option or argument (``Annotated[Path, typer.Option(help=...)]``, its
+    default the option's); ``doc`` (the module's docstring) is the help text, and the program is named
+    ``python -m <module>`` unless ``prog_name`` says otherwise (``fedaudio stage <name>``). ``main`` parses its
+    ``argv`` (default: this process's arguments) first: ``--help`` returns 0 and a usage error prints one error
+    and returns 2, before anything slow is imported. Then ``function(**options)`` runs: as a stage
+    (:func:`run_stage`: watchdog, shared Prefect server, interrupts, exit codes), so ``function`` must take
+    ``params`` (:data:`ParamsFile`); or, with ``prefect=False``, as it is, returning the exit code (``None``: 0).
+    ``check(options)``, when given, checks what one option cannot check alone (``typer.BadParameter``: a usage
+    error, exit code 2) before the stage starts.
+    """
+    if prefect and "params" not in inspect.signature(function).parameters:
+        raise TypeError(f"stage.command: {function.__qualname__} must take 'params' (stage.ParamsFile).")
+    spec = getattr(sys.modules.get(function.__module__), "__spec__", None)
+    program = f"python -m {spec.name if spec is not None else function.__module__}"
+    help_text = plain(doc or "")
+
+    def main(argv: Sequence[str] | None = None, prog_name: str | None = None) -> int:
+        """Command-line entry point: parse ``argv``, run the stage, return its exit code."""
+        options = parse(function, help_text, argv, prog_name or program, check)
+        if isinstance(options, int):
+            return options
+        if prefect:
+            return run_stage(options["params"], lambda: function(**options))
+        return int(function(**options) or 0)
+
+    return main
+
+
+def parse(function: Callable[..., Any], help_text: str, argv: Sequence[str] | None, prog_name: str,
+          check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | int:
+    """``function``'s keyword arguments from ``argv`` (typer), or an exit code: 0 after ``--help``, 2 on bad usage.
+
+    Only the parsing runs under typer: the stage itself runs after it, so that an interrupt or an error in the
+    stage is not turned into typer's exit codes.
+    """
+    parsed: list[dict[str, Any]] = []
+
+    @functools.wraps(function)  # typer reads the options from function's signature
+    def collect(**options: Any) -> None:
+        if check is not None:
+            check(options)
+        parsed.append(options)
+
+    app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False,
+                      context_settings={"help_option_names": ["-h", "--help"]})
+    app.command(help=help_text)(collect)
+    code: int | str | None = 0
+    try:
+        app(args=list(sys.argv[1:] if argv is None else argv), prog_name=prog_name)
+    except SystemExit as done:  # typer ends with it: 0 once parsed or after --help, 2 on a usage error
+        code = done.code
+    if parsed:
+        return parsed[0]
+    return code if isinstance(code, int) else 1
+
+
+_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
+_LITERAL = re.compile(r"``([^`]+)``")
+_EMPHASIS = re.compile(r"(?<![\w*`])\*([A-Za-z][^*`]*?)\*(?![\w*`])")
+
+
+def plain(doc: str) -> str:
+    """A docstring as help text: ``literals``, :role:`targets` and *emphasis* without their reST marks.
+
+    A paragraph that is one literal alone (a command line) is kept as it is, not rewrapped.
+    """
+    paragraphs = []
+    for paragraph in inspect.cleandoc(_EMPHASIS.sub(r"\1", _ROLE.sub(r"\1", doc))).split("\n\n"):
+        whole = _LITERAL.fullmatch(paragraph.strip())
+        paragraphs.append(f"\b\n{whole.group(1)}" if whole else _LITERAL.sub(r"\1", paragraph))
+    return "\n\n".join(paragraphs)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class LazyFlows:
+    """A stage module's Prefect flows and tasks, each built the first time it is used.
+
+    Importing Prefect takes seconds, and a module that builds its flows when imported makes every import of it (its
+    ``--help`` included) wait for Prefect, torch and the tasks. A stage module registers its flow functions here
+    instead, uses them as ``FLOWS["name"]`` and ends with ``__getattr__ = FLOWS.module_getattr`` (PEP 562), so that
+    ``from flows.features import features`` still gives the flow, built at that first access. Flow names (what
+    Prefect shows) are the registered names unless ``name=`` says otherwise.
+    """
+
+    def __init__(self, module: str) -> None:
+        self._module = module
+        self._builders: dict[str, Callable[[], Any]] = {}
+        self._built: dict[str, Any] = {}
+        self._lock = threading.RLock()
+
+    def flow(self, attribute: str, **options: Any) -> Callable[[F], F]:
+        """Register the decorated function as flow ``attribute``: ``prefect.flow(function, **options)``."""
+        return self._decorator("flow", attribute, options)
+
+    def task(self, attribute: str, **options: Any) -> Callable[[F], F]:
+        """Register the decorated function as task ``attribute``: ``prefect.task(function, **options)``."""
+        return self._decorator("task", attribute, options)
+
+    def _decorator(self, kind: str, attribute: str, options: dict[str, Any]) -> Callable[[F], F]:
+        def register(function: F) -> F:
+            def build() -> Any:
+                import prefect
+
+                return getattr(prefect, kind)(function, **{"name": attribute, **options})
+
+            self.add(attribute, build)
+            return function
+
+        return register
+
+    def add(self, attribute: str, build: Callable[[], Any]) -> None:
+        """Register ``build()`` (called once, on first use) as what ``attribute`` gives."""
+        if attribute in self._builders:
+            raise ValueError(f"{self._module}: flow {attribute!r} is registered twice.")
+        self._builders[attribute] = build
+
+    def __getitem__(self, attribute: str) -> Any:
+        with self._lock:
+            if attribute not in self._built:
+                self._built[attribute] = self._builders[attribute]()
+            return self._built[attribute]
+
+    def module_getattr(self, name: str) -> Any:
+        """The module's ``__getattr__``: a registered flow, built now; any other name is missing."""
+        if name not in self._builders:
+            raise AttributeError(f"module {self._module!r} has no attribute {name!r}")
+        return self[name]
+
+
 def parser(description: str) -> argparse.ArgumentParser:
-    """Argument parser with the options every stage has."""
+    """Argument parser with the options every stage has (:func:`entry`'s; flows/ uses :func:`command`)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     return p
@@ -62,10 +214,16 @@ _deadline: threading.Timer | None = None
 
 
 def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    """Run ``main(args)`` as a stage (:func:`run_stage`); ``args.params`` names the params file in its errors."""
+    return run_stage(args.params, lambda: main(args))
+
+
+def run_stage(params: str | Path, work: Callable[[], Any]) -> int:
     """Run a stage: heartbeat off (saves ~1 s per flow), clear one-line errors for bad input, exit code.
 
     Also starts the stage's watchdog (once per process), shares Prefect's temporary server with children, keeps
-    that server out of the terminal's signals, and bounds the time an interrupted stage takes to exit.
+    that server out of the terminal's signals, and bounds the time an interrupted stage takes to exit. ``params``
+    (the params file) is named when it is invalid.
     """
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
@@ -89,9 +247,9 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
     try:
         with exit_when_interrupted(INTERRUPT_GRACE_S), tags(*stage_tags), \
                 temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            main(args)
+            work()
     except ConfigError as error:
-        print(f"error: invalid params ({args.params}):\n{error}", file=sys.stderr)
+        print(f"error: invalid params ({params}):\n{error}", file=sys.stderr)
         return 2
     except (FedcoreError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -111,7 +269,7 @@ def _attach_shared_server() -> None:
 
 def entry(description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
           main: Callable[[argparse.Namespace], Any], argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run ``main``."""
+    """Parse ``argv`` with argparse and run ``main`` (for scripts outside flows/; its stages use :func:`command`)."""
     p = parser(description)
     add_arguments(p)
     return run(main, p.parse_args(argv))

@@ -95,24 +95,51 @@ def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
 
 
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
-"""The tag MLflow's UI reads to open an experiment in model-training mode (its other kinds: GenAI, fine-tuning)."""
+"""The experiment tag naming its kind: model training (other kinds: GenAI, fine-tuning). MLflow 3.17's UI does not
+read it to choose its mode (see :data:`UI_MODE`); it stays for the UIs and clients that do."""
 
 MLFLOW_UI_ENV = "FEDAUDIO_MLFLOW_UI"
 """Base URL of the MLflow UI that links point at (default: ``fedaudio ui``'s, http://127.0.0.1:5000)."""
 
+UI_MODE = "workflowType=machine_learning"
+"""Query that opens a page of MLflow's UI in model-training mode (runs, charts, models). MLflow 3.17 opens every
+experiment in GenAI mode (traces, evaluation runs) until the user flips its mode switch, which the browser then
+remembers; an address carrying this query opens in model-training mode from the first visit."""
+
+
+def ui_url(experiment_id: str | None = None, page: str = "", base: str | None = None) -> str:
+    """Address of a page of MLflow's UI in model-training mode.
+
+    ``page`` is the route under the experiment (``"models"``, ``"runs/<run id>"``); without ``experiment_id`` the
+    experiments list. ``base`` defaults to env ``FEDAUDIO_MLFLOW_UI``, else ``fedaudio ui``'s address.
+    """
+    base = (base or os.environ.get(MLFLOW_UI_ENV) or "http://127.0.0.1:5000").rstrip("/")
+    route = "/experiments"
+    if experiment_id is not None:
+        route += f"/{experiment_id}" + (f"/{page.strip('/')}" if page else "")
+    return f"{base}/#{route}?{UI_MODE}"
+
 
 def run_link(experiment_id: str, run_id: str) -> str:
-    """Markdown link to a run in the MLflow UI (``FEDAUDIO_MLFLOW_UI``, else ``fedaudio ui``'s address)."""
-    base = os.environ.get(MLFLOW_UI_ENV, "http://127.0.0.1:5000").rstrip("/")
-    return f"[MLflow run `{run_id}`]({base}/#/experiments/{experiment_id}/runs/{run_id})"
+    """Markdown link to a run in the MLflow UI, in model-training mode (:func:`ui_url`)."""
+    return f"[MLflow run `{run_id}`]({ui_url(experiment_id, f'runs/{run_id}')})"
+
+
+def find_experiment(cfg: MlflowConfig, root: Path) -> str | None:
+    """The id of the experiment ``cfg.experiment`` in the project's store, or None when it does not exist yet."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    experiment = mlflow.MlflowClient(tracking_uri(cfg, root)).get_experiment_by_name(cfg.experiment)
+    return None if experiment is None else str(experiment.experiment_id)
 
 
 def setup(cfg: MlflowConfig, root: Path) -> str:
     """Point MLflow at the store and make sure the experiment exists (artifacts under ``root/mlartifacts``).
 
-    A new experiment is tagged as model training (:data:`EXPERIMENT_KIND`), so MLflow's UI opens it on runs,
-    charts and models rather than GenAI traces and evaluation runs. Also marks the experiment's runs whose owner
-    process is gone KILLED (:func:`reap_orphans`). Returns the experiment id.
+    A new experiment is tagged as model training (:data:`EXPERIMENT_KIND`; links to it carry :data:`UI_MODE`, which
+    is what MLflow 3.17's UI reads). Also marks the experiment's runs whose owner process is gone KILLED
+    (:func:`reap_orphans`). Returns the experiment id.
     """
     import mlflow
 

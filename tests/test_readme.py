@@ -190,9 +190,12 @@ def test_the_mlflow_ui_command_serves_the_store(tmp_path: Path) -> None:
     env.pop("MLFLOW_TRACKING_URI", None)  # set by earlier tests' mlflow.set_tracking_uri; it would win
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")  # names the store: sqlite:///mlflow.db
     port = _free_port()
-    process = subprocess.Popen([*MLFLOW_UI, "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen([*MLFLOW_UI, "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
+        assert process.stdout is not None
+        # The address it prints opens MLflow's UI in model-training mode (no experiment yet: the list).
+        assert f"http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning" in process.stdout.readline()
         assert _get(f"http://127.0.0.1:{port}/health", time.monotonic() + 120).strip() == "OK"
         search = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=10"
         experiments = _get(search, time.monotonic() + 30)

@@ -11,8 +11,9 @@ Fetching
 Extracting
     :func:`extract_archive` checks every member of a zip or tar before writing anything (no absolute paths,
     no ``..`` escapes, no links pointing outside, no device files, a cap on the total size and on the
-    compression ratio), writes the files itself (stopping each at its declared size and at the caps; links are
-    left out), extracts into a hidden sibling folder, writes a ``.extracted`` marker and renames the folder
+    compression ratio). Tar members are checked and written by :mod:`tarfile`'s ``data`` filter (links left
+    out); zip members are checked here and written here, each stopped at its declared size and at the caps.
+    Extraction goes into a hidden sibling folder, writes a ``.extracted`` marker and renames the folder
     into place, so an interrupted extraction never leaves a folder that looks complete. A matching marker
     makes the next call a no-op.
 
@@ -39,8 +40,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
-
-import requests
 
 from fedcore.errors import ChecksumError, DataError, DownloadError, UnsafeArchiveError
 
@@ -75,17 +74,11 @@ _HTTP_CHUNK = 1 << 16
 _RETRY_BASE_S = 0.5  # delay before retry k (1-based) is _RETRY_BASE_S * 2 ** (k - 1), capped at 10 s
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
-_RETRYABLE_HTTP = (
-    requests.exceptions.ConnectionError,
-    requests.exceptions.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-    requests.exceptions.ContentDecodingError,
-)
 
 
 # --------------------------------------------------------------------------------------------------- hashing
 def sha256_file(path: str | Path) -> str:
-    """Return the lowercase hex sha256 of a file, read in 1 MiB blocks.
+    """Return the lowercase hex sha256 of a file, streamed (:func:`hashlib.file_digest`).
 
     Parameters
     ----------
@@ -97,11 +90,8 @@ def sha256_file(path: str | Path) -> str:
     str
         64 hex digits.
     """
-    digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
-        while block := handle.read(_FILE_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def read_sha256_sidecar(path: str | Path) -> str | None:
@@ -298,6 +288,8 @@ def _content_range(header: str | None) -> tuple[int, int | None] | None:
 
 def _http_once(url: str, part: Path, timeout_s: float, progress: ProgressFn | None) -> None:
     """One HTTP attempt: resume ``part`` with a Range request, or restart when the server ignores it."""
+    import requests  # lazily: most runs read a mirror or a local file
+
     done = part.stat().st_size if part.exists() else 0
     headers = {"Accept-Encoding": "identity"}
     if done:
@@ -343,6 +335,15 @@ def _download_http(
     url: str, part: Path, *, timeout_s: float, retries: int, progress: ProgressFn | None,
     names: Sequence[str], folders: Sequence[Path], subdir: str | None,
 ) -> None:
+    """Run up to ``retries`` attempts, each resuming where the last stopped."""
+    import requests
+
+    retryable = (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        requests.exceptions.ChunkedEncodingError,
+        requests.exceptions.ContentDecodingError,
+    )
     last = ""
     for attempt in range(1, retries + 1):
         try:
@@ -350,7 +351,7 @@ def _download_http(
             return
         except _Fatal as error:
             raise _unreachable(url, str(error), names, folders, subdir) from None
-        except (_Retry, *_RETRYABLE_HTTP) as error:
+        except (_Retry, *retryable) as error:
             last = f"{type(error).__name__}: {error}"
         except requests.exceptions.RequestException as error:
             raise _unreachable(url, f"{type(error).__name__}: {error}", names, folders, subdir) from None
@@ -557,7 +558,7 @@ class _Member:
     """One archive member, checked: where it goes and what its header declares."""
 
     name: str
-    parts: tuple[str, ...]
+    parts: tuple[str, ...]  # zip: where it goes under the target folder (tar: tarfile places it; empty)
     kind: str  # "file", "dir" or "link" (left out)
     size: int  # declared uncompressed bytes
     compressed: int | None  # zip: declared compressed bytes; tar: None (one compressed stream)
@@ -692,29 +693,32 @@ def _plan_zip(archive: Path, zf: zipfile.ZipFile, budget: _Budget) -> list[_Memb
     return members
 
 
-def _plan_tar(archive: Path, tf: tarfile.TarFile, budget: _Budget) -> list[_Member]:
+def _tar_filter(member: tarfile.TarInfo, dest_path: str) -> tarfile.TarInfo | None:
+    """Tar's ``data`` filter, with links left out and the umask's permissions and the extraction time kept."""
+    if member.issym() or member.islnk():
+        return None
+    # None skips the attribute (tarfile since 3.11.4; typeshed does not know it yet)
+    return tarfile.data_filter(member, dest_path).replace(mode=None, mtime=None, deep=False)  # type: ignore[arg-type]
+
+
+def _plan_tar(archive: Path, tf: tarfile.TarFile, dest: Path, budget: _Budget) -> list[_Member]:
     members = []
     for info in tf:  # lazily: a bomb is stopped at the member that passes a cap, before the rest is read
-        parts = tuple(_check_member(archive, info.name))
-        if info.issym():
-            if _is_absolute(info.linkname):
-                raise _unsafe(archive, info.name, f"symlink to absolute path {info.linkname!r}")
-            if _normalise("/".join([*parts[:-1], info.linkname])) is None:
-                raise _unsafe(archive, info.name, f"symlink pointing outside to {info.linkname!r}")
-            member = _Member(info.name, parts, "link", 0, None, f"symlink to {info.linkname!r}")
-        elif info.islnk():
-            if _is_absolute(info.linkname) or _normalise(info.linkname) is None:
-                raise _unsafe(archive, info.name, f"hard link pointing outside to {info.linkname!r}")
-            member = _Member(info.name, parts, "link", 0, None, f"hard link to {info.linkname!r}")
+        if _is_absolute(info.name):  # the data filter would strip the leading '/' and extract it
+            raise _unsafe(archive, info.name, "absolute path")
+        try:  # '..' escapes, links to absolute paths or pointing outside, device files, FIFOs
+            tarfile.data_filter(info, str(dest))
+        except tarfile.FilterError as error:
+            raise _unsafe(archive, info.name, f"{type(error).__name__}: {error}") from None
+        if info.issym() or info.islnk():
+            kind = "symlink" if info.issym() else "hard link"
+            member = _Member(info.name, (), "link", 0, None, f"{kind} to {info.linkname!r}")
         elif info.isdir():
-            member = _Member(info.name, parts, "dir", 0, None)
-        elif info.isreg():
-            if not parts:
-                raise _unsafe(archive, info.name, "a file without a name")
-            member = _Member(info.name, parts, "file", info.size, None)
+            member = _Member(info.name, (), "dir", 0, None)
+        elif not _normalise(info.name):
+            raise _unsafe(archive, info.name, "a file without a name")
         else:
-            kind = "device file" if info.ischr() or info.isblk() else f"special member (type {info.type!r})"
-            raise _unsafe(archive, info.name, "FIFO" if info.isfifo() else kind)
+            member = _Member(info.name, (), "file", info.size, None)
         budget.declare(member)
         members.append(member)
     return members
@@ -765,39 +769,24 @@ def make_partial_dir(parent: Path, name: str) -> Path:
 
 
 def _extract_into(archive: Path, kind: str, members: list[_Member], tmp: Path, budget: _Budget) -> None:
-    """Write the planned members into ``tmp`` (links left out), re-checking the caps on the bytes written."""
+    """Write the planned members into ``tmp`` (links left out); zip members re-check the caps while written."""
+    if kind == "tar":  # tarfile writes each member's declared size, no more: the plan checked the caps on those
+        with tarfile.open(archive, "r:*") as tf:
+            tf.extractall(tmp, filter=_tar_filter)
+        return
     budget.total = 0
-
-    def place(member: _Member, src: Any) -> None:
-        target = tmp.joinpath(*member.parts)
-        if member.kind == "dir":
-            target.mkdir(parents=True, exist_ok=True)
-        elif member.kind == "file":
-            target.parent.mkdir(parents=True, exist_ok=True)
-            budget.write(member, src, target)
-
-    if kind == "zip":
-        with zipfile.ZipFile(archive) as zf:
-            for member, zip_info in zip(members, zf.infolist(), strict=True):
-                if member.kind != "file":
-                    place(member, None)
-                    continue
+    with zipfile.ZipFile(archive) as zf:
+        for member, info in zip(members, zf.infolist(), strict=True):
+            target = tmp.joinpath(*member.parts)
+            if member.kind == "dir":
+                target.mkdir(parents=True, exist_ok=True)
+            elif member.kind == "file":
+                target.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    with zf.open(zip_info) as zip_src:
-                        place(member, zip_src)
+                    with zf.open(info) as src:
+                        budget.write(member, src, target)
                 except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as error:
                     raise _damaged(archive, error, member.name) from None
-    else:
-        with tarfile.open(archive, "r:*") as tf:
-            for member, tar_info in zip(members, tf, strict=True):
-                if member.kind != "file":
-                    place(member, None)
-                    continue
-                tar_src = tf.extractfile(tar_info)
-                if tar_src is None:
-                    raise _damaged(archive, ValueError("no data"), member.name)
-                with tar_src:
-                    place(member, tar_src)
 
 
 def extract_archive_detailed(
@@ -845,7 +834,7 @@ def extract_archive_detailed(
             kind = "zip"
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive, "r:*") as tf:
-                members = _plan_tar(archive, tf, budget)
+                members = _plan_tar(archive, tf, dest, budget)
             kind = "tar"
         else:
             raise DataError(
@@ -897,10 +886,11 @@ def extract_archive(
     Every member is checked from the archive's own headers before anything is written: no absolute paths,
     no ``..`` escapes, no links pointing outside, no device or special files, at most ``max_bytes`` in all,
     and no member (zip) or archive (tar) expanding more than ``max_ratio`` times (members and archives that
-    expand to at most :data:`RATIO_FLOOR_BYTES` are exempt from the ratio). While writing, each member is
-    stopped at its declared size and the caps are checked again, so a header that lies stops at the cap too.
-    Links inside the archive are left out (listed in the marker), so no extracted path is a link. Files and
-    folders get the umask's permissions (0644 and 0755 under umask 022), whatever the archive says.
+    expand to at most :data:`RATIO_FLOOR_BYTES` are exempt from the ratio). Tar members pass :mod:`tarfile`'s
+    ``data`` filter, which also writes them. While writing, each zip member is stopped at its declared size and
+    the caps are checked again, so a header that lies stops at the cap too (a tar member's data is its declared
+    size). Links inside the archive are left out (listed in the marker), so no extracted path is a link. Files
+    and folders get the umask's permissions (0644 and 0755 under umask 022), whatever the archive says.
 
     Extraction goes to a hidden sibling folder that is renamed to ``dest`` on success (replacing an older
     ``dest``), with ``dest/.extracted`` recording the archive's sha256, size and the links left out (nothing

@@ -98,7 +98,7 @@ def test_backbone_weights_from_a_file_are_the_starting_point(eework: Path, small
     backbone["net.norm.weight"], backbone["net.norm.bias"] = torch.full((8,), 1.5), torch.full((8,), 0.25)
     save_state(Path("pre.safetensors"), backbone)
     p = _write(eework / "init.yaml", _params(small_mirror, init="pre.safetensors", plan="full"))
-    import flows.earlyexit as module
+    import tasks.earlyexit as module  # the flow imports initial_state from it when it runs
 
     seen: dict[str, torch.Tensor] = {}
     real = module.initial_state

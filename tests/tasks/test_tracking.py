@@ -16,6 +16,7 @@ from tasks.tracking import (
     setup,
     start_parent_run,
     tracking_uri,
+    ui_url,
 )
 
 #: A small registered classifier on (1, 4, 5) log-mel (conv, BatchNorm, linear): what the rounds log.
@@ -43,7 +44,15 @@ def test_a_new_experiment_opens_in_model_training_mode_with_links_to_its_runs(
     tags = mlflow.MlflowClient().get_experiment(experiment_id).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     monkeypatch.setenv("FEDAUDIO_MLFLOW_UI", "http://host:5001/")
-    assert run_link(experiment_id, "abc") == f"[MLflow run `abc`](http://host:5001/#/experiments/{experiment_id}/runs/abc)"
+    assert run_link(experiment_id, "abc") == (
+        f"[MLflow run `abc`](http://host:5001/#/experiments/{experiment_id}/runs/abc?workflowType=machine_learning)")
+
+
+def test_ui_addresses_open_in_model_training_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FEDAUDIO_MLFLOW_UI", raising=False)
+    assert ui_url() == "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+    assert ui_url("7", "models", base="http://h:9/") == "http://h:9/#/experiments/7/models?workflowType=machine_learning"
+    assert ui_url("7", "/runs/r1/") == "http://127.0.0.1:5000/#/experiments/7/runs/r1?workflowType=machine_learning"
 
 
 def test_env_overrides_the_uri(cfg: MlflowConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
