@@ -232,14 +232,15 @@ def run_stage(params: str | Path, work: Callable[[], Any]) -> int:
     if not os.environ.get("PREFECT_API_URL"):  # this process may start a temporary server (importing it: ~4 s)
         share_temporary_server()
         detach_temporary_server()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Importing these sets up Prefect's logging (its console handler on the root logger), which basicConfig then
+    # leaves alone: the other way round, every library's INFO records (httpx's requests) would reach the terminal.
+    from prefect import tags
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # One line per client task per round drowns the progress bar; task failures are still logged (WARNING+).
     if not os.environ.get("FEDAUDIO_VERBOSE"):
         logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
-
-    from prefect import tags
 
     # A stage the pipeline flow runs: its flow run carries the pipeline run's tag (flows.pipeline.pipeline_tag).
     pipeline_run = os.environ.get("FEDAUDIO_PIPELINE_RUN")

@@ -28,7 +28,16 @@ def project(tmp_path_factory: pytest.TempPathFactory, small_mirror: Path, prefec
     root = make_project(tmp_path_factory.mktemp("e2e") / "project", tiny_params(small_mirror))
     result = run([sys.executable, "-m", "flows.pipeline"], root, stage_env(prefect_api), timeout=900)
     assert "pipeline finished" in result.stdout, result.stdout + result.stderr
+    (root / "pipeline.log").write_text(result.stdout + result.stderr)
     return root
+
+
+def test_the_terminal_shows_each_stage_and_no_http_chatter(project: Path) -> None:
+    output = (project / "pipeline.log").read_text()
+    assert "repro federate: ran" in output, output[-3000:]
+    assert "Running stage 'federate'" in output
+    chatter = [line for line in output.splitlines() if "HTTP Request" in line or "httpx" in line]
+    assert not chatter, chatter[:5]
 
 
 def logged_models(root: Path) -> list[object]:
