@@ -236,7 +236,8 @@ def _main(
         result = FLOWS["pipeline"](PipelineRun(study=study, set=overrides or [], stages=stages, force=force))
         print("\n" + result["summary"].replace("**", ""))  # on stdout whatever the log level
 
-    return stage.run_stage(STUDIES[study].params_file, work)  # the params file is named by its errors
+    # the params file is named by its errors; each repro task's log (DVC's output) reaches the terminal
+    return stage.run_stage(STUDIES[study].params_file, work, task_logs=True)
 
 
 def _known_study(options: dict[str, Any]) -> None:

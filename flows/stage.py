@@ -218,12 +218,14 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
     return run_stage(args.params, lambda: main(args))
 
 
-def run_stage(params: str | Path, work: Callable[[], Any]) -> int:
+def run_stage(params: str | Path, work: Callable[[], Any], *, task_logs: bool = False) -> int:
     """Run a stage: heartbeat off (saves ~1 s per flow), clear one-line errors for bad input, exit code.
 
     Also starts the stage's watchdog (once per process), shares Prefect's temporary server with children, keeps
     that server out of the terminal's signals, and bounds the time an interrupted stage takes to exit. ``params``
-    (the params file) is named when it is invalid.
+    (the params file) is named when it is invalid. Task runs log warnings and errors only (a stage runs a task
+    per client and round), unless ``task_logs`` (the pipeline: a task per stage, whose log is DVC's output) or
+    env ``FEDAUDIO_VERBOSE`` is set.
     """
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
@@ -239,7 +241,7 @@ def run_stage(params: str | Path, work: Callable[[], Any]) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # One line per client task per round drowns the progress bar; task failures are still logged (WARNING+).
-    if not os.environ.get("FEDAUDIO_VERBOSE"):
+    if not (task_logs or os.environ.get("FEDAUDIO_VERBOSE")):
         logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
 
     # A stage the pipeline flow runs: its flow run carries the pipeline run's tag (flows.pipeline.pipeline_tag).

@@ -26,7 +26,8 @@ ACCURACY_KEYS = ("global_accuracy", "global_loss", "personalised_accuracy_mean",
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, small_mirror: Path, prefect_api: str) -> Path:
     root = make_project(tmp_path_factory.mktemp("e2e") / "project", tiny_params(small_mirror))
-    result = run([sys.executable, "-m", "flows.pipeline"], root, stage_env(prefect_api), timeout=900)
+    env = dict(stage_env(prefect_api), PREFECT_LOGGING_LEVEL="INFO")  # Prefect's default: what a user sees
+    result = run([sys.executable, "-m", "flows.pipeline"], root, env, timeout=900)
     assert "pipeline finished" in result.stdout, result.stdout + result.stderr
     (root / "pipeline.log").write_text(result.stdout + result.stderr)
     return root
