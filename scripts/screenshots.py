@@ -161,9 +161,13 @@ def mlflow_shots(page: Any, ui: str, experiment_id: str, best_model: str, out: P
 def prefect_shots(page: Any, ui: str, out: Path, settle_ms: int) -> list[Path]:
     """The latest pipeline and federate flow runs."""
     shots = []
-    for flow_name, name in (("pipeline", "prefect-pipeline.png"), ("federate", "prefect-federate.png")):
+    for flow_name, name, tab in (("pipeline", "prefect-pipeline.png", None),
+                                 ("federate", "prefect-federate.png", "Task Runs")):
         page.goto(f"{ui}/runs/flow-run/{prefect_run(ui, flow_name)}")
         page.wait_for_timeout(settle_ms)
+        if tab:  # the federate run's tasks: `train client c round r`
+            page.get_by_text(tab, exact=True).first.click()
+            page.wait_for_timeout(settle_ms // 2)
         shots.append(out / name)
         page.screenshot(path=str(shots[-1]))
     return shots
@@ -180,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", type=Path, default=None,
                    help="run in this folder and keep it (default: a temporary folder, removed at the end)")
     p.add_argument("--settle-ms", type=int, default=6000, help="wait for each page to render (default: 6000)")
+    p.add_argument("--no-run", action="store_true",
+                   help="reuse the run already in --keep's folder (new screenshots of the same run)")
     args = p.parse_args(argv)
     try:
         from playwright.sync_api import sync_playwright
@@ -199,13 +205,15 @@ def main(argv: list[str] | None = None) -> int:
                    PREFECT_HOME=str(work / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="true")
         env.pop("PREFECT_API_URL", None)
         env.pop("MLFLOW_TRACKING_URI", None)
-        run_study(clone, args.set, env)
+        if not (args.no_run and args.keep):
+            run_study(clone, args.set, env)
         mlflow_port, prefect_port = free_port(), free_port()
         mlflow_ui, prefect_ui = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}"
         with server([str(venv_bin / "fedaudio"), "ui", "--port", str(mlflow_port)], f"{mlflow_ui}/health", clone,
                     env, work / "mlflow-ui.log"), \
              server([str(venv_bin / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                     str(prefect_port)], f"{prefect_ui}/api/health", clone, env, work / "prefect-server.log"), \
+                     str(prefect_port)], f"{prefect_ui}/api/health", clone,
+                    dict(env, PREFECT_UI_API_URL=f"{prefect_ui}/api"), work / "prefect-server.log"), \
              sync_playwright() as playwright:
             experiment_id, best_model = mlflow_ids(mlflow_ui, "fedaudio")
             browser = playwright.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
