@@ -54,6 +54,10 @@ def pipeline_tag(flow_run_id: str) -> str:
     return f"pipeline-run:{flow_run_id}"
 
 
+_STAGE_LOG_PREFIX = re.compile(r"^\d\d:\d\d:\d\d\.\d+ \| \w+\s+\| ")
+"""``HH:MM:SS.fff | LEVEL   | `` that Prefect's console puts before a stage's log lines."""
+
+
 @FLOWS.task("repro_stage", name="dvc-repro", task_run_name="repro {name}", retries=0)
 def _repro_stage(name: str, env: dict[str, str], force: bool = False) -> str:
     """``dvc repro <name>``: runs the stage (and anything stale upstream) or finds it up to date.
@@ -70,7 +74,8 @@ def _repro_stage(name: str, env: dict[str, str], force: bool = False) -> str:
                           bufsize=1) as process:
         assert process.stdout is not None
         for line in process.stdout:
-            line = line.rstrip()
+            # A stage's own Prefect log line, re-logged here: its time and level are this task's record's already.
+            line = _STAGE_LOG_PREFIX.sub("", line.rstrip())
             if found := re.match(r"Running stage '([^']+)'", line):
                 ran.append(found.group(1))
             elif found := re.match(r"Stage '([^']+)' didn't change, skipping", line):

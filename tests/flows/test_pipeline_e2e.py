@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -39,6 +40,9 @@ def test_the_terminal_shows_each_stage_and_no_http_chatter(project: Path) -> Non
     assert "Running stage 'federate'" in output
     chatter = [line for line in output.splitlines() if "HTTP Request" in line or "httpx" in line]
     assert not chatter, chatter[:5]
+    # a stage's log line once re-logged by its repro task carries one time and level, not two
+    nested = [line for line in output.splitlines() if re.search(r" - \d\d:\d\d:\d\d\.\d+ \| ", line)]
+    assert not nested, nested[:5]
 
 
 def logged_models(root: Path) -> list[object]:
