@@ -20,6 +20,8 @@ from typing import Annotated
 
 import typer
 
+from flows.stage import STUDY_NAMES
+
 STAGES: dict[str, str] = {
     "check": "flows.check",
     "download": "flows.download",
@@ -48,8 +50,8 @@ def _main_of(module: str, argv: list[str], prog_name: str | None = None) -> int:
 
     return int(importlib.import_module(module).main(argv, prog_name=prog_name))
 
-STUDIES = ("fedavg", "personalised", "fassl", "modalitymirror", "earlyexit")
-"""The studies ``fedaudio run --study`` takes (tasks.studies.STUDIES, which a test keeps equal to this)."""
+STUDIES = STUDY_NAMES
+"""The studies ``fedaudio run --study`` takes (:data:`flows.stage.STUDY_NAMES`)."""
 
 app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False,
                   context_settings={"help_option_names": ["-h", "--help"]}, rich_markup_mode=None,

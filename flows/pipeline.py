@@ -21,7 +21,6 @@ import yaml
 
 from fedcore.errors import ConfigError
 from flows import stage
-from flows.cli import STUDIES as STUDY_NAMES
 
 if TYPE_CHECKING:
     from tasks.overrides import Change
@@ -225,7 +224,8 @@ def _number(value: object) -> str:
 
 
 def _main(
-    study: Annotated[str, typer.Option(metavar="NAME", help=f"study to run: {', '.join(STUDY_NAMES)}")] = "fedavg",
+    study: Annotated[str, typer.Option(metavar="NAME",
+                                       help=f"study to run: {', '.join(stage.STUDY_NAMES)}")] = "fedavg",
     overrides: Annotated[list[str] | None, typer.Option("--set", "-S", metavar="KEY=VALUE",
                                                         help="change a param for this run, as dvc exp run -S does "
                                                              "(repeatable)")] = None,
@@ -246,8 +246,8 @@ def _main(
 
 
 def _known_study(options: dict[str, Any]) -> None:
-    if options["study"] not in STUDY_NAMES:
-        raise typer.BadParameter(f"must be one of {', '.join(STUDY_NAMES)}. Got {options['study']!r}.",
+    if options["study"] not in stage.STUDY_NAMES:
+        raise typer.BadParameter(f"must be one of {', '.join(stage.STUDY_NAMES)}. Got {options['study']!r}.",
                                  param_hint="--study")
 
 

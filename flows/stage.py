@@ -53,6 +53,10 @@ QUIET_ENV = {
 }
 
 
+STUDY_NAMES = ("fedavg", "personalised", "fassl", "modalitymirror", "earlyexit")
+"""The studies (the keys of :data:`tasks.studies.STUDIES`, which a test keeps equal), named here so that the help of
+``fedaudio`` and ``python -m flows.pipeline`` lists them without importing the params schema."""
+
 PARAMS_FILE = Path("params.yaml")
 """The params file a stage reads unless ``--params`` names another."""
 ParamsFile = Annotated[Path, typer.Option("--params", metavar="FILE", help="the params file (the stage checks "
