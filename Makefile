@@ -24,8 +24,10 @@ FORCE:
 run: $(SETUP_STAMP)
 	$(VENV)/python -m flows.pipeline
 
+# Two test workers (pytest-xdist), each taking whole files so a file's shared fixtures are built once.
+TEST_WORKERS ?= 2
 test: $(SETUP_STAMP)
-	$(VENV)/python -m pytest
+	$(VENV)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(SETUP_STAMP)
 	$(VENV)/python -m benchmarks.pipeline

@@ -173,18 +173,13 @@ _DEFAULTS = EarlyExitPaths()
 
 def _main(
     params: stage.ParamsFile = stage.PARAMS_FILE,
-    features: Annotated[Path, typer.Option(metavar="DIR", help="the feature store (features "
-                                                               "stage)")] = _DEFAULTS.features,
-    partition: Annotated[Path, typer.Option(metavar="FILE", help="the clients' partition.json (partition "
-                                                                 "stage)")] = _DEFAULTS.partition,
-    checkpoints: Annotated[Path, typer.Option(metavar="DIR", help="the round checkpoints a killed run resumes "
-                                                                  "from")] = _DEFAULTS.checkpoints,
+    features: stage.FeaturesDir = _DEFAULTS.features,
+    partition: stage.PartitionFile = _DEFAULTS.partition,
+    checkpoints: stage.CheckpointsDir = _DEFAULTS.checkpoints,
     model: Annotated[Path, typer.Option(metavar="FILE", help="the final model, every exit "
                                                              "(safetensors)")] = _DEFAULTS.model,
-    metrics: Annotated[Path, typer.Option(metavar="FILE", help="the stage's summary metrics (JSON; the run record "
-                                                               "beside it)")] = _DEFAULTS.metrics,
-    plots: Annotated[Path, typer.Option(metavar="DIR", help="the per-round table and plot (rounds.tsv, "
-                                                            "rounds.png)")] = _DEFAULTS.plots,
+    metrics: stage.MetricsFile = _DEFAULTS.metrics,
+    plots: stage.PlotsDir = _DEFAULTS.plots,
 ) -> None:
     from tasks.common import read_params
 

@@ -254,18 +254,14 @@ _DEFAULTS = FederatePaths()
 
 def _main(
     params: stage.ParamsFile = stage.PARAMS_FILE,
-    features: Annotated[Path, typer.Option(metavar="DIR", help="the feature store (features "
-                                                               "stage)")] = _DEFAULTS.features,
-    partition: Annotated[Path, typer.Option(metavar="FILE", help="the clients' partition.json (partition "
-                                                                 "stage)")] = _DEFAULTS.partition,
+    features: stage.FeaturesDir = _DEFAULTS.features,
+    partition: stage.PartitionFile = _DEFAULTS.partition,
     poison: Annotated[Path, typer.Option(metavar="DIR", help="the attack overlay and ground truth (poison "
                                                              "stage)")] = _DEFAULTS.poison,
-    checkpoints: Annotated[Path, typer.Option(metavar="DIR", help="the round checkpoints a killed run resumes "
-                                                                  "from")] = _DEFAULTS.checkpoints,
+    checkpoints: stage.CheckpointsDir = _DEFAULTS.checkpoints,
     model: Annotated[Path, typer.Option(metavar="FILE", help="the final global model "
                                                              "(safetensors)")] = _DEFAULTS.model,
-    metrics: Annotated[Path, typer.Option(metavar="FILE", help="the stage's summary metrics (JSON; the run record "
-                                                               "beside it)")] = _DEFAULTS.metrics,
+    metrics: stage.MetricsFile = _DEFAULTS.metrics,
     plots: Annotated[Path, typer.Option(metavar="DIR", help="the per-round table and plots (rounds.tsv, rounds.png, "
                                                             "detection.json)")] = _DEFAULTS.plots,
     downstream: Annotated[Path, typer.Option(metavar="DIR", help="the downstream tasks' feature stores, one per "

@@ -167,19 +167,14 @@ def _main(
         metavar="COMMAND", help="train (the only command, kept for older command lines; the av stage is "
                                 "python -m flows.av now)")] = "train",
     params: stage.ParamsFile = stage.PARAMS_FILE,
-    features: Annotated[Path, typer.Option(metavar="DIR", help="the feature store (features "
-                                                               "stage)")] = _DEFAULTS.features,
-    partition: Annotated[Path, typer.Option(metavar="FILE", help="the clients' partition.json (partition "
-                                                                 "stage)")] = _DEFAULTS.partition,
-    visual: Annotated[Path, typer.Option(metavar="DIR", help="the visual store (av stage)")] = _DEFAULTS.visual,
-    checkpoints: Annotated[Path, typer.Option(metavar="DIR", help="the round checkpoints a killed run resumes "
-                                                                  "from")] = _DEFAULTS.checkpoints,
+    features: stage.FeaturesDir = _DEFAULTS.features,
+    partition: stage.PartitionFile = _DEFAULTS.partition,
+    visual: stage.VisualDir = _DEFAULTS.visual,
+    checkpoints: stage.CheckpointsDir = _DEFAULTS.checkpoints,
     model: Annotated[Path, typer.Option(metavar="FILE", help="the final audio-visual model "
                                                              "(safetensors)")] = _DEFAULTS.model,
-    metrics: Annotated[Path, typer.Option(metavar="FILE", help="the stage's summary metrics (JSON; the run record "
-                                                               "beside it)")] = _DEFAULTS.metrics,
-    plots: Annotated[Path, typer.Option(metavar="DIR", help="the per-round table and plot (rounds.tsv, "
-                                                            "rounds.png)")] = _DEFAULTS.plots,
+    metrics: stage.MetricsFile = _DEFAULTS.metrics,
+    plots: stage.PlotsDir = _DEFAULTS.plots,
 ) -> None:
     if command == "av":
         raise ValueError("modality: the av stage has a module of its own now. Fix: python -m flows.av --params ... "

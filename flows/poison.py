@@ -32,10 +32,8 @@ def _main(
     raw: Annotated[Path, typer.Option(metavar="DIR", help="the downloaded clips and their manifest.csv (download "
                                                           "stage): a noise attack featurises its clips "
                                                           "again")] = Path("data/raw"),
-    features: Annotated[Path, typer.Option(metavar="DIR", help="the feature store (features "
-                                                               "stage)")] = Path("data/features"),
-    partition: Annotated[Path, typer.Option(metavar="FILE", help="the clients' partition.json (partition "
-                                                                 "stage)")] = Path("data/partition/partition.json"),
+    features: stage.FeaturesDir = Path("data/features"),
+    partition: stage.PartitionFile = Path("data/partition/partition.json"),
     out: Annotated[Path, typer.Option(metavar="DIR", help="where overlay.npz and ground_truth.json "
                                                           "go")] = Path("data/poison"),
 ) -> None:

@@ -63,6 +63,16 @@ ParamsFile = Annotated[Path, typer.Option("--params", metavar="FILE", help="the 
                                           "all of it and reads its own sections)")]
 """The ``--params`` option every stage has: ``params: stage.ParamsFile = stage.PARAMS_FILE``."""
 
+# The path options several stages share (``features: stage.FeaturesDir = Path("data/features")``); the default
+# stays with each stage (its paths dataclass), the help is said once.
+FeaturesDir = Annotated[Path, typer.Option(metavar="DIR", help="the feature store (features stage)")]
+PartitionFile = Annotated[Path, typer.Option(metavar="FILE", help="the clients' partition.json (partition stage)")]
+VisualDir = Annotated[Path, typer.Option(metavar="DIR", help="the visual store (av stage)")]
+CheckpointsDir = Annotated[Path, typer.Option(metavar="DIR", help="the round checkpoints a killed run resumes from")]
+MetricsFile = Annotated[Path, typer.Option(metavar="FILE", help="the stage's summary metrics (JSON; the run record "
+                                           "beside it)")]
+PlotsDir = Annotated[Path, typer.Option(metavar="DIR", help="the per-round table and plot (rounds.tsv, rounds.png)")]
+
 
 def command(doc: str | None, function: Callable[..., Any], *, prefect: bool = True,
             check: Callable[[dict[str, Any]], None] | None = None) -> Callable[..., int]:

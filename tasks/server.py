@@ -105,6 +105,7 @@ def attach() -> str | None:
                 lease = _lease(folder, os.getpid())
                 atexit.register(_release, lease)
                 os.environ["PREFECT_API_URL"] = url
+                _refresh_prefect_settings()
                 return url
             starting = state.get("starting")
             if not (isinstance(starting, int) and _alive(starting)):  # none, or one that died: a new keeper
@@ -116,6 +117,17 @@ def attach() -> str | None:
                                f"(its log: {folder / 'fedaudio-server.log'}); set PREFECT_API_URL to a running "
                                "server, or FEDAUDIO_SHARED_SERVER=0")
         time.sleep(0.2)
+
+
+def _refresh_prefect_settings() -> None:
+    """Make an already imported Prefect read ``PREFECT_API_URL`` again.
+
+    Prefect reads its settings once, when it is imported; a process that imported it before :func:`attach` would
+    otherwise start a temporary server of its own at its first flow run, and the shared one would go unused.
+    """
+    context = sys.modules.get("prefect.context")
+    if context is not None:
+        context.refresh_global_settings_context()
 
 
 def _release(lease: Path) -> None:

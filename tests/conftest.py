@@ -21,6 +21,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Quiet, offline-safe settings for every test (and every subprocess a test starts).
 _TEST_HOME = Path(os.environ.setdefault("FEDAUDIO_TEST_HOME", tempfile.mkdtemp(prefix="fedaudio-tests-")))
+# Under pytest-xdist (`make test` runs two workers) each worker gets its own Prefect home: stage processes of two
+# tests must not share the temporary servers' database or the shared-server lock (CI's PREFECT_HOME is the base).
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER:
+    _worker_home = Path(os.environ.get("PREFECT_HOME") or _TEST_HOME / "prefect") / _WORKER
+    _worker_home.mkdir(parents=True, exist_ok=True)  # Prefect creates its home but not the folders above it
+    os.environ["PREFECT_HOME"] = str(_worker_home)
 for _key, _value in {
     "PREFECT_HOME": str(_TEST_HOME / "prefect"),
     "PREFECT_LOGGING_LEVEL": "WARNING",

@@ -182,7 +182,7 @@ def test_a_killed_stage_leaves_nothing_running_and_spares_a_server_it_was_handed
     pytest.importorskip("prefect_ray")
     stage_a, folder_a = _start_stage(tmp_path / "a", "ray", api_url=None)
     started.append(psutil.Process(stage_a.pid))
-    tree_a = _wait_running(stage_a, folder_a, timeout_s=150)
+    tree_a = _wait_running(stage_a, folder_a, timeout_s=300)  # a Ray cluster and a server, on a busy machine
     started.extend(tree_a)
     servers = [p for p in tree_a if "uvicorn" in p.cmdline()]
     assert len(servers) == 1, _describe(tree_a)  # the stage's temporary server; the Ray workers started none
