@@ -59,7 +59,8 @@ def test_stages_share_one_server_which_waits_for_live_stages_and_stops_once_idle
     out, err = later.communicate(timeout=120)
     assert later.returncode == 0, err[-2000:]
     urls = {word for line, _ in [*outputs, (out, "")] for word in line.split()[:2]}
-    assert len(urls) == 1 and next(iter(urls)).startswith("http://127.0.0.1:")  # attach's URL = the one the flow runs report to
+    # one URL: attach's, and the one every flow run reported to
+    assert len(urls) == 1 and next(iter(urls)).startswith("http://127.0.0.1:")
     assert (home / "fedaudio-server.log").read_text().count("shared Prefect server at") == 1
 
     holder = subprocess.Popen([sys.executable, "-c", "from tasks import server; import time; "
