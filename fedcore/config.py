@@ -24,35 +24,29 @@ from fedcore.errors import ConfigError
 
 C = TypeVar("C")
 
-# Registries are looked up lazily by name so that importing the config does not import torch.
+# Registries are looked up lazily by name: importing the config imports no family (nor torch), and checking a
+# section imports only the families its fields name (fedcore.plugins.FAMILIES).
 _REGISTRY_LOOKUP: dict[str, Callable[[], list[str]]] = {}
-_REGISTRIES: dict[str, Any] = {}
 
 
 def register_names_lookup(family: str, names: Callable[[], list[str]]) -> None:
-    """Let configs check a field against a registry family without importing it eagerly."""
+    """Let configs check a field against a family outside fedcore (e.g. the task runners of ``flows/``)."""
     _REGISTRY_LOOKUP[family] = names
 
 
-def register_registry(family: str, registry: Any) -> None:
-    """Let configs check a field, and a mapping of members to their options, against a registry family."""
-    _REGISTRIES[family] = registry
-    _REGISTRY_LOOKUP[family] = registry.names
-
-
 def _registry(family: str) -> Any:
-    """The registry of ``family`` (None when no layer registered it)."""
-    if family not in _REGISTRIES:
-        import fedcore.plugins  # noqa: F401  (imports every pluggable family, which registers it)
-    return _REGISTRIES.get(family)
+    """The registry of fedcore's family ``family``, its module imported (None when fedcore has no such family)."""
+    from fedcore.plugins import FAMILIES  # not at the top: the families' modules import this one
+
+    return FAMILIES.get(family)
 
 
 def _registry_names(family: str) -> list[str] | None:
     """Names registered in ``family``, or None when no layer has registered that family (e.g. task runners)."""
-    if family not in _REGISTRY_LOOKUP:
-        import fedcore.plugins  # noqa: F401  (imports every pluggable family, which registers its lookup)
-    lookup = _REGISTRY_LOOKUP.get(family)
-    return None if lookup is None else lookup()
+    if family in _REGISTRY_LOOKUP:
+        return _REGISTRY_LOOKUP[family]()
+    registry = _registry(family)
+    return None if registry is None else registry.names()
 
 
 def _opt(default: Any, help: str = "", **constraints: Any) -> Any:

@@ -132,7 +132,7 @@ def ui(
     from tasks.common import read_params
     from tasks.tracking import find_experiment, tracking_uri, ui_url
 
-    cfg = read_params(params).mlflow
+    cfg = read_params(params, ["mlflow"]).mlflow
     uri = tracking_uri(cfg, Path.cwd())
     base = f"http://127.0.0.1:{port}"
     experiment = find_experiment(cfg, Path.cwd())

@@ -49,7 +49,7 @@ def _main(
 ) -> None:
     from tasks.common import read_params
 
-    FLOWS["download"](read_params(params).download, out, downloads)
+    FLOWS["download"](read_params(params, ["download"]).download, out, downloads)
 
 
 main = stage.command(__doc__, _main)

@@ -39,7 +39,7 @@ def _main(
 ) -> None:
     from tasks.common import read_params
 
-    FLOWS["features"](read_params(params).features, raw, out)
+    FLOWS["features"](read_params(params, ["features"]).features, raw, out)
 
 
 main = stage.command(__doc__, _main)

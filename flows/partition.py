@@ -40,7 +40,7 @@ def _main(
 ) -> None:
     from tasks.common import read_params
 
-    FLOWS["partition"](read_params(params).partition, features, out)
+    FLOWS["partition"](read_params(params, ["partition"]).partition, features, out)
 
 
 main = stage.command(__doc__, _main)

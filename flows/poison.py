@@ -39,7 +39,7 @@ def _main(
 ) -> None:
     from tasks.common import read_params
 
-    cfg = read_params(params)
+    cfg = read_params(params, ["features", "poison"])
     FLOWS["poison"](cfg.poison, cfg.features, raw, features, partition, out)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,14 @@ from fedcore.errors import ConfigError
 PARAMS_FILE = "params.yaml"
 
 
-def read_params(path: str | Path = PARAMS_FILE) -> Params:
-    """Parse and check a params file; raise one ConfigError listing every problem."""
+def read_params(path: str | Path = PARAMS_FILE, sections: Sequence[str] | None = None) -> Params:
+    """Parse and check a params file; raise one ConfigError listing every problem.
+
+    ``sections``: check only these and leave the others at their defaults (a stage that reads three sections
+    then imports only their families: the data stages never import torch for it). The pipeline's ``check`` stage
+    checks every section before any other stage runs. ``features`` brings ``download`` with it: a dataset has
+    its own feature defaults (:func:`~fedcore.data.datasets.with_dataset_defaults`).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params: file {str(path)!r} not found. Run from the project root or pass --params.")
@@ -32,7 +38,9 @@ def read_params(path: str | Path = PARAMS_FILE) -> Params:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"params: {path} is not valid YAML: {error}") from error
-    return with_dataset_defaults(load_params(raw))
+    wanted = None if sections is None else list(dict.fromkeys(
+        [*sections, "download"] if "features" in sections else sections))
+    return with_dataset_defaults(load_params(raw, wanted))
 
 
 def write_json(path: str | Path, data: Mapping[str, Any] | list[Any], *, sort_keys: bool = False) -> None:

@@ -216,10 +216,8 @@ def poison_clients(
     out_dir: Path,
 ) -> dict[str, Any]:
     """Attack a seeded fraction of clients; write the overlay and the ground truth (no copy of the dataset)."""
-    import torch
-
-    from fedcore.data.features import FeatureStore, LogMelExtractor
     from fedcore.data.poison import noisy_features, plan_poison
+    from fedcore.data.store import FeatureStore
 
     store = FeatureStore.load(Path(features_dir))
     partition = read_json(partition_file)
@@ -227,7 +225,11 @@ def poison_clients(
     rng = np.random.default_rng(cfg.seed)
     plan = plan_poison(cfg, clients_rows, np.asarray(store.labels), store.label_names, rng)
     feature_rows = np.asarray(plan.noise_rows, dtype=np.int64)
-    if feature_rows.size:
+    if feature_rows.size:  # a noise attack featurises clips again: torch only here
+        import torch
+
+        from fedcore.data.features import LogMelExtractor
+
         rows = read_manifest(Path(raw_dir) / "manifest.csv")
         by_id = {row.id: row for row in rows}
         extractor = LogMelExtractor(features)

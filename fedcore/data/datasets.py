@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
-from fedcore.config import DownloadConfig, Params, register_names_lookup
+from fedcore.config import DownloadConfig, Params
 from fedcore.data.audio import AudioInfo, audio_error_reason, inspect_audio, probe_handle
 from fedcore.data.download import extract_archive_detailed, fetch_detailed, make_partial_dir, sha256_file
 from fedcore.data.manifest import SPLITS, ManifestRow, write_manifest
@@ -153,7 +153,6 @@ class DatasetSpec(abc.ABC):
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
-register_names_lookup("dataset", DATASETS.names)
 
 
 def with_dataset_defaults(params: Params) -> Params:

@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fedcore.config import PartitionConfig, register_names_lookup
+from fedcore.config import PartitionConfig
 from fedcore.errors import PartitionError
 from fedcore.registry import Registry
 
@@ -248,7 +248,6 @@ class Partitioner(ABC):
 
 
 PARTITIONERS: Registry[Partitioner] = Registry("partitioner")
-register_names_lookup("partitioner", PARTITIONERS.names)
 
 
 def _cut(positions: np.ndarray, proportions: np.ndarray) -> list[np.ndarray]:

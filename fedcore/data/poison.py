@@ -30,15 +30,18 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from fedcore.config import PoisonConfig, register_names_lookup
-from fedcore.data.features import LogMelExtractor
+from fedcore.config import PoisonConfig
 from fedcore.registry import Registry
+
+if TYPE_CHECKING:  # torch only where noise is added: the label attacks (and the params check) never import it
+    import torch
+    from torch import Tensor
+
+    from fedcore.data.features import LogMelExtractor
 
 __all__ = [
     "POISONS",
@@ -129,7 +132,6 @@ class Attack(ABC):
 
 
 POISONS: Registry[Attack] = Registry("poison")
-register_names_lookup("poison", POISONS.names)
 
 
 @POISONS.register("none")
@@ -436,6 +438,8 @@ def add_noise_at_snr(waveform: Tensor, snr_db: float, generator: torch.Generator
     """
     if not math.isfinite(snr_db):
         raise ValueError(f"add_noise_at_snr: 'snr_db' must be a finite float. Got {snr_db!r}.")
+    import torch
+
     signal = waveform.to(torch.float32)
     power = float(torch.mean(signal.double() ** 2)) if signal.numel() else 0.0
     if power == 0.0:

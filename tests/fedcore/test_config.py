@@ -1,13 +1,15 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from fedcore.config import SECTIONS, FeaturesConfig, Params, flatten, load_params, load_section
+from fedcore.config import SECTIONS, FeaturesConfig, FederationConfig, Params, flatten, load_params, load_section
 from fedcore.errors import ConfigError
 from tasks.common import read_params
 
@@ -193,3 +195,40 @@ def test_early_exit_runs_to_a_validation_plateau_by_default_and_reads_only_valid
         info.value)
     with pytest.raises(ConfigError, match="'plateau_patience' must be >= 1"):
         load_params({"earlyexit": {"plateau_patience": 0}})
+
+
+_PROBE = ("import sys; from tasks.common import read_params; params = read_params({path!r}, {sections!r}); "
+          "print('torch' in sys.modules, params.download.dataset, params.features.clip_seconds, "
+          "params.partition.scheme)")
+
+
+@pytest.mark.parametrize("sections", [["download"], ["features"], ["partition"], ["features", "poison"]])
+def test_the_data_stages_check_their_sections_without_importing_torch(tmp_path: Path, sections: list[str]) -> None:
+    # What the download, features, partition and poison stages read (flows/<stage>.py): torch costs ~2 s a stage.
+    params = tmp_path / "params.yaml"
+    params.write_text("download: {dataset: esc50}\nfeatures: {clip_seconds: null}\npartition: {scheme: iid}\n"
+                      "federation: {local_algorithm: fml}\n")
+    probe = subprocess.run([sys.executable, "-c", _PROBE.format(path=str(params), sections=sections)],
+                           capture_output=True, text=True, check=True, cwd=ROOT)
+    torch_loaded, dataset, clip_seconds, scheme = probe.stdout.split()
+    assert torch_loaded == "False"
+    # features brings download with it: ESC-50's own clip length (null in the file), not FSDD's
+    assert dataset == ("esc50" if {"download", "features"} & set(sections) else "fsdd")
+    assert clip_seconds == ("5.0" if "features" in sections else "1.0")  # unread: the section's default
+    assert scheme == ("iid" if "partition" in sections else "dirichlet")
+
+
+def test_a_section_left_out_is_not_checked_and_keeps_its_defaults(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("partition: {scheme: iid}\nfederation: {rounds: -1}\n")
+    with pytest.raises(ConfigError, match="rounds"):
+        read_params(params)  # every section: the check stage's view
+    assert read_params(params, ["partition"]).federation.rounds == FederationConfig().rounds
+
+
+def test_a_family_is_imported_only_when_a_section_names_it() -> None:
+    code = ("import sys; from fedcore.plugins import FAMILIES; "
+            "before = 'fedcore.aggregation' in sys.modules; names = FAMILIES['aggregator'].names(); "
+            "print(before, 'fedcore.aggregation' in sys.modules, 'fedavg' in names, 'torch' in sys.modules)")
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert probe.stdout.split() == ["False", "True", "True", "True"]  # the aggregators need torch: loaded now
