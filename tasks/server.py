@@ -18,8 +18,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -163,22 +165,73 @@ def _live_leases(folder: Path) -> int:
     return count
 
 
+SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+"""What Prefect's own temporary server runs with (``SubprocessASGIServer``): no UI, ephemeral services."""
+SERVER_APP = "prefect.server.api.server:create_app"
+"""The ASGI factory ``prefect server start`` and Prefect's temporary server both run under uvicorn."""
+UVICORN_STARTUP_FAILURE = 3
+"""uvicorn's exit status when it cannot start (e.g. its port was taken meanwhile): try another port."""
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(timeout_s: float = START_TIMEOUT_S, tries: int = 5) -> tuple[subprocess.Popen[bytes], str]:
+    """Start Prefect's API server as Prefect's temporary server does; return its process and API URL once healthy.
+
+    The same command (``python -m uvicorn --factory`` :data:`SERVER_APP`) and environment (:data:`SERVER_ENV`), but
+    the keeper never imports Prefect for it: importing Prefect's server module held about 170 MB in the keeper for
+    its whole life and took seconds before the server could start.
+    """
+    spec = importlib.util.find_spec("prefect")  # finds the package without importing it
+    if spec is None or spec.origin is None:
+        raise RuntimeError("tasks.server: prefect is not installed")
+    app_dir = str(Path(spec.origin).parent.parent)
+    deadline = time.monotonic() + timeout_s
+    for _ in range(tries):
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}/api"
+        process = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory", SERVER_APP,
+                                    "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
+                                    "--lifespan", "on"], env={**os.environ, **SERVER_ENV}, stdin=subprocess.DEVNULL)
+        while process.poll() is None and time.monotonic() < deadline:
+            if healthy(url, timeout_s=1.0):
+                return process, url
+            time.sleep(0.1)
+        if process.poll() is None:  # timed out
+            stop_server(process)
+            break
+        if process.returncode != UVICORN_STARTUP_FAILURE:
+            raise RuntimeError(f"tasks.server: Prefect's server exited with status {process.returncode} at start")
+    raise RuntimeError(f"tasks.server: Prefect's server did not answer within {timeout_s:g} s")
+
+
+def stop_server(process: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None:
+    """Terminate the server, killing it if it has not exited within ``timeout_s``."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def keep(idle_s: float, poll_s: float = 0.5) -> int:
     """The keeper: start Prefect's temporary server, report it, stop it after ``idle_s`` without a live lease."""
     for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}.items():
         os.environ.setdefault(key, value)
     os.environ.pop("PREFECT_API_URL", None)
-    from prefect.server.api.server import SubprocessASGIServer
-
     folder = home()
-    server = SubprocessASGIServer()
-    server.start(timeout=int(START_TIMEOUT_S))
+    server, url = start_server()
     with _locked(folder):
-        (folder / STATE_NAME).write_text(json.dumps({"url": server.api_url, "pid": os.getpid()}))
-    print(f"tasks.server: shared Prefect server at {server.api_url} (keeper {os.getpid()})", flush=True)
+        (folder / STATE_NAME).write_text(json.dumps({"url": url, "pid": os.getpid()}))
+    print(f"tasks.server: shared Prefect server at {url} (keeper {os.getpid()})", flush=True)
     idle_since: float | None = None
     try:
-        while server.server_process is not None and server.server_process.poll() is None:
+        while server.poll() is None:
             time.sleep(poll_s)
             with _locked(folder):
                 if _live_leases(folder):
@@ -189,7 +242,7 @@ def keep(idle_s: float, poll_s: float = 0.5) -> int:
                     (folder / STATE_NAME).unlink(missing_ok=True)  # under the lock: no stage attaches after this
                     break
     finally:
-        server.stop()
+        stop_server(server)
     print(f"tasks.server: stopped after {idle_s:g} s without a stage", flush=True)
     return 0
 

@@ -92,3 +92,13 @@ def test_nothing_is_shared_when_turned_off_or_a_server_is_configured(tmp_path: P
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     assert server.attach() is None
     assert not (tmp_path / server.STATE_NAME).exists()
+
+
+def test_the_keeper_runs_prefects_server_without_importing_prefect(tmp_path: Path) -> None:
+    # Prefect's server module held ~170 MB in the keeper for its whole life; the keeper only runs its command.
+    code = ("import sys; from tasks import server; process, url = server.start_server(); "
+            "answered = server.healthy(url); server.stop_server(process); "
+            "print(answered, 'prefect' in sys.modules, process.poll() is not None)")
+    probe = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path / "home"), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300, check=True)
+    assert probe.stdout.split() == ["True", "False", "True"], probe.stderr
