@@ -1,7 +1,7 @@
 """The reference workload (shared/BENCHMARKS.md), side by side: this project, Flower's simulation engine, a bare loop.
 
     make bench-reference                              # = python -m benchmarks.reference
-    python -m benchmarks.reference --rounds 5 --skip flower
+    python -m benchmarks.reference --rounds 5 --skip flower --repeat 1
     python -m benchmarks.reference --variants threads,threads:1,ray
     python -m benchmarks.reference --report-only      # the table again from the saved JSON
 
@@ -26,7 +26,10 @@ Then, in one command and one after the other, each in a child process whose resi
 
 "30 rounds" is the time of the rounds alone (every framework's start-up excluded: Prefect's server, Ray's
 cluster); "end to end" is the child process from start to exit. Prints the table, with each row's ratio to the
-bare loop, and writes ``results/reference/summary.{json,md,png}``.
+bare loop, and writes ``results/reference/summary.{json,md,png}``. Every system runs ``--repeat`` times (default 3),
+interleaved so that a slow spell of a shared machine hits all alike; the table gives each figure's median (every
+run's figures are in the JSON), and the verdicts add the project's peak memory against Flower's (budget 0.5x) and
+its orchestration overhead (``threads:1``, the same arithmetic one client at a time, minus the bare loop).
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ FLOWER_PYTHON = Path(".venv-flower/bin/python")
 LAST = 5  # rounds in the "last rounds" mean accuracy: steadier than the final round's on this workload
 BUDGET = 1.10  # issue 8: the project's rounds may take at most 1.10x the bare loop's
 ACCURACY_TOLERANCE = 0.01  # and match Flower's accuracy within one point
+MEMORY_BUDGET = 0.5  # issue 22: the project's process tree at most half of Flower's peak memory
+REPEAT = 3  # runs of each system, interleaved; the table gives their medians
+MEDIAN_FIELDS = ("total_seconds", "median_round_seconds", "end_to_end_seconds", "peak_rss_mib", "peak_rss_tree_mib")
 
 
 def prepare(params_file: Path, work: Path, raw: Path) -> Path:
@@ -174,6 +180,22 @@ def _row(result: dict[str, Any], run: Any) -> dict[str, Any]:
             "peak_rss_tree_mib": run.peak_rss_tree_mib}
 
 
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from repeated runs of a system: the median of each time and memory figure (:data:`MEDIAN_FIELDS`).
+
+    The accuracies and per-round figures are those of the run whose rounds took the median time; ``runs`` keeps
+    every run's figures, and ``same_accuracy_every_run`` says whether the runs agreed round by round (the bare loop
+    and the project do; Flower sums replies in arrival order).
+    """
+    order = sorted(range(len(runs)), key=lambda i: runs[i]["total_seconds"])
+    row = dict(runs[order[len(order) // 2]])
+    for key in MEDIAN_FIELDS:
+        row[key] = float(np.median([run[key] for run in runs]))
+    row["runs"] = [{key: run[key] for key in (*MEDIAN_FIELDS, "final_accuracy", "best_accuracy")} for run in runs]
+    row["same_accuracy_every_run"] = all(run["accuracy"] == runs[0]["accuracy"] for run in runs)
+    return row
+
+
 def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
     """Test accuracy by round, and by elapsed seconds of the rounds, one line per framework."""
     from tasks.common import pyplot, save_figure
@@ -199,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="threads,threads:1",
                         help="fedaudio runs, comma-separated runner[:max_workers] (default threads,threads:1)")
     parser.add_argument("--skip", default="", help="comma-separated: bare, fedaudio, flower")
+    parser.add_argument("--repeat", type=int, default=REPEAT,
+                        help=f"runs of each system, interleaved; medians are reported (default {REPEAT})")
     parser.add_argument("--raw", type=Path, default=Path("data/raw"), help="ingested dataset to reuse if present")
     parser.add_argument("--work", type=Path, default=Path("results/reference"), help="features, runs, MLflow db")
     parser.add_argument("--out", type=Path, default=Path("results/reference/summary.json"))
@@ -227,22 +251,26 @@ def main(argv: list[str] | None = None) -> int:
     if ready.returncode:
         raise _failed("preparing the workload", ready.returncode, ready.stderr)
     workload = args.work / "workload.npz"
-    rows: dict[str, dict[str, Any]] = {}
-    if "bare" not in skip:
-        cores = os.cpu_count() or 1
-        for threads in sorted({cores, 1}, reverse=True):
-            print(f"reference: bare PyTorch loop, {threads} thread(s) ...", flush=True)
-            rows["bare loop" if threads == cores else f"bare loop, {threads} thread"] = run_bare(
-                workload, args.work, rounds, threads)
-    if "fedaudio" not in skip:
-        for variant in args.variants.split(","):
-            print(f"reference: fedaudio ({variant}) ...", flush=True)
-            rows[f"fedaudio {variant}"] = run_fedaudio(args.params, args.work, variant, rounds)
-    if "flower" not in skip:
-        print("reference: Flower simulation ...", flush=True)
-        flower = run_flower(workload, args.work, rounds)
-        if flower is not None:
-            rows["flower"] = flower
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for attempt in range(1, args.repeat + 1):  # interleaved: a slow spell of the machine hits every system alike
+        tag = f" (run {attempt} of {args.repeat})" if args.repeat > 1 else ""
+        if "bare" not in skip:
+            cores = os.cpu_count() or 1
+            for threads in sorted({cores, 1}, reverse=True):
+                print(f"reference: bare PyTorch loop, {threads} thread(s){tag} ...", flush=True)
+                runs.setdefault("bare loop" if threads == cores else f"bare loop, {threads} thread", []).append(
+                    run_bare(workload, args.work, rounds, threads))
+        if "fedaudio" not in skip:
+            for variant in args.variants.split(","):
+                print(f"reference: fedaudio ({variant}){tag} ...", flush=True)
+                runs.setdefault(f"fedaudio {variant}", []).append(run_fedaudio(args.params, args.work, variant,
+                                                                               rounds))
+        if "flower" not in skip:
+            print(f"reference: Flower simulation{tag} ...", flush=True)
+            flower = run_flower(workload, args.work, rounds)
+            if flower is not None:
+                runs.setdefault("flower", []).append(flower)
+    rows = {name: combine(done) for name, done in runs.items()}
     report(rows, rounds, args.out)
     return 0
 
@@ -254,7 +282,9 @@ def report(rows: dict[str, dict[str, Any]], rounds: int, out: Path) -> None:
     bare = rows.get("bare loop")
     machine = (f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
                f"Python {platform.python_version()}, torch {torch.__version__}")
-    lines = [f"Reference workload (shared/BENCHMARKS.md), {rounds} rounds; {machine}", "",
+    repeats = max((len(row.get("runs", [])) for row in rows.values()), default=1)
+    medians = f", median of {repeats} runs each" if repeats > 1 else ""
+    lines = [f"Reference workload (shared/BENCHMARKS.md), {rounds} rounds{medians}; {machine}", "",
              f"| run | software | final acc | best acc | mean acc, last {LAST} | rounds s | median s/round | × bare "
              "| end-to-end s | peak RSS MiB (tree) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -308,6 +338,17 @@ def verdicts(rows: dict[str, dict[str, Any]]) -> list[str]:
             equal = "equal" if abs(gap) <= ACCURACY_TOLERANCE + 1e-9 else "NOT equal"
             lines.append(f"- {label} accuracy {row[key]:.3f} vs Flower's {flower[key]:.3f}: {100 * gap:+.1f} points "
                          f"({equal} within {100 * ACCURACY_TOLERANCE:.0f})")
+    if flower is not None:
+        share = row["peak_rss_tree_mib"] / flower["peak_rss_tree_mib"]
+        within = "within" if share <= MEMORY_BUDGET else "OVER"
+        lines.append(f"- peak memory of the process tree {row['peak_rss_tree_mib']:.0f} MiB vs Flower's "
+                     f"{flower['peak_rss_tree_mib']:.0f} MiB: {share:.2f}x "
+                     f"({within} the {MEMORY_BUDGET:.1f}x budget)")
+    one, bare = rows.get("fedaudio threads:1"), rows.get("bare loop")
+    if one is not None and bare is not None:  # the same arithmetic, one client at a time: what orchestration adds
+        lines.append(f"- orchestration overhead: fedaudio threads:1 {one['total_seconds']:.1f} s minus the bare "
+                     f"loop's {bare['total_seconds']:.1f} s = {one['total_seconds'] - bare['total_seconds']:+.1f} s "
+                     f"({one['total_seconds'] / bare['total_seconds'] - 1:+.1%})")
     cores = [name for name in rows if name.startswith("bare loop")]
     if len(cores) == 2:  # the same job twice, summed in another order: how far rounding alone moves the accuracy
         a, b = rows[cores[0]], rows[cores[1]]

@@ -95,3 +95,32 @@ def test_the_thread_probe_does_the_same_arithmetic_on_every_thread(tmp_path: Pat
     assert not all(torch.equal(start[k], v) for k, v in on_main.state.items())  # the rounds trained something
     with pytest.raises(ValueError, match="unknown mode"):
         probe(work, 1, "process")
+
+
+def _row(seconds: float, rss: float, accuracy: list[float]) -> dict[str, object]:
+    return {"total_seconds": seconds, "median_round_seconds": seconds / 10, "end_to_end_seconds": seconds + 5,
+            "peak_rss_mib": rss - 100, "peak_rss_tree_mib": rss, "accuracy": accuracy,
+            "final_accuracy": accuracy[-1], "best_accuracy": max(accuracy)}
+
+
+def test_repeated_runs_report_medians_and_whether_the_accuracy_repeated() -> None:
+    from benchmarks.reference import combine
+
+    row = combine([_row(30.0, 900, [0.1, 0.5]), _row(10.0, 1100, [0.2, 0.6]), _row(20.0, 1000, [0.3, 0.7])])
+    assert (row["total_seconds"], row["peak_rss_tree_mib"], row["end_to_end_seconds"]) == (20.0, 1000.0, 25.0)
+    assert row["accuracy"] == [0.3, 0.7] and row["final_accuracy"] == 0.7  # the median-time run's rounds
+    assert len(row["runs"]) == 3 and row["same_accuracy_every_run"] is False
+    assert combine([_row(5.0, 10, [0.4])] * 2)["same_accuracy_every_run"] is True
+
+
+def test_the_verdicts_give_memory_against_flower_and_the_orchestration_overhead() -> None:
+    from benchmarks.reference import verdicts
+
+    rows = {"fedaudio threads": {**_row(100.0, 1800, [0.5]), "ratio_to_bare": 1.0, "last5_accuracy": 0.5},
+            "fedaudio threads:1": _row(130.0, 1700, [0.5]), "bare loop": _row(100.0, 1200, [0.5]),
+            "flower": {**_row(120.0, 4000, [0.5]), "last5_accuracy": 0.5}}
+    text = "\n".join(verdicts(rows))
+    assert "1800 MiB vs Flower's 4000 MiB: 0.45x (within the 0.5x budget)" in text
+    assert "threads:1 130.0 s minus the bare loop's 100.0 s = +30.0 s (+30.0%)" in text
+    rows["flower"]["peak_rss_tree_mib"] = 3000
+    assert "0.60x (OVER the 0.5x budget)" in "\n".join(verdicts(rows))
