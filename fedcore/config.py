@@ -634,6 +634,9 @@ class ExecutionConfig:
     max_workers: int | None = _opt(None, "parallel clients (None: number of cores)", ge=1)
     address: str | None = _opt(None, "dask/ray: address of a running cluster (None: start a local one)")
     log_model_every: int = _opt(1, "log the global model to MLflow every k rounds (and the last)", ge=1)
+    export_pt2: bool = _opt(False, "federate stage: also save each logged model as MLflow's pytorch flavour, a "
+                                   "torch.export program (mlflow.pytorch.load_model); costs ~3 s and ~150 MB a run. "
+                                   "Without it a model loads through mlflow.pyfunc or the project's spec + weights")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -104,7 +104,8 @@ def _federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
     # statistics and class names), so that mlflow.pyfunc loads them without the data folder.
     serving = None if spec.ssl.self_supervised else ServingSpec.from_feature_store(
         paths.features, batch_size=fed.eval_batch_size)
-    tracker = FederateTracker(registry_config(params), paths.root, model_spec=model_spec, serving=serving)
+    tracker = FederateTracker(registry_config(params), paths.root, model_spec=model_spec, serving=serving,
+                              export_pt2=params.execution.export_pt2)
     primary = primary_metric(params)
 
     def log_model(server_round: int, row: dict[str, float]) -> bool:

@@ -457,22 +457,27 @@ class FederateTracker:
         Project root (relative SQLite URIs and the artifact folder live there).
     model_inputs : tuple of str, optional
         The inputs the logged models take, in call order (``("audio", "visual")`` for the audio-visual model).
-        None: the federate stage's models, which take log-mel audio and are also exported as a pt2 program.
+        None: the federate stage's models, which take log-mel audio (and may be exported: ``export_pt2``).
     model_spec : ModelSpec, optional
         Architecture of the models the rounds log (else each model's own, :func:`fedcore.models.spec.spec_of`).
     serving : ServingSpec, optional
         What the logged classifiers need to classify audio (feature settings, normalisation statistics, class
-        names): written as ``serving.json`` beside every exported model, whose ``python_function`` flavour then
-        loads with :mod:`fedcore.serving` (:func:`add_serving`). None: MLflow's pytorch pyfunc, on log-mel tensors.
+        names): written as ``serving.json`` beside every audio model logged, whose ``python_function`` flavour
+        then loads with :mod:`fedcore.serving` (:func:`add_serving`).
+    export_pt2 : bool, default False
+        Also save the federate stage's models as MLflow's ``pytorch`` flavour, a pt2 program traced once per run
+        (:class:`ExportOnce`; ``execution.export_pt2``): ``mlflow.pytorch.load_model`` then loads the network alone.
+        Tracing imports torch's compiler stack, about 3 s and 150 MB of the stage, so it is asked for.
     """
 
     def __init__(self, cfg: MlflowConfig, root: Path, model_inputs: tuple[str, ...] | None = None,
-                 model_spec: ModelSpec | None = None, serving: ServingSpec | None = None) -> None:
+                 model_spec: ModelSpec | None = None, serving: ServingSpec | None = None,
+                 export_pt2: bool = False) -> None:
         import mlflow
 
         self.cfg = cfg
         self.serving = serving
-        self.export = model_inputs is None
+        self.export = export_pt2 and model_inputs is None
         self.model_inputs: tuple[str, ...] = tuple(model_inputs) if model_inputs is not None else ("audio",)
         self.model_spec = model_spec
         self.root = root
@@ -635,7 +640,7 @@ class FederateTracker:
                              "makes one), or build the model with fedcore.models.spec.build.")
         inputs = tuple(inputs) if inputs is not None else self.model_inputs
         export = self._export if self.export and input_shape is not None else None
-        serving = self.serving if export is not None and inputs == ("audio",) else None
+        serving = self.serving if inputs == ("audio",) else None
         options = _pt2_options(input_shape, weights_file) if export is not None and input_shape is not None else {}
         tags = {**(tags if tags is not None else {"fedaudio.round": str(step)}), INPUTS_TAG: ",".join(inputs),
                 "fedaudio.architecture": spec.architecture}

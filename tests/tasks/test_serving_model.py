@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -32,8 +35,10 @@ def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowConfig:
     return MlflowConfig(tracking_uri="sqlite:///store/mlflow.db", experiment="t", registered_model="t-global")
 
 
-def test_logged_rounds_classify_audio_through_mlflow_pyfunc(cfg: MlflowConfig, tmp_path: Path) -> None:
-    tracker = FederateTracker(cfg, tmp_path, model_spec=SPEC, serving=SERVING)
+@pytest.mark.parametrize("export_pt2", [False, True])
+def test_logged_rounds_classify_audio_through_mlflow_pyfunc(cfg: MlflowConfig, tmp_path: Path,
+                                                            export_pt2: bool) -> None:
+    tracker = FederateTracker(cfg, tmp_path, model_spec=SPEC, serving=SERVING, export_pt2=export_pt2)
     tracker.start({"federation.rounds": 2})
     tracker.prepare_export(build(SPEC), SHAPE, "weights.safetensors")
     models, ids = [], []
@@ -53,7 +58,7 @@ def test_logged_rounds_classify_audio_through_mlflow_pyfunc(cfg: MlflowConfig, t
     for model, model_id in zip(models, ids, strict=True):
         uri = f"models:/{model_id}"
         info = mlflow.models.get_model_info(uri)
-        assert set(info.flavors) == {"fedaudio", "pytorch", "python_function"}
+        assert set(info.flavors) == {"fedaudio", "python_function", *(["pytorch"] if export_pt2 else [])}
         pyfunc = info.flavors["python_function"]
         assert (pyfunc["loader_module"], pyfunc["data"]) == ("fedcore.serving", "serving.json")
         assert "pickle_module_name" not in pyfunc
@@ -73,7 +78,8 @@ def test_logged_rounds_classify_audio_through_mlflow_pyfunc(cfg: MlflowConfig, t
         # the other ways in still work, and still unpickle nothing
         x = torch.from_numpy(features)
         assert torch.equal(load_model(uri).model(x), model(x))
-        assert torch.allclose(mlflow.pytorch.load_model(uri)(x), model(x))
+        if export_pt2:
+            assert torch.allclose(mlflow.pytorch.load_model(uri)(x), model(x))
 
     final = mlflow.pyfunc.load_model("models:/t-global@final")
     assert final.predict(wavs)["label"].tolist() == mlflow.pyfunc.load_model(f"models:/{ids[1]}").predict(
@@ -85,10 +91,36 @@ def test_logged_rounds_classify_audio_through_mlflow_pyfunc(cfg: MlflowConfig, t
 
 
 def test_a_tracker_without_serving_keeps_mlflows_pytorch_pyfunc(cfg: MlflowConfig, tmp_path: Path) -> None:
-    tracker = FederateTracker(cfg, tmp_path, model_spec=SPEC)
+    tracker = FederateTracker(cfg, tmp_path, model_spec=SPEC, export_pt2=True)
     tracker.start({"federation.rounds": 1})
     model_id = tracker.log_round(1, {"global_accuracy": 0.5}, build(SPEC), SHAPE)
     info = mlflow.models.get_model_info(f"models:/{model_id}")
     assert info.flavors["python_function"]["loader_module"] == "mlflow.pytorch"
     assert not (Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=str(tmp_path / "m")))
                 / "serving.json").exists()
+
+
+def test_without_the_pt2_export_no_compiler_is_imported_and_the_model_loads(tmp_path: Path) -> None:
+    # torch.export (and torch.load of a pt2 program) import torch's compiler stack: ~150 MB and seconds a run.
+    code = """
+import os, sys
+from pathlib import Path
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+import torch
+from fedcore.config import MlflowConfig, ModelConfig
+from fedcore.models.spec import build, classifier_spec
+from tasks.tracking import FederateTracker, load_model
+spec = classifier_spec(ModelConfig(name="cnn", width=2, depth=1), 3, (1, 16, 26))
+cfg = MlflowConfig(tracking_uri="sqlite:///mlflow.db", experiment="t")
+tracker = FederateTracker(cfg, Path("."), model_spec=spec)
+tracker.start({})
+tracker.prepare_export(build(spec), (1, 16, 26), "weights.safetensors")
+model = build(spec).eval()
+model_id = tracker.log_round(1, {"global_accuracy": 0.5}, model, (1, 16, 26))
+x = torch.randn(2, 1, 16, 26)
+print(torch.equal(load_model(f"models:/{model_id}").model(x), model(x)), "torch._dynamo" in sys.modules)
+"""
+    probe = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env={k: v for k, v in os.environ.items() if k != PARENT_ENV}, check=False)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert probe.stdout.split()[-2:] == ["True", "False"]

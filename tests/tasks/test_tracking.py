@@ -65,7 +65,7 @@ def test_rounds_models_resume_and_registration(cfg: MlflowConfig, tmp_path: Path
     (tmp_path / "store").mkdir()
     parent = start_parent_run(cfg, tmp_path, {"a.b": 1, "c.d": None})
     monkeypatch.setenv(PARENT_ENV, parent)
-    tracker = FederateTracker(cfg, tmp_path)
+    tracker = FederateTracker(cfg, tmp_path, export_pt2=True)
     run_id = tracker.start({"federation.rounds": 3})
     model = tiny_model()
     first = tracker.log_round(1, {"global_accuracy": 0.5, "global_loss": 1.0}, model, (1, 4, 5))
@@ -73,7 +73,7 @@ def test_rounds_models_resume_and_registration(cfg: MlflowConfig, tmp_path: Path
     assert first is not None
     tracker.fail()  # killed: the run is marked failed and resumed below
 
-    again = FederateTracker(cfg, tmp_path)
+    again = FederateTracker(cfg, tmp_path, export_pt2=True)
     assert again.start({"federation.rounds": 3}, resume_run_id=run_id) == run_id
     assert again.logged_steps == {1, 2}
     assert again.model_steps == {1: first}
@@ -94,7 +94,7 @@ def test_rounds_models_resume_and_registration(cfg: MlflowConfig, tmp_path: Path
     assert int(registered.version) == 1
     assert third is not None and registered.source.endswith(third)
     # Finishing again (a resumed run that had already finished) registers nothing new.
-    again_again = FederateTracker(cfg, tmp_path)
+    again_again = FederateTracker(cfg, tmp_path, export_pt2=True)
     again_again.start({"federation.rounds": 3}, resume_run_id=run_id)
     assert again_again.finish({"global_accuracy": 0.7}, 3, []) == 1
     assert len(client.search_model_versions("name = 't-global'")) == 1
@@ -116,7 +116,7 @@ def test_every_round_reloads_with_its_own_weights(cfg: MlflowConfig, tmp_path: P
     from fedcore.federation.checkpoint import load_state, save_state
 
     (tmp_path / "store").mkdir()
-    tracker = FederateTracker(cfg, tmp_path)
+    tracker = FederateTracker(cfg, tmp_path, export_pt2=True)
     tracker.start({"federation.rounds": 3})
     if prepared:
         tracker.prepare_export(small_cnn(), (1, 4, 5), "weights.safetensors")
