@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import shlex
 import subprocess
@@ -164,3 +165,13 @@ def test_fedaudio_run_hands_the_pipeline_a_command_line_it_parses(monkeypatch: p
     options = stage.parse(pipeline._main, "", calls[0], "python -m flows.pipeline")
     assert options == {"study": "fassl", "overrides": ["federation.rounds=2"], "stages": ["features", "federate"],
                        "force": True}
+
+
+def test_a_stage_caps_mallocs_arenas_unless_the_environment_says_otherwise() -> None:
+    code = "from flows.stage import limit_malloc_arenas; print(limit_malloc_arenas())"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    capped = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert capped.stdout.strip() == ("True" if sys.platform.startswith("linux") else "False")
+    kept = subprocess.run([sys.executable, "-c", code], env={**env, "MALLOC_ARENA_MAX": "4"}, capture_output=True,
+                          text=True, check=True)
+    assert kept.stdout.strip() == "False"
