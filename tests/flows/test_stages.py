@@ -23,7 +23,7 @@ import yaml
 
 from fedcore.federation.checkpoint import Checkpointer, load_state
 from fedcore.federation.client_store import ClientStore
-from flows import download, features, federate, partition, poison
+from flows import check, download, features, federate, partition, poison
 from tasks.common import read_params
 from tasks.rounds import read_run_record
 from tasks.tracking import tracking_uri
@@ -95,18 +95,32 @@ def test_poison_and_federate_with_snr_noise(workdir: Path, small_mirror: Path, m
         ("partition", {"colour": "red"}, "partition: unknown keys ['colour']"),
         ("partition", {"alpha": 0}, "partition: 'alpha' must be > 0.0. Got 0."),
         ("partition", {"alpha": -0.5}, "partition: 'alpha' must be > 0.0. Got -0.5."),
+        ("download", {"colour": "red"}, "download: unknown keys ['colour']"),
     ],
 )
 def test_bad_params_fail_before_any_work(workdir: Path, small_mirror: Path, section: str,
                                          values: dict[str, object], message: str,
                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # A stage checks the sections it reads before it does anything (the pipeline's check stage checks them all).
     params = tiny_params(small_mirror)
     params[section].update(values)
     p = str(write_params(workdir / "bad.yaml", params))
     out = workdir / "never"
-    assert download.main(["--params", p, "--out", str(out), "--downloads", str(workdir / "dl")]) == 2
+    if section == "download":
+        code = download.main(["--params", p, "--out", str(out), "--downloads", str(workdir / "dl")])
+    else:
+        code = partition.main(["--params", p, "--features", str(workdir / "features"), "--out", str(out)])
+    assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_stage_leaves_the_sections_it_does_not_read_to_the_check_stage(workdir: Path, small_mirror: Path) -> None:
+    params = tiny_params(small_mirror)
+    params["partition"].update(alpha=0)
+    p = str(write_params(workdir / "bad.yaml", params))
+    assert download.main(["--params", p, "--out", str(workdir / "raw2"), "--downloads", str(workdir / "dl")]) == 0
+    assert check.main(["--params", p, "--out", str(workdir / "checked.json")]) == 2
 
 
 def test_more_clients_than_samples_is_a_clear_error(workdir: Path, small_mirror: Path,
