@@ -259,9 +259,9 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
 def run_stage(params: str | Path, work: Callable[[], Any], *, task_logs: bool = False) -> int:
     """Run a stage: heartbeat off (saves ~1 s per flow), clear one-line errors for bad input, exit code.
 
-    Also caps glibc's malloc arenas (:func:`limit_malloc_arenas`), starts the stage's watchdog (once per
-    process), shares Prefect's temporary server with children, keeps
-    that server out of the terminal's signals, and bounds the time an interrupted stage takes to exit. ``params``
+    Also caps glibc's malloc arenas (:func:`limit_malloc_arenas`), starts the stage's watchdog (once per process),
+    shares Prefect's temporary server with children, keeps that server out of the terminal's signals, and bounds
+    the time an interrupted stage takes to exit. ``params``
     (the params file) is named when it is invalid. Task runs log warnings and errors only (a stage runs a task
     per client and round), unless ``task_logs`` (the pipeline: a task per stage, whose log is DVC's output) or
     env ``FEDAUDIO_VERBOSE`` is set.

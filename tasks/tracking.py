@@ -13,11 +13,12 @@ Models
 ------
 Every logged model carries the MLmodel flavour ``fedaudio`` (:data:`FLAVOR`): ``model_spec.json`` (the
 architecture, :class:`fedcore.models.spec.ModelSpec`), ``weights.safetensors`` and the inputs it takes in call
-order (``audio`` or ``audio,visual``; also the LoggedModel tag ``fedaudio.inputs``). The federate stage's models
-also hold MLflow's ``pytorch`` flavour as a ``torch.export`` program (pt2) and, for its classifiers,
-``serving.json`` (feature settings, normalisation statistics, class names: :mod:`fedcore.serving`) with a
-``python_function`` flavour loaded by ``fedcore.serving``, so that
-``mlflow.pyfunc.load_model(uri).predict("a.wav")`` classifies audio (:func:`add_serving`). Nothing is pickled.
+order (``audio`` or ``audio,visual``; also the LoggedModel tag ``fedaudio.inputs``). The federate stage's
+classifiers also hold ``serving.json`` (feature settings, normalisation statistics, class names:
+:mod:`fedcore.serving`) with a ``python_function`` flavour loaded by ``fedcore.serving``, so that
+``mlflow.pyfunc.load_model(uri).predict("a.wav")`` classifies audio (:func:`add_serving`); with
+``execution.export_pt2`` its models also hold MLflow's ``pytorch`` flavour as a ``torch.export`` program (pt2).
+Nothing is pickled.
 :func:`load_model` copies a model's files (no deserialisation), reads ``MLmodel`` with
 ``yaml.safe_load``, checks the flavour, then rebuilds the model from its spec and loads the weights strictly
 (:func:`fedcore.models.spec.rebuild`). A model without the flavour (e.g. pickled by ``mlflow.pytorch``) is refused
