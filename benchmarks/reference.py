@@ -149,7 +149,11 @@ def run_fedaudio(params_file: Path, work: Path, variant: str, rounds: int) -> di
     shutil.rmtree(folder, ignore_errors=True)  # a fresh run, never a resumed one
     folder.mkdir(parents=True)
     (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {**_quiet_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
+    # Its own Prefect home: the stage starts the shared server's keeper itself (never one left by other work), so
+    # the keeper and Prefect's server are its children and count in its memory; idle 0 s: both exit with it.
+    env = {**_quiet_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
+           "PREFECT_HOME": str(folder / "prefect-home"), "FEDAUDIO_SERVER_IDLE_S": "0", "FEDAUDIO_SHARED_SERVER": "1"}
+    env.pop("PREFECT_API_URL", None)
     run = run_measured([sys.executable, "-m", "flows.federate", "--params", str(folder / "params.yaml"),
                         "--features", str(work / "features"), "--partition", str(work / "partition/partition.json"),
                         "--poison", str(work / "poison"), "--checkpoints", str(folder / "ckpt"),
