@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prepare-only", action="store_true", help="prepare the workload file and stop")
     parser.add_argument("--report-only", action="store_true", help="print the table again from --out's JSON")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be >= 1. Got {args.repeat}.")
     if args.report_only:
         saved = json.loads(args.out.read_text())
         report(saved["runs"], saved["rounds"], args.out)
