@@ -130,17 +130,21 @@ def ui(
 ) -> None:
     """Open MLflow's UI on the project's store, to compare rounds and pick a model (Ctrl-C ends it)."""
     from tasks.common import read_params
-    from tasks.tracking import find_experiment, tracking_uri, ui_url
+    from tasks.tracking import find_experiment, saved_views, tracking_uri, ui_url
 
     cfg = read_params(params, ["mlflow"]).mlflow
     uri = tracking_uri(cfg, Path.cwd())
     base = f"http://127.0.0.1:{port}"
     experiment = find_experiment(cfg, Path.cwd())
-    where = (f"experiment {cfg.experiment!r}: its rounds' models {ui_url(experiment, 'models', base)} and runs "
-             f"{ui_url(experiment, 'runs', base)}" if experiment else f"experiments {ui_url(base=base)}")
+    where = [f"experiments {ui_url(base=base)}"]
+    if experiment is not None:
+        where = [f"experiment {cfg.experiment!r}, its rounds' models: {ui_url(experiment, 'models', base)}",
+                 f"its runs: {ui_url(experiment, 'runs', base)}"]
+        where += [f"runs {view!r} charted, accuracy and loss first: {ui_url(experiment, 'runs', base, view)}"
+                  for view in saved_views(cfg, Path.cwd(), experiment)]
     mlflow = Path(sys.executable).with_name("mlflow")
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    print(f"MLflow UI on store {uri}, in model-training mode at {where}", flush=True)
+    print(f"MLflow UI on store {uri}, in model-training mode:", *where, sep="\n  ", flush=True)
     _exit(subprocess.run([str(mlflow), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port),
                           "--workers", "1"], env=env, check=False).returncode)
 

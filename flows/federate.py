@@ -169,7 +169,7 @@ def _finish(params: Params, paths: FederatePaths, tracker: FederateTracker, stat
     from tasks.common import write_json, write_text
     from tasks.federate import plot_downstream, plot_rounds, rounds_tsv
     from tasks.rounds import split_timings, timing_summary, write_run_record
-    from tasks.tracking import run_link
+    from tasks.tracking import run_link, ui_url
 
     save_state(paths.model, state)
     primary = primary_metric(params)
@@ -219,7 +219,8 @@ def _finish(params: Params, paths: FederatePaths, tracker: FederateTracker, stat
     create_markdown_artifact(
         f"# federate\nfinal {primary} **{last[primary]:.4f}** after {metrics['rounds']} rounds "
         f"(best {best[primary]:.4f} at round {metrics['best_round']}); "
-        f"{run_link(tracker.experiment_id, tracker.run_id)} (with `fedaudio ui` running), registered "
+        f"{run_link(tracker.experiment_id, tracker.run_id)} and [its rounds charted]"
+        f"({ui_url(tracker.experiment_id, 'runs', view=tracker.view)}) (with `fedaudio ui` running), registered "
         f"`{tracker.cfg.registered_model}` v{version} (alias `final`).",
         key="federate-summary",
     )

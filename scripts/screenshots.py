@@ -11,6 +11,8 @@ runs the default study as a user does, ``fedaudio run`` (add ``-S key=value`` to
   ``global_accuracy`` and ``global_loss``;
 - ``mlflow-models-chart.png``: the same models as charts (the view in which one picks a round);
 - ``mlflow-round.png``: the page of the round with the best ``global_accuracy`` (the model one would pick);
+- ``mlflow-runs-chart.png``: the federate runs charted in the view the stage saves, accuracy and loss first
+  (``tasks.tracking.chart_view_tag``; the address ``fedaudio ui`` prints);
 - ``prefect-pipeline.png``: the pipeline's flow run (``repro <stage>`` task runs and their logs);
 - ``prefect-federate.png``: the federate stage's flow run (``train client c round r`` task runs).
 
@@ -126,7 +128,7 @@ def close_assistant(page: Any) -> None:
 
 
 def mlflow_shots(page: Any, ui: str, experiment_id: str, best_model: str, out: Path, settle_ms: int) -> list[Path]:
-    """The Models tab (table with the accuracy and loss columns, then charts) and the best round's page."""
+    """The Models tab (accuracy and loss columns, then charts), the best round's page, the runs' chart view."""
     shots = []
     page.goto(f"{ui}/#/experiments/{experiment_id}/models?{ML_MODE}")
     page.wait_for_timeout(settle_ms)
@@ -154,6 +156,11 @@ def mlflow_shots(page: Any, ui: str, experiment_id: str, best_model: str, out: P
     page.wait_for_timeout(settle_ms)
     close_assistant(page)
     shots.append(out / "mlflow-round.png")
+    page.screenshot(path=str(shots[-1]))
+    page.goto(f"{ui}/#/experiments/{experiment_id}/runs?{ML_MODE}&compareRunsMode=CHART&viewStateShareKey=federate")
+    page.wait_for_timeout(settle_ms)
+    close_assistant(page)
+    shots.append(out / "mlflow-runs-chart.png")
     page.screenshot(path=str(shots[-1]))
     return shots
 

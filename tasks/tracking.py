@@ -36,8 +36,10 @@ marks such runs KILLED when their owner is gone. A resumed run is reopened as RU
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -108,17 +110,74 @@ experiment in GenAI mode (traces, evaluation runs) until the user flips its mode
 remembers; an address carrying this query opens in model-training mode from the first visit."""
 
 
-def ui_url(experiment_id: str | None = None, page: str = "", base: str | None = None) -> str:
+CHART_VIEW_TAG = "mlflow.sharedViewState."
+"""Prefix of the experiment tags in which MLflow's UI keeps saved and shared views (key: prefix + share key)."""
+HEADLINE_WORDS = ("accuracy", "loss")
+"""Metrics whose names hold these words are charted first in a run's saved view, in this order."""
+MAX_HEADLINE = 8
+
+
+def headline_metrics(keys: Sequence[str]) -> list[str]:
+    """The round metrics charted first: those naming accuracy, then loss, in logging order (at most 8)."""
+    return [k for word in HEADLINE_WORDS for k in keys if word in k
+            and not any(w in k for w in HEADLINE_WORDS[:HEADLINE_WORDS.index(word)])][:MAX_HEADLINE]
+
+
+def view_key(run_name: str) -> str:
+    """Share key of the saved chart view of the runs named ``run_name`` (letters, digits, ``-_.`` only)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name).strip("-") or "runs"
+
+
+def chart_view_tag(run_name: str, metrics: Sequence[str], created_ms: int = 0) -> tuple[str, str]:
+    """The experiment tag that saves a chart view of the runs named ``run_name``, ``metrics`` first.
+
+    MLflow's UI sorts an experiment's metric charts by name, so ``bytes_down`` and ``detect_*`` come before
+    accuracy, and it charts only the runs its table shows, where a stage's run sits folded under its pipeline run.
+    This view filters and sorts the runs by name (``attributes.run_name = '<run_name>'``; the store breaks the ties
+    newest first) and so lists them unfolded (the UI folds child runs only when unfiltered or sorted by start
+    time), and puts
+    one line chart per metric of ``metrics`` (x: the step, i.e. the round) in a section "Accuracy and loss" above
+    MLflow's own "Model metrics" and "System metrics" sections, where the UI adds every other metric as it does by
+    default; charts of metrics no shown run logs are hidden. The value is the envelope MLflow's UI writes for a
+    saved view (``{name, createdAt, updatedAt, state}``, ``state`` a JSON string of the page's state), so the view
+    is also listed in the runs page's saved views; an address with ``viewStateShareKey=<key>`` opens it
+    (:func:`ui_url`). Returns (tag key, tag value).
+    """
+    sections = [("fedaudio-headline", "Accuracy and loss", True),
+                ("fedaudio-model-metrics", "Model metrics", False),
+                ("fedaudio-system-metrics", "System metrics", False)]
+    charts = [{"uuid": f"fedaudio-chart-{metric}", "type": "LINE", "runsCountToCompare": 10,
+               "metricSectionId": sections[0][0], "deleted": False, "isGenerated": False, "displayName": metric,
+               "metricKey": metric, "lineSmoothness": 0, "xAxisScaleType": "linear", "scaleType": "linear",
+               "range": {}, "xAxisKey": "step", "selectedXAxisMetricKey": "", "yAxisKey": "metric",
+               "yAxisExpressions": [], "ignoreOutliers": False, "useGlobalXaxisKey": True,
+               "useGlobalLineSmoothing": True} for metric in metrics]
+    quoted = run_name.replace("'", "\\'")
+    state = {"searchFilter": f"attributes.run_name = '{quoted}'", "orderByKey": "tags.`mlflow.runName`",
+             "orderByAsc": False,
+             "compareRunCharts": charts,
+             "compareRunSections": [{"uuid": uuid, "name": name, "display": True, "isReordered": ours,
+                                     "deleted": False, "isGenerated": not ours} for uuid, name, ours in sections],
+             "isAccordionReordered": True, "hideEmptyCharts": True}
+    envelope = {"name": f"{run_name}: accuracy and loss first", "createdAt": created_ms, "updatedAt": created_ms,
+                "state": json.dumps(state, separators=(",", ":"))}
+    return CHART_VIEW_TAG + view_key(run_name), json.dumps(envelope, separators=(",", ":"))
+
+
+def ui_url(experiment_id: str | None = None, page: str = "", base: str | None = None,
+           view: str | None = None) -> str:
     """Address of a page of MLflow's UI in model-training mode.
 
     ``page`` is the route under the experiment (``"models"``, ``"runs/<run id>"``); without ``experiment_id`` the
-    experiments list. ``base`` defaults to env ``FEDAUDIO_MLFLOW_UI``, else ``fedaudio ui``'s address.
+    experiments list. ``base`` defaults to env ``FEDAUDIO_MLFLOW_UI``, else ``fedaudio ui``'s address. ``view``, a
+    share key (:func:`view_key`), opens the runs page as charts in that saved view (:func:`chart_view_tag`).
     """
     base = (base or os.environ.get(MLFLOW_UI_ENV) or "http://127.0.0.1:5000").rstrip("/")
     route = "/experiments"
     if experiment_id is not None:
         route += f"/{experiment_id}" + (f"/{page.strip('/')}" if page else "")
-    return f"{base}/#{route}?{UI_MODE}"
+    query = UI_MODE + (f"&compareRunsMode=CHART&viewStateShareKey={view}" if view else "")
+    return f"{base}/#{route}?{query}"
 
 
 def run_link(experiment_id: str, run_id: str) -> str:
@@ -133,6 +192,14 @@ def find_experiment(cfg: MlflowConfig, root: Path) -> str | None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     experiment = mlflow.MlflowClient(tracking_uri(cfg, root)).get_experiment_by_name(cfg.experiment)
     return None if experiment is None else str(experiment.experiment_id)
+
+
+def saved_views(cfg: MlflowConfig, root: Path, experiment_id: str) -> list[str]:
+    """Share keys of the experiment's saved views (:func:`chart_view_tag`), sorted."""
+    import mlflow
+
+    tags = mlflow.MlflowClient(tracking_uri(cfg, root)).get_experiment(experiment_id).tags
+    return sorted(k[len(CHART_VIEW_TAG):] for k in tags if k.startswith(CHART_VIEW_TAG))
 
 
 def setup(cfg: MlflowConfig, root: Path) -> str:
@@ -490,7 +557,9 @@ class FederateTracker:
         self.logged_steps: set[int] = set()
         self.model_steps: dict[int, str] = {}
         self._validated = False  # whether a logged model's input example was checked by reloading it
-        self._export = ExportOnce()
+        self._export = ExportOnce() if self.export else None
+        self.run_name = "federate"
+        self.view: str | None = None  # share key of the runs' saved chart view, once saved (:meth:`log_round`)
         self._own_parent: str | None = None  # a parent run this stage opened (and closes)
 
     def start(self, params: Mapping[str, Any], resume_run_id: str | None = None, run_name: str = "federate") -> str:
@@ -499,6 +568,7 @@ class FederateTracker:
         If ``resume_run_id`` is not in the store any more (deleted), a new run is opened, tagged with the id it
         replaces; :meth:`backfill` then logs every round of the checkpoint's history into it.
         """
+        self.run_name = run_name
         if resume_run_id is not None:
             run = self._existing(resume_run_id)
             if run is not None:
@@ -613,7 +683,21 @@ class FederateTracker:
             values = {k: float(v) for k, v in metrics.items()}
             mlflow.log_metrics(values, step=server_round, model_id=model_id, run_id=self.run_id)
             self.logged_steps.add(server_round)
+        if self.view is None:
+            self.save_view(list(metrics))
         return model_id
+
+    def save_view(self, metrics: Sequence[str]) -> str:
+        """Save the chart view of this stage's runs as an experiment tag; return its share key.
+
+        The view (:func:`chart_view_tag`) charts :func:`headline_metrics` of ``metrics`` first. It is not written
+        when the experiment has one under its key already: a view the user changed and saved in the UI stays theirs.
+        """
+        key, value = chart_view_tag(self.run_name, headline_metrics(metrics), created_ms=int(time.time() * 1000))
+        if key not in self.client.get_experiment(self.experiment_id).tags:
+            self.client.set_experiment_tag(self.experiment_id, key, value)
+        self.view = key[len(CHART_VIEW_TAG):]
+        return self.view
 
     def log_model(self, model: Any, name: str, step: int, inputs: Sequence[str] | None = None, *,
                   spec: ModelSpec | None = None, weights_file: Path | None = None,
@@ -640,7 +724,7 @@ class FederateTracker:
                              "to be logged. Got none. Fix: pass model_spec= to FederateTracker (fedcore.models.spec "
                              "makes one), or build the model with fedcore.models.spec.build.")
         inputs = tuple(inputs) if inputs is not None else self.model_inputs
-        export = self._export if self.export and input_shape is not None else None
+        export = self._export if input_shape is not None else None
         serving = self.serving if inputs == ("audio",) else None
         options = _pt2_options(input_shape, weights_file) if export is not None and input_shape is not None else {}
         tags = {**(tags if tags is not None else {"fedaudio.round": str(step)}), INPUTS_TAG: ",".join(inputs),
@@ -670,7 +754,7 @@ class FederateTracker:
         name of the weights file the rounds attach. Checks the exported program against the model (which then
         stands for MLflow's own serving-input check). Trackers that do not export (``model_inputs`` given) skip it.
         """
-        if not self.export:
+        if self._export is None:
             return
         with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
             warnings.simplefilter("ignore")

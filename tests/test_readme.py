@@ -195,6 +195,7 @@ def test_the_mlflow_ui_command_serves_the_store(tmp_path: Path) -> None:
     try:
         assert process.stdout is not None
         # The address it prints opens MLflow's UI in model-training mode (no experiment yet: the list).
+        assert "model-training mode" in process.stdout.readline()
         assert f"http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning" in process.stdout.readline()
         assert _get(f"http://127.0.0.1:{port}/health", time.monotonic() + 120).strip() == "OK"
         search = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=10"

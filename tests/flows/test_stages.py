@@ -119,7 +119,7 @@ def test_a_stage_leaves_the_sections_it_does_not_read_to_the_check_stage(workdir
     params = tiny_params(small_mirror)
     params["partition"].update(alpha=0)
     p = str(write_params(workdir / "bad.yaml", params))
-    assert download.main(["--params", p, "--out", str(workdir / "raw-unread"), "--downloads", str(workdir / "dl")]) == 0
+    assert download.main(["--params", p, "--out", str(workdir / "raw3"), "--downloads", str(workdir / "dl")]) == 0
     assert check.main(["--params", p, "--out", str(workdir / "checked.json")]) == 2
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -11,8 +12,11 @@ from fedcore.models.spec import build, classifier_spec
 from tasks.tracking import (
     PARENT_ENV,
     FederateTracker,
+    chart_view_tag,
+    headline_metrics,
     load_model,
     run_link,
+    saved_views,
     setup,
     start_parent_run,
     tracking_uri,
@@ -53,6 +57,56 @@ def test_ui_addresses_open_in_model_training_mode(monkeypatch: pytest.MonkeyPatc
     assert ui_url() == "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
     assert ui_url("7", "models", base="http://h:9/") == "http://h:9/#/experiments/7/models?workflowType=machine_learning"
     assert ui_url("7", "/runs/r1/") == "http://127.0.0.1:5000/#/experiments/7/runs/r1?workflowType=machine_learning"
+
+
+def test_the_headline_metrics_are_accuracy_then_loss_in_logging_order() -> None:
+    keys = ["bytes_down", "global_accuracy", "global_loss", "detect_tp", "personalised_accuracy_mean",
+            "train_loss_mean", "lr"]
+    assert headline_metrics(keys) == ["global_accuracy", "personalised_accuracy_mean", "global_loss",
+                                      "train_loss_mean"]
+    assert headline_metrics(["mean/knn1_val", "round_seconds"]) == []
+    assert len(headline_metrics([f"a{i}_accuracy" for i in range(12)])) == 8
+
+
+def test_the_saved_chart_view_is_the_envelope_mlflows_ui_reads() -> None:
+    key, value = chart_view_tag("earlyexit-early_exit plan's", ["exit6_accuracy", "train_loss_mean"], 1234)
+    assert key == "mlflow.sharedViewState.earlyexit-early_exit-plan-s"
+    envelope = json.loads(value)
+    assert (envelope["name"], envelope["createdAt"], envelope["updatedAt"]) == (
+        "earlyexit-early_exit plan's: accuracy and loss first", 1234, 1234)
+    state = json.loads(envelope["state"])
+    assert state["searchFilter"] == "attributes.run_name = 'earlyexit-early_exit plan\\'s'"
+    sections = [s["name"] for s in state["compareRunSections"]]
+    assert sections == ["Accuracy and loss", "Model metrics", "System metrics"]
+    assert state["isAccordionReordered"] is True  # MLflow's UI keeps the sections in this order
+    charts = state["compareRunCharts"]
+    assert [(c["type"], c["metricKey"], c["xAxisKey"]) for c in charts] == [
+        ("LINE", "exit6_accuracy", "step"), ("LINE", "train_loss_mean", "step")]
+    assert {c["metricSectionId"] for c in charts} == {state["compareRunSections"][0]["uuid"]}
+
+
+def test_a_run_saves_its_chart_view_once_and_keeps_one_the_user_changed(
+        cfg: MlflowConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "store").mkdir()
+    monkeypatch.setenv(PARENT_ENV, start_parent_run(cfg, tmp_path, {}))
+    tracker = FederateTracker(cfg, tmp_path)
+    tracker.start({}, run_name="federate")
+    assert tracker.view is None
+    tracker.log_round(1, {"bytes_down": 1.0, "global_loss": 1.0, "global_accuracy": 0.5}, None, (1, 4, 5))
+    assert tracker.view == "federate"
+    assert saved_views(cfg, tmp_path, tracker.experiment_id) == ["federate"]
+    client = mlflow.MlflowClient()
+    held = client.get_experiment(tracker.experiment_id).tags["mlflow.sharedViewState.federate"]
+    state = json.loads(json.loads(held)["state"])
+    assert [c["metricKey"] for c in state["compareRunCharts"]] == ["global_accuracy", "global_loss"]
+    assert ui_url(tracker.experiment_id, "runs", base="http://h:1", view=tracker.view) == (
+        f"http://h:1/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning"
+        "&compareRunsMode=CHART&viewStateShareKey=federate")
+    client.set_experiment_tag(tracker.experiment_id, "mlflow.sharedViewState.federate", "edited in the UI")
+    again = FederateTracker(cfg, tmp_path)
+    again.start({}, run_name="federate")
+    again.log_round(1, {"global_accuracy": 0.5}, None, (1, 4, 5))
+    assert client.get_experiment(again.experiment_id).tags["mlflow.sharedViewState.federate"] == "edited in the UI"
 
 
 def test_env_overrides_the_uri(cfg: MlflowConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
