@@ -1,6 +1,6 @@
 """How long a small experiment takes, end to end, and how much of it is orchestration.
 
-    python -m benchmarks.small_experiment [--runs 2] [-S key=value ...]
+    python -m benchmarks.small_experiment [--runs 2] [--modes prefect,off] [-S key=value ...]
 
 Researchers iterate on small configs; this times the one issue 22 names, as a user runs it:
 ``dvc exp run -S download.max_per_class=20 -S federation.rounds=3 -S model.width=4`` in a fresh clone of the
@@ -8,7 +8,9 @@ committed project (its own DVC cache, so nothing is restored from a run cache), 
 Set ``FEDAUDIO_MIRROR`` to read the archive offline. Per run it prints the wall time of the whole command and of
 each stage (from DVC's ``Running stage`` lines as they appear), and the seconds the federated rounds themselves
 took (``metrics/federate.run.json``); what is left is orchestration: Python start-up and imports, Prefect's
-servers and flow runs, MLflow, DVC. It also times ``fedaudio --help``, ``fedaudio run --help`` and
+servers and flow runs, MLflow, DVC. Each run is timed in every mode of ``--modes``, interleaved: ``prefect`` (the
+default: each stage a Prefect flow run on the shared server) and ``off`` (``FEDAUDIO_PREFECT=off``: no Prefect,
+:mod:`tasks.orchestration`). It also times ``fedaudio --help``, ``fedaudio run --help`` and
 ``python -m flows.federate --help`` (medians of three). Writes
 ``benchmarks/results/small_experiment.json``.
 """
@@ -28,6 +30,8 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
 SMALL = ["download.max_per_class=20", "federation.rounds=3", "model.width=4"]
+MODES = {"prefect": {}, "off": {"FEDAUDIO_PREFECT": "off"}}
+"""The environment each mode adds (tasks.orchestration.PREFECT_ENV)."""
 
 
 def timed_run(project: Path, overrides: list[str], env: dict[str, str]) -> dict[str, object]:
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     """Clone, run the small experiment ``--runs`` times, print and save the figures."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--modes", default="prefect,off", help="comma-separated: prefect (the default of a stage), off "
+                   "(FEDAUDIO_PREFECT=off)")
     p.add_argument("-S", "--set", action="append", default=None, metavar="KEY=VALUE",
                    help=f"the experiment's overrides (default: {' '.join(SMALL)})")
     p.add_argument("--out", type=Path, default=PROJECT / "benchmarks" / "results" / "small_experiment.json")
@@ -90,16 +96,22 @@ def main(argv: list[str] | None = None) -> int:
         print("small_experiment: uncommitted changes to the code or params are not in the clone it times",
               file=sys.stderr)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("FEDAUDIO_PREFECT", None)  # each mode sets its own
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - set(MODES):
+        p.error(f"--modes: choose from {', '.join(MODES)}; got {args.modes!r}")
     runs = []
     for i in range(args.runs):
-        with tempfile.TemporaryDirectory(prefix="small-experiment-") as scratch:
-            project = Path(scratch) / "project"
-            subprocess.run(["git", "clone", "--quiet", str(PROJECT), str(project)], check=True)
-            result = timed_run(project, overrides, env)
-            runs.append(result)
-            stages = ", ".join(f"{name} {s:.1f}" for name, s in result["stages_s"].items())  # type: ignore[union-attr]
-            print(f"run {i + 1}: {result['total_s']:.1f} s end to end; rounds {result['rounds_s']:.1f} s; "
-                  f"orchestration {100 * result['orchestration_share']:.0f} %; stages (s): {stages}", flush=True)
+        for mode in modes:
+            with tempfile.TemporaryDirectory(prefix="small-experiment-") as scratch:
+                project = Path(scratch) / "project"
+                subprocess.run(["git", "clone", "--quiet", str(PROJECT), str(project)], check=True)
+                result = {"mode": mode, **timed_run(project, overrides, {**env, **MODES[mode]})}
+                runs.append(result)
+                stages = ", ".join(f"{name} {s:.1f}" for name, s in result["stages_s"].items())  # type: ignore[union-attr]
+                print(f"run {i + 1} ({mode}): {result['total_s']:.1f} s end to end; rounds "
+                      f"{result['rounds_s']:.1f} s; orchestration {100 * result['orchestration_share']:.0f} %; "
+                      f"stages (s): {stages}", flush=True)
     help_s = help_seconds(env)
     for name, seconds in help_s.items():
         print(f"{name}: {seconds:.2f} s")

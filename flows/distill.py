@@ -66,8 +66,9 @@ def _distillation(params: Params, paths: DistillPaths) -> dict[str, Any]:
     from fedcore.federation.checkpoint import Checkpointer, file_digest
     from fedcore.federation.engine import run_rounds
     from fedcore.plans.distill import DistillPlan, run_fingerprint
+    from flows.runners import client_executor
     from tasks.modality import AUDIO_INPUTS, load_av_data
-    from tasks.rounds import ProgressCallback, TaskRunnerExecutor, TrackingCallback
+    from tasks.rounds import ProgressCallback, TrackingCallback
     from tasks.tracking import FederateTracker, load_logged_model, setup
 
     fed, cfg = params.federation, params.distill
@@ -93,7 +94,7 @@ def _distillation(params: Params, paths: DistillPaths) -> dict[str, Any]:
     progress = ProgressCallback(cfg.rounds, "distill rounds", "distill-progress", postfix)
     print(f"distill: teacher {cfg.teacher} (inputs {', '.join(teacher_inputs)}) → student {cfg.student} on "
           f"{len(plan.eligible)} clients: {plan.eligible}")
-    run = run_rounds(plan, TaskRunnerExecutor(), checkpointer, [tracking, progress],
+    run = run_rounds(plan, client_executor(params), checkpointer, [tracking, progress],
                      client_threads=fed.client_threads)
     history = [{"round": 0.0, **run.initial}, *run.history] if run.initial else run.history
     return _finish(params, paths, tracker, run.state, history, plan.eligible, run.records)
@@ -103,12 +104,11 @@ def _finish(params: Params, paths: DistillPaths, tracker: FederateTracker, state
             history: list[dict[str, float]], clients: list[int],
             records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Student, metrics JSON, per-round TSV and plot; register the last student (alias final)."""
-    from prefect.artifacts import create_markdown_artifact
-
     from fedcore.federation.checkpoint import save_state
     from tasks.common import write_json, write_text
     from tasks.federate import rounds_tsv
     from tasks.modality import plot_av_rounds
+    from tasks.orchestration import publish_markdown
     from tasks.rounds import split_timings, timing_summary, write_run_record
 
     cfg = params.distill
@@ -133,7 +133,7 @@ def _finish(params: Params, paths: DistillPaths, tracker: FederateTracker, state
               "rejections": [{k: r[k] for k in ("round", "failed", "rejected")} for r in records if r["rejected"]]}
     write_run_record(paths.metrics, record)
     write_json(paths.metrics, metrics)
-    create_markdown_artifact(
+    publish_markdown(
         f"# distill\nstudent audio-only test accuracy **{last['audio_accuracy']:.4f}** after {metrics['rounds']} "
         f"rounds (before: {first['audio_accuracy']:.4f}); registered `{cfg.registered_model}@final`.",
         key="distill-summary")

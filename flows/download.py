@@ -16,9 +16,8 @@ FLOWS = stage.LazyFlows(__name__)
 @FLOWS.flow("download", log_prints=True)
 def _download(cfg: DownloadConfig, out_dir: Path, downloads_dir: Path) -> dict[str, Any]:
     """Ingest ``cfg.dataset`` into ``out_dir`` (``manifest.csv``, ``report.json``, audio)."""
-    from prefect.artifacts import create_markdown_artifact
-
     from tasks.data import ingest_dataset
+    from tasks.orchestration import publish_markdown
 
     report = ingest_dataset(cfg, out_dir, downloads_dir)
     lines = [
@@ -33,7 +32,7 @@ def _download(cfg: DownloadConfig, out_dir: Path, downloads_dir: Path) -> dict[s
         if entries := report.get(kind, []):
             lines += ["", f"| {kind} file | reason |", "| --- | --- |"]
             lines += [f"| `{s['path']}` | {s['reason']} |" for s in entries[:50]]
-    create_markdown_artifact("\n".join(lines), key="download-report", description="ingest report")
+    publish_markdown("\n".join(lines), key="download-report", description="ingest report")
     print(f"download: {report.get('num_ok')} clips kept, {report.get('num_skipped')} skipped, "
           f"{report.get('num_refused')} refused -> {out_dir}")
     return report

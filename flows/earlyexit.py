@@ -67,9 +67,10 @@ def _earlyexit_training(params: Params, paths: EarlyExitPaths) -> dict[str, Any]
     from fedcore.federation.checkpoint import Checkpointer, file_digest
     from fedcore.federation.engine import run_rounds
     from fedcore.plans.earlyexit import EarlyExitPlan, plateau_rule, run_fingerprint
+    from flows.runners import client_executor
     from tasks.earlyexit import initial_state, new_model, new_model_spec
     from tasks.federate import load_federated_data
-    from tasks.rounds import ProgressCallback, TaskRunnerExecutor, TrackingCallback
+    from tasks.rounds import ProgressCallback, TrackingCallback
     from tasks.tracking import FederateTracker
 
     fed, cfg = params.federation, params.earlyexit
@@ -100,7 +101,7 @@ def _earlyexit_training(params: Params, paths: EarlyExitPaths) -> dict[str, Any]
           + (f" ({len(left)} backbone or exit-norm entries not in the checkpoint)" if cfg.init != "random"
              else "") + f"; at most {plan.rounds} rounds"
           + (f", stop at a plateau of {rule.metric}" if rule is not None else ""))
-    run = run_rounds(plan, TaskRunnerExecutor(), checkpointer, [tracking, progress],
+    run = run_rounds(plan, client_executor(params), checkpointer, [tracking, progress],
                      client_threads=fed.client_threads)
     assert run.stop is not None  # run_rounds always says why it ended
     return _finish(params, paths, tracker, run.state, run.history, plan.tiers, plan.depths, run.records,
@@ -111,12 +112,11 @@ def _finish(params: Params, paths: EarlyExitPaths, tracker: FederateTracker, sta
             history: list[dict[str, float]], tiers: list[int], depths: list[int | None],
             records: Sequence[Mapping[str, Any]], stop: Stop, max_rounds: int) -> dict[str, Any]:
     """Write the stage's outs (model, metrics JSON, per-round TSV and PNG), close the MLflow run, artifacts."""
-    from prefect.artifacts import create_markdown_artifact
-
     from fedcore.federation.checkpoint import save_state
     from tasks.common import write_json, write_text
     from tasks.earlyexit import plot_exits
     from tasks.federate import rounds_tsv
+    from tasks.orchestration import publish_markdown
     from tasks.rounds import split_timings, timing_summary, write_run_record
 
     cfg = params.earlyexit
@@ -158,7 +158,7 @@ def _finish(params: Params, paths: EarlyExitPaths, tracker: FederateTracker, sta
         metrics[f"tier{tier}_mflops_per_example"] = round(per_example[-1], 6) if per_example else None
     write_run_record(paths.metrics, record)
     write_json(paths.metrics, metrics)
-    create_markdown_artifact(
+    publish_markdown(
         f"# earlyexit ({cfg.plan})\nfinal-exit test accuracy **{metrics['final_exit_accuracy']:.4f}**; mean client "
         f"training {metrics['client_gflops_per_round_mean']:.3f} GFLOPs per round; stopped after round "
         f"{metrics['rounds']} of at most {max_rounds} ({stop.reason}: {stop.detail}).", key="earlyexit-summary")

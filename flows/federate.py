@@ -81,8 +81,9 @@ def _federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
     from fedcore.models.spec import federate_model_spec
     from fedcore.plans.supervised import SupervisedPlan, evaluated_round, fresh_model, make_spec, run_fingerprint
     from fedcore.serving import ServingSpec
+    from flows.runners import client_executor
     from tasks.federate import load_federated_data
-    from tasks.rounds import ProgressCallback, TaskRunnerExecutor, TrackingCallback
+    from tasks.rounds import ProgressCallback, TrackingCallback
     from tasks.tracking import FederateTracker
 
     fed = params.federation
@@ -121,7 +122,7 @@ def _federated_training(params: Params, paths: FederatePaths) -> dict[str, Any]:
                                 run_name="federate", model=fresh_model(spec, fed.seed), input_shape=data.input_shape,
                                 log_model=log_model, export=True)
     progress = ProgressCallback(fed.rounds, "federate rounds", "federate-progress", postfix)
-    run = run_rounds(plan, TaskRunnerExecutor(), checkpointer, [tracking, progress], client_threads=intra)
+    run = run_rounds(plan, client_executor(params), checkpointer, [tracking, progress], client_threads=intra)
     return _finish(params, paths, tracker, run.state, run.history, run.records, plan.malicious, run.initial)
 
 
@@ -161,13 +162,12 @@ def _finish(params: Params, paths: FederatePaths, tracker: FederateTracker, stat
             history: list[dict[str, float]], detections: list[dict[str, Any]],
             malicious: frozenset[int], initial: dict[str, float] | None = None) -> dict[str, Any]:
     """Write the stage's outs (model, metrics JSON, per-round TSV and PNG), close the MLflow run, artifacts."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
     from fedcore.evaluation.downstream import score_names
     from fedcore.federation.checkpoint import save_state
     from fedcore.plans.supervised import aggregator_name
     from tasks.common import write_json, write_text
     from tasks.federate import plot_downstream, plot_rounds, rounds_tsv
+    from tasks.orchestration import publish_markdown, publish_table
     from tasks.rounds import split_timings, timing_summary, write_run_record
     from tasks.tracking import run_link, ui_url
 
@@ -214,9 +214,9 @@ def _finish(params: Params, paths: FederatePaths, tracker: FederateTracker, stat
               **timing_summary(timings), "round_timings": timings}
     write_run_record(paths.metrics, record)
     write_json(paths.metrics, metrics)
-    create_table_artifact([{c: round(row.get(c, float("nan")), 4) for c in columns} for row in rows],
+    publish_table([{c: round(row.get(c, float("nan")), 4) for c in columns} for row in rows],
                           key="federate-rounds", description="per-round metrics")
-    create_markdown_artifact(
+    publish_markdown(
         f"# federate\nfinal {primary} **{last[primary]:.4f}** after {metrics['rounds']} rounds "
         f"(best {best[primary]:.4f} at round {metrics['best_round']}); "
         f"{run_link(tracker.experiment_id, tracker.run_id)} and [its rounds charted]"

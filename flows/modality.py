@@ -67,8 +67,9 @@ def _modality_training(params: Params, paths: ModalityPaths) -> dict[str, Any]:
     from fedcore.federation.checkpoint import Checkpointer, file_digest
     from fedcore.federation.engine import run_rounds
     from fedcore.plans.modality import ModalityPlan, run_fingerprint
+    from flows.runners import client_executor
     from tasks.modality import AV_INPUTS, load_av_data, new_model_spec
-    from tasks.rounds import ProgressCallback, TaskRunnerExecutor, TrackingCallback
+    from tasks.rounds import ProgressCallback, TrackingCallback
     from tasks.tracking import FederateTracker
 
     fed, cfg = params.federation, params.modality
@@ -93,7 +94,7 @@ def _modality_training(params: Params, paths: ModalityPaths) -> dict[str, Any]:
     progress = ProgressCallback(fed.rounds, f"modality {cfg.method}", "modality-progress", postfix)
     print(f"modality: {cfg.method}, {data.num_clients} clients, {len(video)} with video "
           f"(missing rate {cfg.missing_rate}): {video}")
-    run = run_rounds(plan, TaskRunnerExecutor(), checkpointer, [tracking, progress],
+    run = run_rounds(plan, client_executor(params), checkpointer, [tracking, progress],
                      client_threads=fed.client_threads)
     plan.model.load_state_dict(run.state)
     return _finish(params, paths, tracker, plan.model, run.history, video, run.records)
@@ -103,8 +104,6 @@ def _finish(params: Params, paths: ModalityPaths, tracker: FederateTracker, mode
             history: list[dict[str, float]], video: list[int],
             records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Model, metrics JSON, per-round TSV and plot; register the AV model and its audio branch (alias final)."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
     from fedcore.aggregation.state import to_cpu_state
     from fedcore.federation.checkpoint import save_state
     from fedcore.models.spec import audio_branch_spec
@@ -112,6 +111,7 @@ def _finish(params: Params, paths: ModalityPaths, tracker: FederateTracker, mode
     from tasks.common import write_json, write_text
     from tasks.federate import rounds_tsv
     from tasks.modality import AUDIO_INPUTS, plot_av_rounds
+    from tasks.orchestration import publish_markdown, publish_table
     from tasks.rounds import split_timings, timing_summary, write_run_record
 
     cfg = params.modality
@@ -147,9 +147,9 @@ def _finish(params: Params, paths: ModalityPaths, tracker: FederateTracker, mode
               "rejections": [{k: r[k] for k in ("round", "failed", "rejected")} for r in records if r["rejected"]]}
     write_run_record(paths.metrics, record)
     write_json(paths.metrics, metrics)
-    create_table_artifact([{c: round(row.get(c, float("nan")), 4) for c in ROUND_COLUMNS} for row in rows],
+    publish_table([{c: round(row.get(c, float("nan")), 4) for c in ROUND_COLUMNS} for row in rows],
                           key="modality-rounds", description="per-round test accuracies")
-    create_markdown_artifact(
+    publish_markdown(
         f"# modality ({cfg.method}, missing video {cfg.missing_rate:g})\naudio-only test accuracy "
         f"**{last['audio_accuracy']:.4f}** after {final_round} rounds; MLflow run `{tracker.run_id}`; teacher "
         f"`{cfg.registered_model}@final`, audio branch `{cfg.registered_audio}@final`.", key="modality-summary")

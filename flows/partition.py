@@ -20,12 +20,11 @@ FLOWS = stage.LazyFlows(__name__)
 @FLOWS.flow("partition", log_prints=True)
 def _partition(cfg: PartitionConfig, features_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Write ``partition.json``, ``client_stats.csv`` and ``heatmap.png`` into ``out_dir``."""
-    from prefect.artifacts import create_table_artifact
-
     from tasks.data import partition_clients
+    from tasks.orchestration import publish_table
 
     summary = partition_clients(cfg, features_dir, out_dir)
-    create_table_artifact([summary], key="partition-summary", description=f"{cfg.scheme} partition")
+    publish_table([summary], key="partition-summary", description=f"{cfg.scheme} partition")
     print(f"partition: {summary['num_clients']} clients, {summary['min_client']}-{summary['max_client']} "
           f"training samples each; heatmap {out_dir}/heatmap.png")
     return summary

@@ -91,12 +91,15 @@ def _repro_stage(name: str, env: dict[str, str], force: bool = False) -> str:
 
 
 def _child_env(parent_run_id: str) -> dict[str, str]:
-    from prefect.runtime import flow_run
-
+    from tasks.orchestration import orchestrated
     from tasks.tracking import PARENT_ENV
 
     env = dict(os.environ)
     env[PARENT_ENV] = parent_run_id
+    if not orchestrated():  # no server, no flow run to tag the stages with
+        return env
+    from prefect.runtime import flow_run
+
     env[PIPELINE_RUN_ENV] = str(flow_run.id)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     # Without a configured server this flow runs on Prefect's temporary server: hand it to the stages, so each
@@ -109,6 +112,10 @@ def _child_env(parent_run_id: str) -> dict[str, str]:
 
 
 def _prefect_tags() -> dict[str, str]:
+    from tasks.orchestration import orchestrated
+
+    if not orchestrated():
+        return {}
     from prefect.runtime import flow_run
 
     return {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
@@ -131,7 +138,14 @@ def stage_runs(flow_run_id: str) -> list[dict[str, str]]:
              "url": f"{ui}/runs/flow-run/{run.id}" if ui else ""} for run in runs]
 
 
-def _stage_runs_lines(flow_run_id: str) -> list[str]:
+def _stage_runs_lines() -> list[str]:
+    from tasks.orchestration import PREFECT_ENV, orchestrated
+
+    if not orchestrated():
+        return [f"- stage flow runs: none ({PREFECT_ENV}=off: the stages ran without Prefect)"]
+    from prefect.runtime import flow_run
+
+    flow_run_id = str(flow_run.id)
     try:
         runs = stage_runs(flow_run_id)
     except Exception as error:  # noqa: BLE001 - the summary must not fail the finished run
@@ -152,12 +166,13 @@ def _changes_table(changes: Sequence["Change"]) -> list[str]:
 
 
 def _pipeline_flow() -> Any:
-    """The ``pipeline`` flow; its parameter is typed (:class:`tasks.studies.PipelineRun`): the deployment's form."""
-    from prefect import flow
+    """The ``pipeline`` flow; its parameter is typed (:class:`tasks.studies.PipelineRun`): the deployment's form.
 
+    Without Prefect (:mod:`tasks.orchestration`), the same function, run as it is.
+    """
+    from tasks.orchestration import orchestrated
     from tasks.studies import PipelineRun
 
-    @flow(name="pipeline", log_prints=True)
     def pipeline(run: PipelineRun = PipelineRun()) -> dict[str, Any]:  # noqa: B008 - frozen model, shared safely
         """Run a study with this run's params: apply the overrides, check, ``dvc repro`` each stage, put params back.
 
@@ -167,7 +182,11 @@ def _pipeline_flow() -> Any:
         """
         return _pipeline(run)
 
-    return pipeline
+    if not orchestrated():
+        return pipeline
+    from prefect import flow
+
+    return flow(pipeline, name="pipeline", log_prints=True)
 
 
 FLOWS.add("pipeline", _pipeline_flow)
@@ -175,11 +194,9 @@ FLOWS.add("pipeline", _pipeline_flow)
 
 def _pipeline(run: "PipelineRun") -> dict[str, Any]:
     """The body of the ``pipeline`` flow."""
-    from prefect.artifacts import create_markdown_artifact
-    from prefect.runtime import flow_run
-
     from fedcore.config import flatten
     from tasks.common import read_json, read_params
+    from tasks.orchestration import publish_markdown
     from tasks.overrides import overridden, run_lock
     from tasks.studies import STUDIES
     from tasks.tracking import end_run, run_status, start_parent_run, tracking_uri
@@ -213,9 +230,9 @@ def _pipeline(run: "PipelineRun") -> dict[str, Any]:
         f"- metrics: `dvc metrics show` ({study.metrics}); per-round plot: {study.plot}",
         f"- MLflow: `mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --workers 1`, experiment "
         f"`{params.mlflow.experiment}`, parent run `{parent}`; every round's model is a LoggedModel.",
-        *_stage_runs_lines(str(flow_run.id)),
+        *_stage_runs_lines(),
     ])
-    create_markdown_artifact(message, key="pipeline-summary")
+    publish_markdown(message, key="pipeline-summary")
     return {"metrics": metrics, "params": flatten(params), "overrides": overrides, "summary": message}
 
 

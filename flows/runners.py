@@ -3,6 +3,9 @@
 A local Dask or Ray cluster (no ``execution.address``) listens on the loopback interface only (127.0.0.1), so
 no other machine can reach it; its processes end with the stage (``flows.stage`` reaps them after a kill -9).
 A cluster at ``execution.address`` is used as it is: secure it by its own means (README, "Runners").
+
+Without Prefect (env ``FEDAUDIO_PREFECT=off``, :mod:`tasks.orchestration`) there is no task runner: the clients of
+a round run in threads of the stage (:func:`client_executor`), so only ``execution.runner: threads`` applies.
 """
 
 from __future__ import annotations
@@ -11,14 +14,18 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
-from typing import Any
-
-from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+from typing import TYPE_CHECKING, Any
 
 from fedcore.config import ExecutionConfig, Params, register_names_lookup
 from fedcore.errors import ConfigError
 from fedcore.federation.sampling import num_sampled
 from fedcore.registry import Registry
+from tasks.orchestration import PREFECT_ENV, orchestrated
+
+if TYPE_CHECKING:
+    from prefect.task_runners import TaskRunner
+
+    from fedcore.federation.engine import Executor
 
 RUNNERS: Registry[TaskRunner[Any]] = Registry("runner")
 register_names_lookup("runner", RUNNERS.names)
@@ -38,9 +45,24 @@ def parallel_workers(params: Params) -> int:
     return max(1, min(params.execution.max_workers or os.cpu_count() or 1, per_round))
 
 
-def stage_runner(params: Params) -> TaskRunner[Any]:
-    """The task runner of a training stage: ``execution.runner`` with :func:`parallel_workers` workers."""
+def stage_runner(params: Params) -> TaskRunner[Any] | None:
+    """The task runner of a training stage: ``execution.runner`` with :func:`parallel_workers` workers.
+
+    None without Prefect, where the runner must be ``threads`` (a ConfigError names the variable otherwise).
+    """
+    if not orchestrated():
+        if params.execution.runner != "threads" or params.execution.address is not None:
+            raise ConfigError(f"execution: runner {params.execution.runner!r} needs Prefect; with {PREFECT_ENV}=off "
+                              f"the clients run in threads of the stage (runner 'threads', no address).")
+        return None
     return task_runner(params.execution, parallel_workers(params))
+
+
+def client_executor(params: Params) -> Executor:
+    """What a training flow submits its client jobs to: the flow's task runner, or threads without Prefect."""
+    from tasks.rounds import TaskRunnerExecutor, ThreadExecutor
+
+    return TaskRunnerExecutor() if orchestrated() else ThreadExecutor(parallel_workers(params))
 
 
 def task_runner(execution: ExecutionConfig, max_workers: int) -> TaskRunner[Any]:
@@ -56,6 +78,8 @@ def threads(*, max_workers: int, address: str | None = None) -> TaskRunner[Any]:
     if address is not None:
         raise ConfigError(f"execution: 'address' must be null with runner 'threads' (it runs in this process). "
                           f"Got {address!r}. Use runner dask or ray for a cluster.")
+    from prefect.task_runners import ThreadPoolTaskRunner
+
     return ThreadPoolTaskRunner(max_workers=max_workers)
 
 
@@ -68,6 +92,8 @@ def processes(*, max_workers: int, address: str | None = None) -> TaskRunner[Any
     if address is not None:
         raise ConfigError(f"execution: 'address' must be null with runner 'processes' (they run on this machine). "
                           f"Got {address!r}. Use runner dask or ray for a cluster.")
+    from prefect.task_runners import ProcessPoolTaskRunner
+
     return ProcessPoolTaskRunner(max_workers=max_workers)
 
 

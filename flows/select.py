@@ -36,9 +36,8 @@ def _select(params: Params, run_id: str, out: Path, root: Path = Path("."), metr
             registered_model: str | None = None, verify: bool = False,
             downstream: Path = Path("data/downstream")) -> dict[str, Any]:
     """Select and register each task's best round of run ``run_id``; write the selection JSON and table."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
     from tasks.common import write_json, write_text
+    from tasks.orchestration import publish_markdown, publish_table
     from tasks.rounds import write_run_record
     from tasks.selection import register_selection, select_rounds, selection_markdown
     from tasks.tracking import setup
@@ -59,9 +58,9 @@ def _select(params: Params, run_id: str, out: Path, root: Path = Path("."), metr
     write_json(out / "selection.json", {**{k: v for k, v in result.items() if k != "run_id"}, "tasks": {
         s.task: {k: v for k, v in s.as_dict().items() if k not in ids} for s in selections}})
     write_text(out / "selection.md", selection_markdown(selections, None, name))
-    create_table_artifact([{k: v for k, v in s.as_dict().items() if k != "model_id"} for s in selections],
+    publish_table([{k: v for k, v in s.as_dict().items() if k != "model_id"} for s in selections],
                           key="fassl-selection", description=f"best round per task of run {run_id}")
-    create_markdown_artifact(f"# FASSL selection\n\n{text}", key="fassl-selection-table")
+    publish_markdown(f"# FASSL selection\n\n{text}", key="fassl-selection-table")
     print(text)
     return result
 

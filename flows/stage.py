@@ -179,7 +179,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class LazyFlows:
-    """A stage module's Prefect flows and tasks, each built the first time it is used.
+    """A stage module's Prefect flows and tasks, each built on first use (without Prefect: the plain functions).
 
     Importing Prefect takes seconds, and a module that builds its flows when imported makes every import of it (its
     ``--help`` included) wait for Prefect, torch and the tasks. A stage module registers its flow functions here
@@ -191,7 +191,7 @@ class LazyFlows:
     def __init__(self, module: str) -> None:
         self._module = module
         self._builders: dict[str, Callable[[], Any]] = {}
-        self._built: dict[str, Any] = {}
+        self._built: dict[tuple[str, bool], Any] = {}
         self._lock = threading.RLock()
 
     def flow(self, attribute: str, **options: Any) -> Callable[[F], F]:
@@ -205,9 +205,10 @@ class LazyFlows:
     def _decorator(self, kind: str, attribute: str, options: dict[str, Any]) -> Callable[[F], F]:
         def register(function: F) -> F:
             def build() -> Any:
-                import prefect
+                from tasks.orchestration import Task, orchestrated
 
-                return getattr(prefect, kind)(function, **{"name": attribute, **options})
+                wrapped = Task(function, {"name": attribute, **options}, kind)
+                return wrapped.prefect() if orchestrated() else wrapped
 
             self.add(attribute, build)
             return function
@@ -221,10 +222,13 @@ class LazyFlows:
         self._builders[attribute] = build
 
     def __getitem__(self, attribute: str) -> Any:
+        from tasks.orchestration import orchestrated
+
+        key = (attribute, orchestrated())
         with self._lock:
-            if attribute not in self._built:
-                self._built[attribute] = self._builders[attribute]()
-            return self._built[attribute]
+            if key not in self._built:
+                self._built[key] = self._builders[attribute]()
+            return self._built[key]
 
     def module_getattr(self, name: str) -> Any:
         """The module's ``__getattr__``: a registered flow, built now; any other name is missing."""
@@ -264,11 +268,25 @@ def run_stage(params: str | Path, work: Callable[[], Any], *, task_logs: bool = 
     the time an interrupted stage takes to exit. ``params``
     (the params file) is named when it is invalid. Task runs log warnings and errors only (a stage runs a task
     per client and round), unless ``task_logs`` (the pipeline: a task per stage, whose log is DVC's output) or
-    env ``FEDAUDIO_VERBOSE`` is set.
+    env ``FEDAUDIO_VERBOSE`` is set. Without Prefect (env ``FEDAUDIO_PREFECT=off``, :mod:`tasks.orchestration`)
+    only the malloc cap, the errors and the exit code remain.
     """
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     limit_malloc_arenas()  # before any client thread exists
+    from tasks.orchestration import orchestrated
+
+    try:
+        with_prefect = orchestrated()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not with_prefect:  # FEDAUDIO_PREFECT=off: no server, no flow run, nothing left beside the stage to reap
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _exit_on_signal)  # the MLflow run then ends KILLED, as under Prefect
+        return exit_code(params, work)
     start_watchdog()
     _attach_shared_server()
     if not os.environ.get("PREFECT_API_URL"):  # this process may start a temporary server (importing it: ~4 s)
@@ -287,10 +305,21 @@ def run_stage(params: str | Path, work: Callable[[], Any], *, task_logs: bool = 
     # A stage the pipeline flow runs: its flow run carries the pipeline run's tag (flows.pipeline.pipeline_tag).
     pipeline_run = os.environ.get("FEDAUDIO_PIPELINE_RUN")
     stage_tags = [f"pipeline-run:{pipeline_run}"] if pipeline_run else []
+    with exit_when_interrupted(INTERRUPT_GRACE_S), tags(*stage_tags), \
+            temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return exit_code(params, work)
+
+
+def _exit_on_signal(number: int, frame: FrameType | None) -> None:
+    """SIGTERM without Prefect: unwind as an interrupt does (``SystemExit``, exit code 128 + the signal's number)."""
+    signal.signal(number, signal.SIG_DFL)  # a second one ends the process at once
+    raise SystemExit(128 + number)
+
+
+def exit_code(params: str | Path, work: Callable[[], Any]) -> int:
+    """Run ``work()``: 0, or 2 after invalid params (``params`` named), 1 after another error of the input."""
     try:
-        with exit_when_interrupted(INTERRUPT_GRACE_S), tags(*stage_tags), \
-                temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            work()
+        work()
     except ConfigError as error:
         print(f"error: invalid params ({params}):\n{error}", file=sys.stderr)
         return 2

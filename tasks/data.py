@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from fedcore.config import DownloadConfig, FeaturesConfig, PartitionConfig, PoisonConfig, to_dict
 from fedcore.data.audio import read_audio
@@ -25,12 +23,13 @@ from fedcore.data.manifest import read_manifest
 from fedcore.data.partition import client_class_counts, make_partition
 from fedcore.errors import DataError
 from tasks.common import pyplot, read_json, save_figure, write_json, write_text
+from tasks.orchestration import task
 from tasks.progress import Progress
 
 log = logging.getLogger(__name__)
 
 
-@task(name="ingest-dataset", cache_policy=NO_CACHE)  # fetch() retries network errors itself, resuming
+@task(name="ingest-dataset")  # fetch() retries network errors itself, resuming
 def ingest_dataset(cfg: DownloadConfig, out_dir: Path, downloads_dir: Path) -> dict[str, Any]:
     """Fetch (mirror first), extract safely, check every clip and write ``manifest.csv`` + ``report.json``.
 
@@ -64,7 +63,7 @@ def ingest_dataset(cfg: DownloadConfig, out_dir: Path, downloads_dir: Path) -> d
     return summary
 
 
-@task(name="extract-features", cache_policy=NO_CACHE)
+@task(name="extract-features")
 def featurise(cfg: FeaturesConfig, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Log-mel of every manifest row, stored compactly with an index; stats from the train split only.
 
@@ -184,7 +183,7 @@ def _check_featurised(kept: list[Any], skipped: list[dict[str, str]], num_rows: 
                         "or repair the skipped files and re-run the download stage.")
 
 
-@task(name="partition-clients", cache_policy=NO_CACHE)
+@task(name="partition-clients")
 def partition_clients(cfg: PartitionConfig, features_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Split the training rows over clients; write the partition JSON, per-client stats and a heatmap."""
     index = _read_index(Path(features_dir) / "index.csv")
@@ -210,7 +209,7 @@ def partition_clients(cfg: PartitionConfig, features_dir: Path, out_dir: Path) -
             "num_train": int(sizes.sum()), "num_test": int(test_rows.size)}
 
 
-@task(name="poison-clients", cache_policy=NO_CACHE)
+@task(name="poison-clients")
 def poison_clients(
     cfg: PoisonConfig, features: FeaturesConfig, raw_dir: Path, features_dir: Path, partition_file: Path,
     out_dir: Path,

@@ -5,16 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from fedcore.config import DownstreamConfig
 from fedcore.data import federated
 from fedcore.data.federated import FederatedDataset
 from tasks.common import pyplot, save_figure
+from tasks.orchestration import task
 
 
-@task(name="load federated data", cache_policy=NO_CACHE)
+@task(name="load federated data")
 def load_federated_data(features_dir: Path, partition_file: Path, poison_dir: Path | None) -> FederatedDataset:
     """Feature store + partition + poison overlay -> per-client tensors."""
     return federated.load_federated_data(features_dir, partition_file, poison_dir)

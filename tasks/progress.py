@@ -9,12 +9,7 @@ from uuid import UUID
 
 from tqdm.auto import tqdm
 
-
-def _in_prefect_run() -> bool:
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
-
+from tasks.orchestration import in_flow_run
 
 LINE_INTERVAL_S = 10.0
 """Off a terminal, the least time between two progress lines (the last step always gets one)."""
@@ -53,7 +48,7 @@ class Progress:
         self._artifact_id: UUID | None = None
         self._last = 0.0
         self._min_interval_s = min_interval_s
-        if key is not None and _in_prefect_run():
+        if key is not None and in_flow_run():
             from prefect.artifacts import create_progress_artifact
 
             self._artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)

@@ -3,7 +3,9 @@
 The executor, tracking and progress callbacks:
 
 - :class:`TaskRunnerExecutor` submits each client job as a Prefect task run of the calling flow (so it runs on the
-  flow's task runner: threads, Dask or Ray), named by what it does (``train client 3 round 7``), retried once.
+  flow's task runner: threads, Dask or Ray), named by what it does (``train client 3 round 7``), retried once;
+  without Prefect (:mod:`tasks.orchestration`), :class:`ThreadExecutor` runs the same jobs in a thread pool, with
+  the same retry.
 - :class:`TrackingCallback` logs every round to MLflow (metrics with ``step=round``, the model when asked, the
   rejected clients and the resume reports) and keeps the run id in the checkpoint, so a resumed run continues its
   MLflow run; :class:`ProgressCallback` shows the rounds as a bar and a Prefect progress artifact.
@@ -17,11 +19,10 @@ from __future__ import annotations
 import platform
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from typing_extensions import override
 
 from fedcore.aggregation.state import StateDict
@@ -46,6 +47,9 @@ class TaskRunnerExecutor:
     """
 
     def __init__(self, retries: int = 1) -> None:
+        from prefect import task
+        from prefect.cache_policies import NO_CACHE
+
         self._task = task(run_job, name="train client", cache_policy=NO_CACHE, retries=retries)
 
     def submit(self, job: Job) -> Result:
@@ -53,8 +57,43 @@ class TaskRunnerExecutor:
         return self._task.with_options(task_run_name=job.name).submit(job)
 
 
+class ThreadExecutor:
+    """Runs each client job in a pool of ``max_workers`` threads of this process, without Prefect.
 
+    The jobs, their retry and what they compute are those of :class:`TaskRunnerExecutor` on Prefect's thread
+    runner.
 
+    Parameters
+    ----------
+    max_workers : int
+        Jobs run at once.
+    retries : int, default 1
+        Retries of a job that raised (not an interrupt) before it counts as failed.
+    """
+
+    def __init__(self, max_workers: int, retries: int = 1) -> None:
+        if max_workers < 1 or retries < 0:
+            raise ValueError(f"ThreadExecutor: max_workers must be >= 1 and retries >= 0; got {max_workers}, "
+                             f"{retries}.")
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="client")
+        self._retries = retries
+
+    def submit(self, job: Job) -> Future[Any]:
+        """Queue ``job``; the future gives its update or its last error."""
+        return self._pool.submit(self._run, job)
+
+    def _run(self, job: Job) -> Any:
+        for attempt in range(self._retries + 1):
+            try:
+                return run_job(job)
+            except Exception:
+                if attempt == self._retries:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def shutdown(self) -> None:
+        """Wait for the queued jobs and stop the threads."""
+        self._pool.shutdown(wait=True)
 
 
 class TrackingCallback(Callback):

@@ -16,18 +16,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from fedcore.evaluation.selection import TaskSelection, choose, task_names
+from tasks.orchestration import task
 
 
 def _history(client: Any, run_id: str, key: str) -> dict[int, float]:
     return {int(m.step): float(m.value) for m in client.get_metric_history(run_id, key)}
 
 
-@task(name="select-rounds", cache_policy=NO_CACHE)
+@task(name="select-rounds")
 def select_rounds(run_id: str, metric: str | None = None) -> tuple[list[TaskSelection], dict[str, str]]:
     """Each task's best round of run ``run_id`` (MLflow must point at its store).
 
@@ -76,7 +75,7 @@ def _version_of(client: Any, name: str, model_id: str) -> int | None:
     return None
 
 
-@task(name="register-selection", cache_policy=NO_CACHE)
+@task(name="register-selection")
 def register_selection(selections: Sequence[TaskSelection], run_id: str,
                        registered_model: str) -> list[TaskSelection]:
     """Register each task's selected round and point the alias ``<task>`` at it.

@@ -112,13 +112,14 @@ remembers; an address carrying this query opens in model-training mode from the 
 
 CHART_VIEW_TAG = "mlflow.sharedViewState."
 """Prefix of the experiment tags in which MLflow's UI keeps saved and shared views (key: prefix + share key)."""
-HEADLINE_WORDS = ("accuracy", "loss")
-"""Metrics whose names hold these words are charted first in a run's saved view, in this order."""
+HEADLINE_WORDS = ("accuracy", "knn", "probe", "loss")
+"""Metrics whose names hold these words are charted first in a run's saved view, in this order (``knn``, ``probe``:
+the downstream scores of a self-supervised run, ``<task>/knn<k>_val``, which are accuracies)."""
 MAX_HEADLINE = 8
 
 
 def headline_metrics(keys: Sequence[str]) -> list[str]:
-    """The round metrics charted first: those naming accuracy, then loss, in logging order (at most 8)."""
+    """The round metrics charted first: accuracy, then downstream scores, then loss, in logging order (at most 8)."""
     return [k for word in HEADLINE_WORDS for k in keys if word in k
             and not any(w in k for w in HEADLINE_WORDS[:HEADLINE_WORDS.index(word)])][:MAX_HEADLINE]
 
@@ -135,13 +136,12 @@ def chart_view_tag(run_name: str, metrics: Sequence[str], created_ms: int = 0) -
     accuracy, and it charts only the runs its table shows, where a stage's run sits folded under its pipeline run.
     This view filters and sorts the runs by name (``attributes.run_name = '<run_name>'``; the store breaks the ties
     newest first) and so lists them unfolded (the UI folds child runs only when unfiltered or sorted by start
-    time), and puts
-    one line chart per metric of ``metrics`` (x: the step, i.e. the round) in a section "Accuracy and loss" above
-    MLflow's own "Model metrics" and "System metrics" sections, where the UI adds every other metric as it does by
-    default; charts of metrics no shown run logs are hidden. The value is the envelope MLflow's UI writes for a
-    saved view (``{name, createdAt, updatedAt, state}``, ``state`` a JSON string of the page's state), so the view
-    is also listed in the runs page's saved views; an address with ``viewStateShareKey=<key>`` opens it
-    (:func:`ui_url`). Returns (tag key, tag value).
+    time), and puts one line chart per metric of ``metrics`` (x: the step, i.e. the round) in a section "Accuracy
+    and loss" above MLflow's own "Model metrics" and "System metrics" sections, where the UI adds every other
+    metric as it does by default; charts of metrics no shown run logs are hidden. The value is the envelope MLflow's
+    UI writes for a saved view (``{name, createdAt, updatedAt, state}``, ``state`` a JSON string of the page's
+    state), so the view is also listed in the runs page's saved views; an address with ``viewStateShareKey=<key>``
+    opens it (:func:`ui_url`). Returns (tag key, tag value).
     """
     sections = [("fedaudio-headline", "Accuracy and loss", True),
                 ("fedaudio-model-metrics", "Model metrics", False),
@@ -302,13 +302,9 @@ def run_status(error: BaseException | None) -> str:
         return "FINISHED"
     if isinstance(error, (KeyboardInterrupt, SystemExit)):
         return "KILLED"
-    try:
-        from prefect.exceptions import ExternalSignal  # Prefect turns SIGTERM into TerminationSignal
-
-        if isinstance(error, ExternalSignal):
-            return "KILLED"
-    except ImportError:  # pragma: no cover
-        pass
+    exceptions = sys.modules.get("prefect.exceptions")  # Prefect turns SIGTERM into TerminationSignal
+    if exceptions is not None and isinstance(error, exceptions.ExternalSignal):
+        return "KILLED"
     return "FAILED"
 
 

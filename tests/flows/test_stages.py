@@ -27,7 +27,7 @@ from flows import check, download, features, federate, partition, poison
 from tasks.common import read_params
 from tasks.rounds import read_run_record
 from tasks.tracking import tracking_uri
-from tests.flows.conftest import tiny_params
+from tests.flows.conftest import stage_env, tiny_params
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -604,3 +604,52 @@ def test_a_plugin_that_does_not_import_fails_before_any_work(workdir: Path, smal
     assert federate.main(_federate_args(p, "missing-plugin")) == 2
     assert "plugins: module 'plugins.not_there' could not be imported" in capsys.readouterr().err
     assert not (workdir / "missing-plugin.json").exists()
+
+
+def test_without_prefect_a_stage_writes_the_same_outputs_and_never_imports_prefect(
+        workdir: Path, small_mirror: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``FEDAUDIO_PREFECT=off``: the poison and federate stages in a process of their own (no server, no flow run)
+    write byte-for-byte the per-round table, metrics and model of the same stages run as Prefect flows, log the same
+    MLflow run, and Prefect is never imported."""
+    import mlflow
+
+    monkeypatch.chdir(workdir)
+    p = str(write_params(workdir / "noprefect.yaml", tiny_params(small_mirror)))
+    poison_args = ["--params", p, "--raw", "raw", "--features", "features", "--partition", "part/partition.json"]
+    federate_args = {name: _federate_args(p, name) for name in ("prefect", "noprefect")}
+    for name, args in federate_args.items():
+        args[args.index("--poison") + 1] = f"poison-{name}"
+    assert poison.main([*poison_args, "--out", "poison-prefect"]) == 0
+    assert federate.main(federate_args["prefect"]) == 0
+    script = ("import sys\nfrom flows import federate, poison\n"
+              "code = poison.main(sys.argv[1:9] + ['--out', 'poison-noprefect']) or federate.main(sys.argv[9:])\n"
+              "assert 'prefect' not in sys.modules, 'prefect was imported'\nraise SystemExit(code)\n")
+    env = {**stage_env(), "FEDAUDIO_PREFECT": "off", "PYTHONPATH": str(ROOT)}
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run([sys.executable, "-c", script, *poison_args, *federate_args["noprefect"]],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "federate rounds: 2/2" in done.stdout and "Flow run" not in done.stdout + done.stderr
+    for name in ("prefect", "noprefect"):
+        assert (workdir / f"poison-{name}" / "overlay.npz").is_file()
+    outputs = {name: [(workdir / path).read_bytes() for path in (f"plots-{name}/rounds.tsv", f"{name}.json",
+                                                                  f"{name}.st")] for name in ("prefect", "noprefect")}
+    assert outputs["noprefect"] == outputs["prefect"]
+    client = mlflow.MlflowClient(tracking_uri(read_params(p).mlflow, workdir))
+    run_id = read_run_record(workdir / "noprefect.json")["mlflow_run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["global_accuracy"] == json.loads(outputs["noprefect"][1])["global_accuracy"]
+
+
+def test_without_prefect_a_cluster_runner_is_a_clear_error(workdir: Path, small_mirror: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("FEDAUDIO_PREFECT", "off")
+    p = str(write_params(workdir / "noprefect-dask.yaml", tiny_params(small_mirror, execution={"runner": "dask"})))
+    assert federate.main(_federate_args(p, "noprefect-dask")) == 2
+    assert "runner 'dask' needs Prefect; with FEDAUDIO_PREFECT=off" in capsys.readouterr().err
+    monkeypatch.setenv("FEDAUDIO_PREFECT", "maybe")
+    assert federate.main(_federate_args(p, "noprefect-dask")) == 2
+    assert "FEDAUDIO_PREFECT='maybe'" in capsys.readouterr().err
